@@ -1,0 +1,64 @@
+"""Denoisers D(x, sigma, labels=None) -> x0: EDM preconditioning and classifier-free guidance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+Denoiser = Callable[..., torch.Tensor]
+
+
+class EDMPrecond(nn.Module):
+    """EDM preconditioning (Karras et al. 2022, Table 1) around a raw network F.
+
+    c_skip = sigma_d^2 / (sigma^2 + sigma_d^2), c_out = sigma sigma_d / sqrt(sigma^2 + sigma_d^2),
+    c_in = 1 / sqrt(sigma^2 + sigma_d^2), c_noise = ln(sigma) / 4,
+    D(x, sigma) = c_skip x + c_out F(c_in x, c_noise).
+    The network runs in its own dtype; the skip path and the result are in x's dtype.
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5) -> None:
+        super().__init__()
+        self.net = net
+        self.sigma_data = float(sigma_data)
+
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None, **net_kwargs: Any
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        net_dtype = next(self.net.parameters()).dtype
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1)
+        sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        sd = self.sigma_data
+        c_skip = sd**2 / (s**2 + sd**2)
+        c_out = s * sd / (s**2 + sd**2).sqrt()
+        c_in = 1 / (s**2 + sd**2).sqrt()
+        c_noise = sigma.log() / 4
+        out = self.net((c_in * x).to(net_dtype), c_noise.to(net_dtype), labels, **net_kwargs)
+        features = None
+        if isinstance(out, tuple):
+            out, features = out
+        d = c_skip * x + c_out * out.to(x.dtype)
+        return d if features is None else (d, features)
+
+
+def guided(denoiser: Denoiser, scale: float) -> Denoiser:
+    """Classifier-free guidance: D_w = D_u + w (D_c - D_u), w = scale (section 9).
+
+    w = 1 is the conditional branch alone (one call). labels=None asks the unconditional branch.
+    Since eps = (x - D) / sigma is affine in D, this equals eps_u + w (eps_c - eps_u).
+    """
+    if scale == 1.0:
+        return denoiser
+
+    def d_guided(x: torch.Tensor, sigma, labels=None, **kwargs) -> torch.Tensor:
+        d_u = denoiser(x, sigma, None, **kwargs)
+        if labels is None:
+            return d_u
+        d_c = denoiser(x, sigma, labels, **kwargs)
+        return d_u + scale * (d_c - d_u)
+
+    return d_guided
