@@ -47,3 +47,8 @@ def test_checkpoint_round_trip_and_missing_file(tmp_path):
 def test_description_hash_is_canonical():
     assert hash_description({"a": 1, "b": [1, 2]}) == hash_description({"b": [1, 2], "a": 1})
     assert hash_description({"a": 1}) != hash_description({"a": 2})
+
+
+def test_state_dict_hash_handles_scalars():
+    bn = torch.nn.BatchNorm1d(3)  # has a 0-dim num_batches_tracked counter
+    assert hash_state_dict(bn.state_dict()) == hash_state_dict(torch.nn.BatchNorm1d(3).state_dict())

@@ -1,0 +1,40 @@
+"""DVC stage ``teacher``: train the default teacher (EDM loss, Adam, EMA), resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.cost import CostMeter
+from pipeline.data import dataset_info, load_split
+from pipeline.devices import resolve_device
+from pipeline.params import load_params
+from pipeline.teacher_training import train_teacher, write_json
+
+
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="params file; reads its `teacher` section"),
+    data: Path = typer.Option(Path("data/digits"), help="dataset directory written by the data stage"),
+    out: Path = typer.Option(Path("models/teacher"), help="checkpoint directory (model.safetensors + model.json)"),
+    state: Path = typer.Option(Path("checkpoints/teacher"), help="resumable training state (kept across runs)"),
+    metrics: Path = typer.Option(Path("metrics/teacher.json"), help="training summary (loss, steps, wall time)"),
+    cost_out: Path = typer.Option(Path("metrics/cost/teacher.json"), "--cost", help="cost record"),
+) -> None:
+    p = load_params(params).teacher
+    info = dataset_info(data)
+    images, labels = load_split(data, "train")
+    cost = CostMeter("teacher", resolve_device(p.device))
+    summary = train_teacher(
+        p, images, labels, info["num_classes"], out, state_dir=state,
+        data_description={k: info[k] for k in ("name", "sample_shape", "num_classes", "sizes", "provenance")},
+        cost=cost,
+    )
+    cost.extra["role"] = "teacher training (the trained network's passes are counted as student passes)"
+    cost.write(cost_out)
+    write_json(metrics, summary)
+    typer.echo(f"teacher: {summary} -> {out}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,128 @@
+"""Offline FID / KID / precision / recall through the registered classifier extractor; Inception errors;
+the evaluation stage on a tiny teacher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch_fidelity
+
+from pipeline.checkpoints import save_checkpoint
+from pipeline.data import DataParams, load_split, prepare_dataset
+from pipeline.evaluation import EvalParams, parse_student_args, run_evaluation
+from pipeline.feature_net import FeatureNetParams, train_feature_net
+from pipeline.fidelity import (
+    CLASSIFIER_EXTRACTOR, INCEPTION_FILE, InceptionWeightsMissing, UInt8Images, check_inception_weights, classifier_space,
+    fidelity_metrics, inception_space, label_accuracy, reference_features,
+)
+from pipeline.networks import build_network
+from pipeline.param_checks import ParamError
+from pipeline.schedules import Schedule
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fidelity")
+    prepare_dataset(DataParams(), root / "digits")
+    p = FeatureNetParams(channels=8, feature_dim=32, epochs=2, min_accuracy=0.0)
+    metrics = train_feature_net(p, load_split(root / "digits", "train"), load_split(root / "digits", "held_out"), 10,
+                                root / "feature_net", progress=False)
+    return root, metrics
+
+
+def test_fid_self_zero_shifted_positive_via_registered_extractor(digits):
+    root, _ = digits
+    images, labels = load_split(root / "digits", "train")
+    space = classifier_space(root / "feature_net")
+    feats = space.extract(images[:600])
+    same = fidelity_metrics(feats["features"], feats["features"], kid_subset_size=300)
+    assert abs(same["fid"]) < 1e-6  # numerically zero
+    assert same["precision"] == 1.0 and same["recall"] == 1.0
+    shifted = torch.roll(images[:600], shifts=2, dims=3).clamp(-1, 1)
+    other = fidelity_metrics(space.extract(shifted)["features"], feats["features"], kid_subset_size=300)
+    assert other["fid"] > 0.1 and other["kid"] > 10 * abs(same["kid"])  # KID subsets differ: ~0, not exactly 0
+    # the same numbers through torch-fidelity's own entry point with the registered extractor
+    tf = torch_fidelity.calculate_metrics(
+        input1=UInt8Images(images[:600]), input2=UInt8Images(shifted), fid=True, cuda=False, cache=False,
+        feature_extractor=CLASSIFIER_EXTRACTOR, feature_extractor_weights_path=str(root / "feature_net"),
+        save_cpu_ram=True, verbose=False,
+    )
+    assert tf["frechet_inception_distance"] == pytest.approx(other["fid"], rel=1e-3)
+
+
+def test_label_accuracy_and_reference_cache(digits, tmp_path):
+    root, metrics = digits
+    images, labels = load_split(root / "digits", "held_out")
+    space = classifier_space(root / "feature_net")
+    logits = space.extract(images)["logits"]
+    assert label_accuracy(logits, labels) == pytest.approx(metrics["held_out_accuracy"], abs=1e-9)
+    assert label_accuracy(logits, None) is None
+    first = reference_features(space, images, tmp_path / "cache")
+    files = list((tmp_path / "cache").glob("*.safetensors"))
+    assert len(files) == 1 and space.weights_hash[:16] in files[0].name
+    again = reference_features(space, images, tmp_path / "cache")
+    torch.testing.assert_close(again["features"], first["features"], rtol=0, atol=0)
+
+
+def test_missing_inception_weights_error_names_the_file(tmp_path):
+    missing = tmp_path / "weights" / INCEPTION_FILE
+    with pytest.raises(InceptionWeightsMissing, match=str(missing)) as err:
+        inception_space(missing)
+    assert "copy that file to" in str(err.value) and "evaluate.inception_weights" in str(err.value)
+    with pytest.raises(InceptionWeightsMissing, match=INCEPTION_FILE):
+        check_inception_weights(None)
+
+
+def test_evaluation_stage_on_a_tiny_teacher(digits, tmp_path):
+    root, _ = digits
+    torch.manual_seed(0)
+    cfg = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "img_resolution": 8,
+           "in_channels": 1, "label_dim": 10}
+    net = build_network(**cfg)
+    base = {"network": cfg, "sigma_data": 0.5, "data": {"sample_shape": [1, 8, 8], "num_classes": 10}, "provenance": {}}
+    save_checkpoint(tmp_path / "teacher", net.state_dict(), {**base, "sampler": None})
+    student_sampler = {"solver": "euler", "max_order": 1, "schedule": Schedule(num_steps=4).to_dict(), "afs": True,
+                       "guidance": 1.0}
+    save_checkpoint(tmp_path / "s1", net.state_dict(), {**base, "sampler": {**student_sampler, "step_condition": None}})
+    sfdv = build_network(**cfg, step_condition=True)
+    sfdv.load_state_dict(net.state_dict(), strict=False)
+    save_checkpoint(tmp_path / "sv", sfdv.state_dict(),
+                    {**base, "network": {**cfg, "step_condition": True}, "sampler": {**student_sampler, "step_condition": [4, 5]}})
+    params = EvalParams.from_dict({"seeds": "1000000-1000031", "grid_seeds": 16, "nfes": [2, 3], "solvers": ["euler", "dpmpp3m"],
+                                   "cache_dir": str(tmp_path / "cache"), "device": "cpu", "kid_subsets": 10})
+    results = run_evaluation(params, teacher_dir=tmp_path / "teacher", data_dir=root / "digits", feature_net_dir=root / "feature_net",
+                             students=parse_student_args([f"sfd={tmp_path / 's1'}", f"sfdv={tmp_path / 'sv'}"]),
+                             grids_dir=tmp_path / "grids")
+    assert sorted(results) == sorted(["teacher/nfe35", "euler/nfe2", "euler/nfe3", "dpmpp3m/nfe2", "dpmpp3m/nfe3",
+                                      "sfd/nfe2", "sfdv/nfe2", "sfdv/nfe3"])
+    for key, m in results.items():
+        assert set(m) == {"fid", "kid", "precision", "recall", "label_accuracy"}
+        assert m["fid"] >= 0 and 0 <= m["label_accuracy"] <= 1 and 0 <= m["precision"] <= 1
+        assert (tmp_path / "grids" / f"{key.replace('/', '_')}.png").is_file()
+    # the step-conditioned student starts equal to the teacher, so N=4 gives the same samples as s1
+    assert results["sfdv/nfe2"]["fid"] == pytest.approx(results["sfd/nfe2"]["fid"], rel=1e-6)
+    json.dumps(results)
+
+
+def test_eval_params_and_student_args():
+    p = EvalParams.from_dict({})
+    specs = p.solver_specs()
+    assert sorted(specs) == sorted(f"{s}/nfe{k}" for s in ("euler", "ipndm", "dpmpp3m") for k in (2, 3, 4, 5))
+    assert specs["euler/nfe2"].schedule.num_steps == 3 and specs["dpmpp3m/nfe5"].schedule.num_steps == 6
+    assert all(s.schedule.t_min == 0.006 and s.schedule.t_max == 80.0 for s in specs.values())
+    assert p.reference_spec().nfe == 35
+    with pytest.raises(ParamError, match="evaluate.solvers"):
+        EvalParams.from_dict({"solvers": ["rk4"]})
+    with pytest.raises(ParamError, match="NAME=CKPT_DIR"):
+        parse_student_args(["nodir"])
