@@ -1,0 +1,105 @@
+"""Distillation losses: values against their formulas, LPIPS from a local backbone file, clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.losses import (
+    LPIPS_MIN_SIZE,
+    LPIPSLoss,
+    LPIPSWeightsError,
+    l1_loss,
+    l2_loss,
+    load_backbone_state,
+    make_loss,
+    pseudo_huber_loss,
+)
+from pipeline.param_checks import ParamError
+
+
+@pytest.fixture(scope="module")
+def fake_alexnet(tmp_path_factory):
+    """A randomly initialised torchvision AlexNet's features.* saved like the real weights file (no download)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    state = {k: v for k, v in torchvision.models.alexnet().state_dict().items() if k.startswith("features.")}
+    path = tmp_path_factory.mktemp("weights") / "alexnet-owt-7be5be79.pth"
+    torch.save(state, path)
+    return path
+
+
+def pair():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
+
+
+def test_pixel_losses_match_their_formulas():
+    x, y = pair()
+    d = (x - y).flatten(1)
+    assert float(l1_loss(x, y)) == pytest.approx(float(d.abs().sum(1).mean()), rel=1e-6)
+    assert float(l2_loss(x, y)) == pytest.approx(float((d**2).sum(1).mean()), rel=1e-6)
+    c = 0.00054 * math.sqrt(64)
+    expected = sum(math.sqrt(float((row**2).sum()) + c * c) - c for row in d) / 3
+    assert float(pseudo_huber_loss(x, y)) == pytest.approx(expected, rel=1e-6)
+    for fn in (l1_loss, l2_loss, pseudo_huber_loss):
+        assert float(fn(x, x)) == pytest.approx(0.0, abs=1e-9)
+        xg = x.clone().requires_grad_(True)
+        fn(xg, y).backward()
+        assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
+def test_l1_is_a_sum_over_pixels_and_a_mean_over_the_batch():
+    x = torch.zeros(4, 1, 2, 2)
+    assert float(l1_loss(x + 0.5, x)) == pytest.approx(2.0)  # 4 pixels x 0.5, same for every sample
+
+
+def test_every_loss_option_computes(fake_alexnet):
+    x, y = pair()
+    for name in ("l1", "l2", "pseudo_huber", "lpips"):
+        fn = make_loss(name, lpips_weights=fake_alexnet)
+        xg = x.clone().requires_grad_(True)
+        value = fn(xg, y)
+        assert value.ndim == 0 and torch.isfinite(value.detach()) and float(value.detach()) > 0, name
+        value.backward()
+        assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0, name
+
+
+def test_lpips_is_zero_on_equal_images_and_takes_small_gray_images(fake_alexnet):
+    loss = LPIPSLoss(fake_alexnet)
+    x, _ = pair()
+    assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-6)
+    prepared = LPIPSLoss.prepare(x)
+    assert prepared.shape == (3, 3, LPIPS_MIN_SIZE, LPIPS_MIN_SIZE)  # channel repeated, upsampled
+    assert all(not p.requires_grad for p in loss.parameters())
+
+
+def test_backbone_keys_are_remapped_into_the_lpips_slices(fake_alexnet):
+    state = load_backbone_state(fake_alexnet, "alex")
+    assert "net.slice1.0.weight" in state and "net.slice2.3.weight" in state and "net.slice5.10.bias" in state
+    raw = torch.load(fake_alexnet, weights_only=True)
+    assert torch.equal(state["net.slice3.6.weight"], raw["features.6.weight"])
+
+
+def test_lpips_without_weights_fails_clearly(tmp_path):
+    with pytest.raises(LPIPSWeightsError, match="no backbone weights file given.*lpips_weights.*alexnet-owt-7be5be79.pth"):
+        make_loss("lpips")
+    missing = tmp_path / "nowhere" / "alexnet-owt-7be5be79.pth"
+    with pytest.raises(LPIPSWeightsError, match=f"{missing} does not exist.*never used"):
+        make_loss("lpips", lpips_weights=missing)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(LPIPSWeightsError, match="cannot be read"):
+        make_loss("lpips", lpips_weights=garbage)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"classifier.1.weight": torch.zeros(2, 2)}, wrong)
+    with pytest.raises(LPIPSWeightsError, match="no features.N"):
+        make_loss("lpips", lpips_weights=wrong)
+
+
+def test_unknown_loss_is_refused():
+    with pytest.raises(ParamError, match="loss: got 'l3'; allowed values: 'l1', 'l2', 'pseudo_huber', 'lpips'"):
+        make_loss("l3")
