@@ -1,0 +1,302 @@
+"""Baselines (progressive distillation, SFDDM, vanilla trajectory distillation) and the comparison table.
+
+The exact Gaussian-mixture teacher is the oracle; students are tiny U-Nets on 8x8 images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pipeline.baselines import TrainingData, frozen
+from pipeline.baselines.progressive import (
+    PDParams,
+    pd_loss,
+    pd_round,
+    pd_target,
+    pd_weight,
+    progressive_distillation,
+    teacher_grid,
+    two_teacher_steps,
+)
+from pipeline.baselines.sfddm import (
+    SFDDMParams,
+    index_map,
+    reparameterised_input,
+    sfddm_distillation,
+    sfddm_loss,
+    student_alphas_cumprod,
+    student_sigmas,
+    train_sfddm_student,
+)
+from pipeline.baselines.vanilla import VanillaParams, local_targets, train_vanilla, vanilla_distillation, vanilla_loss
+from pipeline.comparison import Cost, build_comparison, comparison_rows, headline
+from pipeline.denoisers import EDMPrecond
+from pipeline.gmm import GaussianMixture
+from pipeline.networks import build_network, load_network
+from pipeline.param_checks import ParamError
+from pipeline.sampling import sample_from_checkpoint
+from pipeline.schedules import discrete_sigmas
+from pipeline.solvers import solve
+
+SHAPE = (1, 8, 8)
+TINY_NET = {"img_resolution": 8, "in_channels": 1, "label_dim": 0, "model_channels": 8, "channel_mult": [1],
+            "num_blocks": 1, "attn_resolutions": []}
+
+
+def tiny_model(seed: int = 0, *, perturb_output: bool = False) -> EDMPrecond:
+    torch.manual_seed(seed)
+    net = build_network(**TINY_NET)
+    if perturb_output:  # the U-Net zero-initialises its output layer; a teacher must say something
+        torch.nn.init.normal_(net.out_conv.weight, std=0.1)
+    return EDMPrecond(net)
+
+
+def tiny_config() -> dict:
+    return {"network": TINY_NET, "sigma_data": 0.5, "data": {"sample_shape": list(SHAPE), "num_classes": 0},
+            "sampler": None, "provenance": {"kind": "test teacher"}}
+
+
+@pytest.fixture(scope="module")
+def gmm() -> GaussianMixture:
+    return GaussianMixture.random(num_components=3, sample_shape=SHAPE, std=0.3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def gmm_data(gmm) -> TrainingData:
+    return TrainingData(gmm.sample(512, generator=torch.Generator().manual_seed(0)).float(), None)
+
+
+def probe(loss_fn, seed: int = 123) -> float:
+    with torch.no_grad():
+        return float(loss_fn(torch.Generator().manual_seed(seed)))
+
+
+# ---------------------------------------------------------------- progressive distillation
+
+@pytest.mark.parametrize("last_is_zero", [False, True])
+def test_pd_target_one_student_euler_step_lands_on_two_teacher_steps(gmm, last_is_zero):
+    """Exact teacher: D = x~ makes x_a + (s_b - s_a)(x_a - x~)/s_a equal x_b (float64, 1e-10)."""
+    n = 4
+    grid = teacher_grid(n, 0.006, 80.0)
+    if last_is_zero:
+        grid = torch.cat([grid[:-1], grid.new_zeros(1)])
+    j = torch.arange(n).repeat(4)
+    sa, sm, sb = grid[2 * j], grid[2 * j + 1], grid[2 * j + 2]
+    g = torch.Generator().manual_seed(0)
+    y = gmm.sample(len(j), generator=g)
+    x_a = y + sa.reshape(-1, 1, 1, 1) * torch.randn(y.shape, generator=g, dtype=torch.float64)
+    x_b, denoised_m = two_teacher_steps(gmm, x_a, sa, sm, sb)
+    target = pd_target(x_a, x_b, sa, sb, denoised_m)
+    col = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
+    x_student = x_a + col(sb - sa) * (x_a - target) / col(sa)
+    torch.testing.assert_close(x_student, x_b, rtol=0, atol=1e-10)
+    # two teacher steps are the Euler solver on [s_a, s_m, s_b]
+    ref = solve(gmm, x_a[:1], torch.stack([sa[0], sm[0], sb[0]]), "euler")
+    torch.testing.assert_close(x_b[:1], ref, rtol=0, atol=1e-12)
+    if last_is_zero:  # the last interval ends at 0: the target is the teacher's D at sigma_m
+        last = sb == 0
+        x_m = x_a + col(sm - sa) * (x_a - gmm(x_a, sa)) / col(sa)
+        torch.testing.assert_close(target[last], gmm(x_m[last], sm[last]), rtol=0, atol=1e-12)
+
+
+def test_pd_grids_are_nested_and_weight_is_truncated_snr():
+    for n in (1, 2, 4, 32):
+        fine = teacher_grid(n, 0.006, 80.0)
+        coarse = PDParams().student_schedule(n).t_steps()
+        torch.testing.assert_close(fine[::2], coarse, rtol=1e-12, atol=0)
+    s = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
+    torch.testing.assert_close(pd_weight(s), torch.tensor([100.0, 1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(pd_weight(s, "snr_plus_one"), torch.tensor([101.0, 2.0, 1.01], dtype=torch.float64))
+    assert PDParams(start_steps=64).round_steps() == [32, 16, 8, 4, 2, 1]
+
+
+def test_pd_params_are_validated():
+    with pytest.raises(ParamError, match="start_steps"):
+        PDParams.from_dict({"start_steps": 48})
+    with pytest.raises(ParamError, match="weighting"):
+        PDParams.from_dict({"weighting": "snr"})
+    with pytest.raises(ParamError, match="unknown key"):
+        PDParams.from_dict({"rounds": 3})
+
+
+def test_pd_round_lowers_its_loss_on_the_exact_teacher(gmm, gmm_data):
+    student = tiny_model(0).train()
+    params = PDParams(start_steps=4, updates_per_round=40, batch_size=64, lr=3e-3)
+    grid = teacher_grid(2, params.t_min, params.t_max)
+    y = gmm_data.images[:256]
+    loss_fn = lambda g: pd_loss(student, gmm, y, None, grid, g)  # noqa: E731
+    before = probe(loss_fn)
+    summary = pd_round(student, gmm, gmm_data, 2, params, generator=torch.Generator().manual_seed(1), progress=False)
+    after = probe(loss_fn)
+    assert after < 0.7 * before, (before, after, summary)
+
+
+def test_pd_checkpoints_sample_through_the_common_sampler(tmp_path, gmm_data):
+    from pipeline.evaluation import student_entries
+
+    teacher = tiny_model(0, perturb_output=True)
+    params = PDParams(start_steps=4, updates_per_round=2, batch_size=8)
+    summary = progressive_distillation(teacher, tiny_config(), gmm_data, params, tmp_path / "pd", progress=False)
+    assert summary["nfes"] == [2, 1]
+    assert summary["rounds"][-1]["cumulative"]["teacher_forward_images"] == 2 * 2 * 2 * 8
+    for n in (2, 1):
+        images, labels, spec = sample_from_checkpoint(tmp_path / "pd" / f"nfe{n}", "0-5")
+        assert images.shape == (6, *SHAPE) and torch.isfinite(images).all() and labels is None
+        assert spec.nfe == n and spec.solver == "euler" and not spec.afs
+        assert [e.key for e in student_entries("pd", tmp_path / "pd" / f"nfe{n}", "cpu")] == [f"pd/nfe{n}"]
+
+
+# ---------------------------------------------------------------- SFDDM
+
+def test_sfddm_schedule_mapping():
+    assert index_map(2, 8) == [0, 4, 8]
+    assert index_map(4, 1024) == [0, 256, 512, 768, 1024]
+    with pytest.raises(ParamError, match="divide"):
+        index_map(3, 8)
+    p = SFDDMParams(teacher_steps=1024)
+    teacher = p.teacher_sigmas()
+    for t_prime in (1, 2, 4, 16):
+        mapped = student_sigmas(teacher, t_prime)
+        torch.testing.assert_close(mapped, p.student_schedule(t_prime).t_steps(), rtol=1e-12, atol=0)
+        assert mapped[0] == 80.0 and mapped[-1] == 0.006
+
+
+def test_sfddm_input_reparameterisation_on_a_discrete_vp_table():
+    """abar'_{t'} = abar_{phi(t')}: the student's VP input at t' is the teacher's at phi(t'), and x_EDM = x_VP / sqrt(abar)."""
+    T, t_prime = 1000, 4
+    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    abar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])  # abar_0 .. abar_T
+    abar_s = student_alphas_cumprod(abar, t_prime)
+    phi = index_map(t_prime, T)
+    torch.testing.assert_close(abar_s, abar[phi])
+    sig_teacher = torch.cat([torch.zeros(1, dtype=torch.float64), discrete_sigmas(abar[1:])])
+    sig_student = ((1 - abar_s) / abar_s).sqrt()
+    torch.testing.assert_close(sig_student, student_sigmas(sig_teacher, t_prime))
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn((t_prime + 1, *SHAPE), generator=g, dtype=torch.float64)
+    eps = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    col = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
+    x_vp_student = col(abar_s.sqrt()) * y + col((1 - abar_s).sqrt()) * eps
+    x_vp_teacher = col(abar[phi].sqrt()) * y + col((1 - abar[phi]).sqrt()) * eps
+    torch.testing.assert_close(x_vp_student, x_vp_teacher, rtol=0, atol=0)
+    x_edm = reparameterised_input(y, eps, sig_student)
+    torch.testing.assert_close(x_edm * col(abar_s.sqrt()), x_vp_student, rtol=1e-12, atol=1e-12)
+
+
+def test_sfddm_round_lowers_its_loss_and_checkpoints_sample(tmp_path, gmm_data):
+    teacher = frozen(tiny_model(0, perturb_output=True))
+    params = SFDDMParams(teacher_steps=8, student_steps=[2], updates=30, batch_size=32, lr=3e-3)
+    student = tiny_model(1).train()
+    sigmas = student_sigmas(params.teacher_sigmas(), 2)
+    y = gmm_data.images[:128]
+    loss_fn = lambda g: sfddm_loss(student, teacher, y, None, sigmas, g)  # noqa: E731
+    before = probe(loss_fn)
+    train_sfddm_student(student, teacher, gmm_data, 2, params, generator=torch.Generator().manual_seed(1), progress=False)
+    after = probe(loss_fn)
+    assert after < 0.8 * before, (before, after)
+
+    quick = SFDDMParams(teacher_steps=8, student_steps=[2, 4], updates=2, batch_size=8)
+    sfddm_distillation(teacher, tiny_config(), gmm_data, quick, tmp_path / "sfddm", tmp_path / "control", progress=False)
+    for t_prime in (2, 4):
+        for root in ("sfddm", "control"):
+            images, _, spec = sample_from_checkpoint(tmp_path / root / f"nfe{t_prime}", "0-3")
+            assert images.shape == (4, *SHAPE) and torch.isfinite(images).all()
+            assert spec.nfe == t_prime and spec.solver == "euler"
+        control, _ = load_network(tmp_path / "control" / f"nfe{t_prime}")
+        for a, b in zip(control.net.state_dict().values(), teacher.net.state_dict().values()):
+            assert torch.equal(a, b)  # the control row is the teacher itself
+    # the control row equals the teacher sampled by Euler on the student's grid
+    images, _, spec = sample_from_checkpoint(tmp_path / "control" / "nfe2", "0-3")
+    from pipeline.seeds import seed_noise
+
+    x = 80.0 * seed_noise(range(4), SHAPE)
+    with torch.no_grad():
+        ref = solve(teacher, x, quick.student_schedule(2).t_steps(), "euler")
+    torch.testing.assert_close(images, ref, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- vanilla trajectory distillation
+
+def test_vanilla_local_targets_match_the_teacher_solver_per_interval(gmm):
+    params = VanillaParams()
+    sched = params.student_schedule()
+    t, fine = sched.t_steps(), sched.fine(params.M)
+    g = torch.Generator().manual_seed(0)
+    n = torch.tensor([1, 2, 1, 2, 0])
+    x = gmm.sample(5, generator=g) + t[n].reshape(-1, 1, 1, 1) * torch.randn((5, *SHAPE), generator=g, dtype=torch.float64)
+    got = local_targets(gmm, x, n, fine, params.M)
+    for i in range(5):
+        k = int(n[i])
+        sub = fine[k * 4 : k * 4 + 5]
+        assert sub[0] == t[k] and abs(float(sub[-1] - t[k + 1])) < 1e-12 * float(t[k])
+        torch.testing.assert_close(got[i : i + 1], solve(gmm, x[i : i + 1], sub, "dpmpp", max_order=3), rtol=0, atol=1e-12)
+
+
+def test_vanilla_round_lowers_its_loss_and_checkpoint_samples(tmp_path, gmm, gmm_data):
+    params = VanillaParams(updates=40, batch_size=64, lr=3e-3)
+    student = tiny_model(0).train()
+    y = gmm_data.images[:256]
+    loss_fn = lambda g: vanilla_loss(student, gmm, y, None, params, g)  # noqa: E731
+    before = probe(loss_fn)
+    train_vanilla(student, gmm, gmm_data, params, generator=torch.Generator().manual_seed(1), progress=False)
+    after = probe(loss_fn)
+    assert after < 0.9 * before, (before, after)
+
+    teacher = tiny_model(0, perturb_output=True)
+    vanilla_distillation(teacher, tiny_config(), gmm_data, VanillaParams(updates=2, batch_size=8), tmp_path / "vanilla",
+                         progress=False)
+    images, _, spec = sample_from_checkpoint(tmp_path / "vanilla", "0-3")
+    assert images.shape == (4, *SHAPE) and torch.isfinite(images).all()
+    assert spec.nfe == 2 and spec.afs and spec.schedule.num_steps == 4
+
+
+# ---------------------------------------------------------------- comparison
+
+def _write_costs(cost_dir, records):
+    cost_dir.mkdir(parents=True, exist_ok=True)
+    for stage, rec in records.items():
+        (cost_dir / f"{stage}.json").write_text(json.dumps({"stage": stage, **rec}))
+
+
+def test_comparison_counts_every_method_the_same_way(tmp_path):
+    evaluation = {"sfd/nfe2": {"fid": 5.0}, "pd/nfe2": {"fid": 6.0}, "pd/nfe1": {"fid": 9.0},
+                  "sfddm/nfe2": {"fid": 50.0}, "sfddm_control/nfe2": {"fid": 40.0}, "euler/nfe2": {"fid": 40.0},
+                  "teacher/nfe35": {"fid": 1.0}}
+    pd_cum = {"2": {"teacher_forward_images": 2000, "student_forward_images": 1000, "student_backward_images": 1000,
+                    "wall_seconds": 10.0},
+              "1": {"teacher_forward_images": 3000, "student_forward_images": 1500, "student_backward_images": 1500,
+                    "wall_seconds": 15.0}}
+    _write_costs(tmp_path / "cost", {
+        "trajectories": {"teacher_forward_images": 30, "wall_seconds": 0.5},
+        "distill": {"student_forward_images": 5, "student_backward_images": 5, "wall_seconds": 0.5},
+        "baseline_pd": {"teacher_forward_images": 3000, "student_forward_images": 1500, "student_backward_images": 1500,
+                        "wall_seconds": 15.0, "cumulative_by_nfe": pd_cum},
+        "baseline_sfddm": {"teacher_forward_images": 10, "student_forward_images": 10, "student_backward_images": 10},
+    })
+    data, md = build_comparison(evaluation, tmp_path / "cost", plot_path=tmp_path / "cmp.png")
+    rows = {(r["method"], r["nfe"]): r for r in data["rows"]}
+    assert set(rows) == {("sfd", 2), ("pd", 2), ("pd", 1), ("sfddm", 2), ("sfddm_control", 2)}
+    assert rows[("sfd", 2)]["cost"]["forward_equivalents"] == 30 + 5 + 2 * 5
+    assert rows[("pd", 2)]["cost"]["forward_equivalents"] == 2000 + 1000 + 2 * 1000  # rounds up to NFE 2 only
+    assert rows[("pd", 1)]["cost"]["forward_equivalents"] == 3000 + 1500 + 2 * 1500
+    assert rows[("sfddm_control", 2)]["cost"]["forward_equivalents"] == 0
+    head = data["headline"]
+    assert head["ratio"] == pytest.approx(5000 / 45) and head["ratio_kind"] == "lower bound"
+    assert head["status"] == "met" and "5000" in head["statement"].replace(",", "")
+    assert "| pd | 2 |" in md and (tmp_path / "cmp.png").is_file()
+
+
+def test_comparison_headline_when_the_baseline_is_better_or_missing():
+    from pipeline.comparison import Row
+
+    rows = [Row("sfd", 2, 5.0, Cost(100, 0, 0, 1.0)), Row("pd", 2, 4.0, Cost(500, 0, 0, 2.0))]
+    head = headline(rows)
+    assert head["ratio"] == pytest.approx(5.0) and head["ratio_kind"] == "upper bound" and head["status"] == "not met"
+    head = headline(rows[:1])
+    assert head["status"] == "incomplete" and head["missing"] == ["pd/nfe2"]
+    assert comparison_rows({"sfd/nfe2": {"fid": 1.0}}, {})[0].cost is None
+    assert math.isinf(headline([Row("sfd", 2, 5.0, Cost()), Row("pd", 2, 6.0, Cost(1, 0, 0, 0.0))])["ratio"])
