@@ -30,6 +30,8 @@ COUNT_KEYS = ("teacher_forward_images", "student_forward_images", "student_backw
 # method (evaluation sampler name) -> the cost stages it spent in
 DEFAULT_METHOD_STAGES: dict[str, tuple[str, ...]] = {
     "sfd": ("trajectories", "distill"),
+    "sfd-v": ("trajectories_v", "distill_v"),
+    "sfd-stage2": ("trajectories_v", "distill_v", "trajectories_stage2", "distill_stage2"),
     "pd": ("baseline_pd",),
     "sfddm": ("baseline_sfddm",),
     "vanilla": ("baseline_vanilla",),
@@ -262,6 +264,6 @@ def build_comparison(
     return data, "\n".join(parts)
 
 
-def comparison_markdown(evaluation: str | Path, cost_dir: str | Path, plot_path: str | Path | None = None) -> str:
+def comparison_markdown(evaluation: str | Path | Mapping[str, Mapping[str, Any]], cost_dir: str | Path, plot_path: str | Path | None = None) -> str:
     """The report's comparison section (markdown); what the report stage calls."""
     return build_comparison(evaluation, cost_dir, plot_path=plot_path)[1]

@@ -184,8 +184,10 @@ def run_evaluation(
     students: Sequence[tuple[str, str]] = (),
     grids_dir: str | Path | None = None,
     cost: CostMeter | None = None,
+    reference_and_solvers: bool = True,
 ) -> dict[str, dict[str, float | None]]:
-    """The ``evaluate`` stage: teacher reference, training-free solvers and distilled students."""
+    """The ``evaluate`` stages: teacher reference and training-free solvers (unless
+    ``reference_and_solvers`` is false), then the distilled students."""
     from pipeline.data import load_split
     from pipeline.devices import resolve_device
     from pipeline.networks import load_network
@@ -200,10 +202,14 @@ def run_evaluation(
     teacher, config = load_network(teacher_dir, device)
     shape, k = tuple(config["data"]["sample_shape"]), int(config["data"].get("num_classes", 0))
     ref_spec = params.reference_spec()
-    entries = [Entry(f"teacher/nfe{ref_spec.nfe}", teacher, ref_spec, shape, k)]
-    entries += [Entry(key, teacher, spec, shape, k) for key, spec in params.solver_specs().items()]
+    entries = []
+    if reference_and_solvers:
+        entries += [Entry(f"teacher/nfe{ref_spec.nfe}", teacher, ref_spec, shape, k)]
+        entries += [Entry(key, teacher, spec, shape, k) for key, spec in params.solver_specs().items()]
     for name, path in students:
         entries += student_entries(name, path, device)
+    if not entries:
+        raise ParamError("evaluation: nothing to evaluate (no students given and the reference/solvers are off)")
     results = evaluate_entries(
         entries, seeds, space, reference, label_space=label_space, grids_dir=grids_dir, grid_seeds=params.grid_seeds,
         batch_size=params.batch_size, kid_subsets=params.kid_subsets, kid_subset_size=params.kid_subset_size,

@@ -2,12 +2,13 @@
 
 Each section is parsed by its own dataclass's ``from_dict``, which names the offending key and
 the allowed values. Sections that have their own ``seed`` or ``device`` field inherit the
-shared top-level value unless they set one. docs/params.md documents every key.
+shared top-level value unless they set one (``threads`` likewise). docs/params.md documents every key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,37 +17,61 @@ import yaml
 from pipeline.param_checks import ParamError, check_choice, check_int
 
 LOSSES = ("l1", "l2", "pseudo_huber", "lpips")
-SHARED_KEYS = ("seed", "device", "loss")
+SHARED_KEYS = ("seed", "device", "loss", "threads")
+INHERITED = ("seed", "device", "threads")  # shared keys a section inherits when it has the field
 
 
-def _section_parsers() -> dict[str, Callable[[dict[str, Any]], Any]]:
+def _section_classes() -> dict[str, type]:
+    """Section name -> dataclass with ``from_dict(d)`` or ``from_dict(d, section=name)``."""
+    from pipeline.baselines.progressive import PDParams
+    from pipeline.baselines.sfddm import SFDDMParams
+    from pipeline.baselines.vanilla import VanillaParams
     from pipeline.data import DataParams
     from pipeline.evaluation import EvalParams
     from pipeline.feature_net import FeatureNetParams
     from pipeline.report import ReportParams
+    from pipeline.sfd_distillation import DistillParams
     from pipeline.teacher_training import TeacherParams
     from pipeline.trajectory_spec import TrajectoryParams
 
-    parsers: dict[str, Callable[[dict[str, Any]], Any]] = {
-        "data": DataParams.from_dict,
-        "feature_net": FeatureNetParams.from_dict,
-        "teacher": TeacherParams.from_dict,
-        "trajectories": lambda d: TrajectoryParams.from_dict(d, section="trajectories"),
-        "trajectories_stage2": lambda d: TrajectoryParams.from_dict(d, section="trajectories_stage2"),
-        "evaluate": EvalParams.from_dict,
-        "report": ReportParams.from_dict,
+    return {
+        "data": DataParams,
+        "feature_net": FeatureNetParams,
+        "teacher": TeacherParams,
+        "trajectories": TrajectoryParams,
+        "trajectories_v": TrajectoryParams,
+        "distill": DistillParams,
+        "distill_v": DistillParams,
+        "trajectories_stage2": TrajectoryParams,
+        "distill_stage2": DistillParams,
+        "baseline_pd": PDParams,
+        "baseline_sfddm": SFDDMParams,
+        "baseline_vanilla": VanillaParams,
+        "evaluate": EvalParams,
+        "report": ReportParams,
     }
-    return parsers
+
+
+def _parse_section(cls: type, name: str, d: dict[str, Any]) -> Any:
+    if "section" in inspect.signature(cls.from_dict).parameters:
+        return cls.from_dict(d, section=name)
+    return cls.from_dict(d)
 
 
 class Params:
-    """Validated parameters: ``p.seed``, ``p.device``, ``p.loss`` and ``p.<section>`` objects."""
+    """Validated parameters: ``p.seed``, ``p.device``, ``p.loss``, ``p.threads`` and ``p.<section>`` objects.
 
-    def __init__(self, raw: dict[str, Any], sections: dict[str, Any]) -> None:
+    ``p.resolved`` is the raw mapping with the shared keys filled into every section that has
+    such a field, for the stages that take the whole file (trajectories, distill).
+    """
+
+    def __init__(self, raw: dict[str, Any], sections: dict[str, Any], resolved: dict[str, Any]) -> None:
         self.raw = raw
+        self.resolved = resolved
         self.seed: int = raw.get("seed", 0)
         self.device: str = raw.get("device", "auto")
         self.loss: str = raw.get("loss", "l1")
+        self.threads: int = raw.get("threads", 1)
         self._sections = sections
 
     def __getattr__(self, name: str) -> Any:
@@ -60,10 +85,18 @@ class Params:
             raise ParamError(f"params: no section {name!r}; sections: {', '.join(sorted(self._sections))}")
         return self._sections[name]
 
+    def apply_threads(self) -> int:
+        """Set torch's CPU thread count from ``threads`` (0 leaves torch's default); returns the count in use."""
+        import torch
+
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
+        return torch.get_num_threads()
+
 
 def _with_shared(section: dict[str, Any], fields: Any, raw: dict[str, Any]) -> dict[str, Any]:
     out = dict(section)
-    for key in ("seed", "device"):
+    for key in INHERITED:
         if key in raw and key not in out and key in fields:
             out[key] = raw[key]
     return out
@@ -72,32 +105,26 @@ def _with_shared(section: dict[str, Any], fields: Any, raw: dict[str, Any]) -> d
 def parse_params(raw: dict[str, Any]) -> Params:
     if not isinstance(raw, dict):
         raise ParamError("params: the file must hold a mapping of sections")
-    parsers = _section_parsers()
-    unknown = sorted(set(raw) - set(parsers) - set(SHARED_KEYS))
+    classes = _section_classes()
+    unknown = sorted(set(raw) - set(classes) - set(SHARED_KEYS))
     if unknown:
         raise ParamError(
-            f"params: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted([*SHARED_KEYS, *parsers]))}"
+            f"params: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted([*SHARED_KEYS, *classes]))}"
         )
     check_int("seed", raw.get("seed", 0), minimum=0)
+    check_int("threads", raw.get("threads", 1), minimum=0)
     device = raw.get("device", "auto")
-    if not isinstance(device, str) or not (device in ("auto", "cpu") or device.startswith("cuda")):
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
         raise ParamError(f"device: got {device!r}; allowed values: 'auto', 'cpu', 'cuda', 'cuda:N'")
     check_choice("loss", raw.get("loss", "l1"), LOSSES)
-    sections = {}
-    for name, parse in parsers.items():
+    sections, resolved = {}, {k: raw[k] for k in SHARED_KEYS if k in raw}
+    for name, cls in classes.items():
         section = raw.get(name) or {}
         if not isinstance(section, dict):
             raise ParamError(f"{name}: expected a mapping of keys, got {section!r}")
-        fields = _dataclass_fields(parse)
-        sections[name] = parse(_with_shared(section, fields, raw))
-    return Params(raw, sections)
-
-
-def _dataclass_fields(parse: Callable[..., Any]) -> set[str]:
-    owner = getattr(parse, "__self__", None)
-    if owner is not None and hasattr(owner, "__dataclass_fields__"):
-        return set(owner.__dataclass_fields__)
-    return set()  # lambdas (trajectory sections) take no shared keys
+        resolved[name] = _with_shared(section, cls.__dataclass_fields__, raw)
+        sections[name] = _parse_section(cls, name, resolved[name])
+    return Params(raw, sections, resolved)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

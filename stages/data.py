@@ -14,7 +14,9 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file; reads its `data` section"),
     out: Path = typer.Option(Path("data/digits"), help="output directory (train/held_out safetensors + dataset.json)"),
 ) -> None:
-    p = load_params(params).data
+    all_params = load_params(params)
+    all_params.apply_threads()
+    p = all_params.data
     info = prepare_dataset(p, out)
     typer.echo(f"data: {info.name} {info.sample_shape} classes={info.num_classes} sizes={info.sizes} -> {out}")
 

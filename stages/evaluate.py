@@ -1,4 +1,4 @@
-"""DVC stage ``evaluate``: FID / KID / precision / recall / label accuracy of every sampler -> metrics/eval.json."""
+"""DVC stages ``evaluate_solvers``, ``evaluate_baselines``, ``evaluate``: FID, KID, precision, recall, label accuracy."""
 
 from __future__ import annotations
 
@@ -20,13 +20,17 @@ def main(
     out: Path = typer.Option(Path("metrics/eval.json"), help="flat JSON map '<sampler>/nfe<k>' -> metrics"),
     grids: Path = typer.Option(Path("reports/grids"), help="one PNG grid per sampler"),
     student: list[str] = typer.Option([], help="distilled checkpoint NAME=CKPT_DIR (repeatable)"),
+    solvers: bool = typer.Option(True, help="also evaluate the teacher's reference sampler and the training-free solvers"),
     cost_out: Path = typer.Option(Path("metrics/cost/evaluate.json"), "--cost", help="cost record"),
 ) -> None:
-    p = load_params(params).evaluate
-    cost = CostMeter("evaluate", resolve_device(p.device))
+    all_params = load_params(params)
+    all_params.apply_threads()
+    p = all_params.evaluate
+    cost = CostMeter(cost_out.stem, resolve_device(p.device))
     results = run_evaluation(
         p, teacher_dir=teacher, data_dir=data, feature_net_dir=feature_net,
         students=parse_student_args(student), grids_dir=grids, cost=cost,
+        reference_and_solvers=solvers,
     )
     write_results(out, results)
     cost.write(cost_out)

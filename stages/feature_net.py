@@ -18,7 +18,9 @@ def main(
     out: Path = typer.Option(Path("models/feature_net"), help="checkpoint directory"),
     metrics: Path = typer.Option(Path("metrics/feature_net.json"), help="accuracy metrics"),
 ) -> None:
-    p = load_params(params).feature_net
+    all_params = load_params(params)
+    all_params.apply_threads()
+    p = all_params.feature_net
     info = dataset_info(data)
     result = train_feature_net(p, load_split(data, "train"), load_split(data, "held_out"), info["num_classes"], out)
     write_json(metrics, result)

@@ -21,7 +21,9 @@ def main(
     metrics: Path = typer.Option(Path("metrics/teacher.json"), help="training summary (loss, steps, wall time)"),
     cost_out: Path = typer.Option(Path("metrics/cost/teacher.json"), "--cost", help="cost record"),
 ) -> None:
-    p = load_params(params).teacher
+    all_params = load_params(params)
+    all_params.apply_threads()
+    p = all_params.teacher
     info = dataset_info(data)
     images, labels = load_split(data, "train")
     cost = CostMeter("teacher", resolve_device(p.device))

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-import yaml
 
 from pipeline.cost import CostMeter
 from pipeline.devices import resolve_device
 from pipeline.param_checks import ParamError
+from pipeline.params import load_params
 from pipeline.trajectory_generation import parse_shard, run_trajectories_stage
 from pipeline.trajectory_store import StoreError
 
@@ -33,7 +33,9 @@ def main(
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     try:
-        all_params = yaml.safe_load(params.read_text()) or {}
+        loaded = load_params(params)
+        loaded.apply_threads()
+        all_params = loaded.resolved
         meter = CostMeter(section, resolve_device(str(all_params.get("device", "auto"))))
         result, teacher_images = run_trajectories_stage(
             all_params, section, out, teacher_ckpt=teacher_ckpt, seeds=seeds, shard=parse_shard(shard), progress=progress
