@@ -15,11 +15,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The stages run `python -m stages.<name>`: the environment's bin comes first on PATH.
+RUN := PATH="$(abspath $(VENV))/bin:$$PATH" DVC_NO_ANALYTICS=1
+
 repro: install
-	DVC_NO_ANALYTICS=1 $(VENV)/bin/dvc repro
+	$(RUN) dvc repro
 
 test: install
-	DVC_NO_ANALYTICS=1 $(PY) -m pytest
+	$(RUN) python -m pytest
 
 clean-venv:
 	rm -rf $(VENV)

@@ -104,10 +104,29 @@ class Entry:
     is_student: bool = False
 
 
+def student_dirs(ckpt_dir: str | Path) -> list[Path]:
+    """A checkpoint directory, or a directory of per-NFE checkpoints ``nfe<k>/`` (PD rounds, SFDDM's T')."""
+    path = Path(ckpt_dir)
+    if (path / "model.json").is_file():
+        return [path]
+    rounds = sorted(
+        (d for d in path.glob("nfe*") if d.name[3:].isdigit() and (d / "model.json").is_file()),
+        key=lambda d: int(d.name[3:]),
+    )
+    if not rounds:
+        raise ParamError(f"--student {path}: neither a checkpoint (model.json) nor a directory of nfe<k>/ checkpoints")
+    return rounds
+
+
 def student_entries(name: str, ckpt_dir: str | Path, device: str | torch.device) -> list[Entry]:
-    """Entries of a distilled checkpoint: its own sampler, at every supported N when step-conditioned."""
+    """Entries of a distilled checkpoint: its own sampler, at every supported N when step-conditioned.
+
+    A directory of ``nfe<k>/`` checkpoints gives one entry per checkpoint."""
     from pipeline.networks import load_network
 
+    dirs = student_dirs(ckpt_dir)
+    if len(dirs) > 1 or dirs[0] != Path(ckpt_dir):
+        return [e for d in dirs for e in student_entries(name, d, device)]
     model, config = load_network(ckpt_dir, device)
     section = config.get("sampler")
     if section is None:

@@ -43,6 +43,7 @@ class TeacherParams:
     lr_rampup_steps: int = 100
     ema_halflife_kimg: float = 20.0
     checkpoint_every: int = 500  # steps between resumable training states
+    pretrained: str | None = None  # a local teacher checkpoint directory used instead of training
     seed: int = 0
     device: str = "auto"
 
@@ -69,6 +70,8 @@ class TeacherParams:
         check_int("teacher.lr_rampup_steps", p.lr_rampup_steps, minimum=0)
         check_int("teacher.checkpoint_every", p.checkpoint_every, minimum=1)
         check_int("teacher.seed", p.seed, minimum=0)
+        if p.pretrained is not None and (not isinstance(p.pretrained, str) or not p.pretrained):
+            raise ParamError(f"teacher.pretrained: expected a checkpoint directory path or null, got {p.pretrained!r}")
         return p
 
     def training_key(self, data_description: dict[str, Any]) -> str:
@@ -221,6 +224,39 @@ def train_teacher(
         "wall_seconds": round(cost.wall_seconds, 2),
         "weights_hash": config["provenance"]["weights_hash"],
     }
+
+
+def import_pretrained_teacher(source: str | Path, out_dir: str | Path, data_description: dict[str, Any]) -> dict[str, Any]:
+    """Use a teacher that was trained elsewhere: check it loads and fits the data, copy it to ``out_dir``.
+
+    The checkpoint is this project's format (never a pickle): ``model.safetensors`` with the
+    weights of the U-Net in pipeline/networks.py and ``model.json`` with its ``network`` config.
+    """
+    import shutil
+
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.networks import load_network
+
+    source = Path(source)
+    for name, what in (("model.safetensors", "the weights"), ("model.json", "the network config")):
+        if not (source / name).is_file():
+            raise CheckpointError(
+                f"teacher.pretrained: {source / name} is missing ({what}). A teacher checkpoint directory holds "
+                f"model.safetensors and model.json as written by `dvc repro teacher` (pipeline/networks.py U-Net); "
+                f"put both files in {source}/ or set teacher.pretrained: null to train the teacher"
+            )
+    model, config = load_network(source)
+    shape = list(config.get("data", {}).get("sample_shape", []))
+    want = list(data_description.get("sample_shape", []))
+    if shape and want and shape != want:
+        raise CheckpointError(f"teacher.pretrained: {source} was trained on samples of shape {shape}, the data has {want}")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    for name in ("model.safetensors", "model.json"):
+        shutil.copyfile(source / name, out_dir / name)
+    return {"pretrained": str(source), "weights_hash": hash_state_dict(model.net.state_dict()), "steps": 0}
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:

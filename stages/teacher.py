@@ -10,7 +10,8 @@ from pipeline.cost import CostMeter
 from pipeline.data import dataset_info, load_split
 from pipeline.devices import resolve_device
 from pipeline.params import load_params
-from pipeline.teacher_training import train_teacher, write_json
+from pipeline.checkpoints import CheckpointError
+from pipeline.teacher_training import import_pretrained_teacher, train_teacher, write_json
 
 
 def main(
@@ -27,9 +28,21 @@ def main(
     info = dataset_info(data)
     images, labels = load_split(data, "train")
     cost = CostMeter("teacher", resolve_device(p.device))
+    description = {k: info[k] for k in ("name", "sample_shape", "num_classes", "sizes", "provenance")}
+    if p.pretrained is not None:
+        try:
+            summary = import_pretrained_teacher(p.pretrained, out, description)
+        except CheckpointError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        cost.extra["role"] = "pretrained teacher copied from teacher.pretrained (no training)"
+        cost.write(cost_out)
+        write_json(metrics, summary)
+        typer.echo(f"teacher: pretrained {p.pretrained} -> {out}")
+        return
     summary = train_teacher(
         p, images, labels, info["num_classes"], out, state_dir=state,
-        data_description={k: info[k] for k in ("name", "sample_shape", "num_classes", "sizes", "provenance")},
+        data_description=description,
         cost=cost,
     )
     cost.extra["role"] = "teacher training (the trained network's passes are counted as student passes)"

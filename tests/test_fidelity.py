@@ -126,3 +126,16 @@ def test_eval_params_and_student_args():
         EvalParams.from_dict({"solvers": ["rk4"]})
     with pytest.raises(ParamError, match="NAME=CKPT_DIR"):
         parse_student_args(["nodir"])
+
+
+def test_student_dirs_expands_per_nfe_checkpoints(tmp_path):
+    from pipeline.evaluation import student_dirs
+
+    for k in (16, 2, 1):
+        (tmp_path / "pd" / f"nfe{k}").mkdir(parents=True)
+        (tmp_path / "pd" / f"nfe{k}" / "model.json").write_text("{}")
+    (tmp_path / "pd" / "nfe_notes").mkdir()
+    assert [d.name for d in student_dirs(tmp_path / "pd")] == ["nfe1", "nfe2", "nfe16"]  # numeric order
+    assert student_dirs(tmp_path / "pd" / "nfe2") == [tmp_path / "pd" / "nfe2"]
+    with pytest.raises(ParamError, match="nfe<k>"):
+        student_dirs(tmp_path)

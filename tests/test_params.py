@@ -57,3 +57,10 @@ def test_missing_and_malformed_files_are_named(tmp_path):
     ok = tmp_path / "ok.yaml"
     ok.write_text(yaml.safe_dump({"seed": 1}))
     assert load_params(ok).seed == 1
+
+
+def test_cifar10_preset_is_valid():
+    p = load_params(Path(__file__).parents[1] / "presets" / "cifar10.yaml")
+    assert p.distill.kimg == 200 and p.distill_v.kimg == 800 and p.distill_stage2.kimg == 2000
+    assert p.evaluate.features == "inception" and p.distill_stage2.lpips_last_step
+

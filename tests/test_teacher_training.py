@@ -92,3 +92,25 @@ def test_params_are_validated():
         TeacherParams.from_dict({"label_dropout": 1.0})
     with pytest.raises(ParamError, match="network"):
         TeacherParams.from_dict({"network": {"model_chanels": 8}})
+
+
+def test_pretrained_teacher_is_checked_and_copied(digits, tmp_path):
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.teacher_training import import_pretrained_teacher
+
+    images, labels = digits
+    trained = tmp_path / "elsewhere"
+    train_teacher(params(steps=2), images, labels, 10, trained)
+    desc = {"sample_shape": [1, 8, 8]}
+    summary = import_pretrained_teacher(trained, tmp_path / "teacher", desc)
+    assert (tmp_path / "teacher" / "model.safetensors").read_bytes() == (trained / "model.safetensors").read_bytes()
+    model, _ = load_network(tmp_path / "teacher")
+    assert summary["weights_hash"] == hash_state_dict(model.net.state_dict())
+    with pytest.raises(CheckpointError, match="shape"):
+        import_pretrained_teacher(trained, tmp_path / "t2", {"sample_shape": [3, 32, 32]})
+    (trained / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"elsewhere/model\.safetensors is missing"):
+        import_pretrained_teacher(trained, tmp_path / "t3", desc)
+    assert TeacherParams.from_dict({"pretrained": "/models/edm-cifar10"}).pretrained == "/models/edm-cifar10"
+    with pytest.raises(ParamError, match="teacher.pretrained"):
+        TeacherParams.from_dict({"pretrained": 3})
