@@ -106,7 +106,8 @@ def test_repro_then_loss_experiment_reruns_only_what_the_loss_touches(repo):
     assert costs["trajectories"]["teacher_forward_images"] == 192 * 12  # DPM++(3M), M=3, N=4: 12 NFE each
     assert json.loads((repo / "metrics" / "distill.json").read_text())["loss"] == "l1"
     plots = json.loads(run(["dvc", "plots", "show", "--json"], repo, stdout_only=True))
-    assert any("distill_loss.csv" in json.dumps(v) for v in plots.values())
+    assert plots["data"]["SFD stage 1 loss per student step"][0]["type"] == "vega"
+    assert plots["data"]["reports/grids_side_by_side.png"][0]["type"] == "image"
 
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "baseline run"], repo)
