@@ -64,6 +64,11 @@ class SamplerSpec:
         n = self.schedule.num_steps + int(self.append_zero)
         return solver_nfe(self.solver, n, afs=self.afs, ends_at_zero=self.append_zero)
 
+    @property
+    def network_calls(self) -> int:
+        """Network evaluations per sample: the NFE, doubled by classifier-free guidance (w != 1: two branches)."""
+        return self.nfe * (1 if self.guidance == 1.0 else 2)
+
     def t_steps(self) -> torch.Tensor:
         """The float64 timestamps t_0 = t_max > ... (> 0 when append_zero)."""
         t = self.schedule.t_steps()
@@ -79,6 +84,7 @@ class SamplerSpec:
             "guidance": self.guidance,
             "append_zero": self.append_zero,
             "nfe": self.nfe,
+            "network_calls": self.network_calls,
         }
 
 
@@ -101,6 +107,7 @@ def resolve_sampler(
         sched = Schedule(num_steps=num_steps or DEFAULT_TEACHER_SAMPLER["num_steps"])
         steps_cond = None
         spec_afs, spec_guidance = bool(afs), 1.0 if guidance is None else float(guidance)
+        append_zero = False
     else:
         for key in ("solver", "schedule"):
             if key not in section:
@@ -120,10 +127,11 @@ def resolve_sampler(
             sched = sched.with_num_steps(num_steps)
         spec_afs = bool(section.get("afs", False)) if afs is None else afs
         spec_guidance = float(section.get("guidance", 1.0)) if guidance is None else float(guidance)
+        append_zero = bool(section.get("append_zero", False))
     if schedule is not None:
         sched = replace(sched, kind=schedule)
     check_choice("solver", s, SOLVERS)
-    return SamplerSpec(s, order, sched, spec_afs, spec_guidance, steps_cond)
+    return SamplerSpec(s, order, sched, spec_afs, spec_guidance, steps_cond, append_zero)
 
 
 def make_denoiser(model: Denoiser, spec: SamplerSpec) -> Denoiser:

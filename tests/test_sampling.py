@@ -79,6 +79,12 @@ def test_resolve_sampler_defaults_and_overrides():
     student = resolve_sampler(section)
     assert (student.solver, student.nfe, student.afs) == ("euler", 2, True)
     assert resolve_sampler(section, afs=False).nfe == 3
+    # a saved sampler round-trips, append_zero included (Heun 18 + a final Euler step to 0 = 35 NFE)
+    heun = SamplerSpec("heun", 2, Schedule(num_steps=18, t_min=0.002), append_zero=True)
+    assert resolve_sampler(heun.to_dict()).nfe == 35 and resolve_sampler(heun.to_dict()).append_zero
+    # guidance w != 1 evaluates both branches: twice the network calls at the same NFE
+    guided_student = resolve_sampler(section, guidance=2.0)
+    assert (guided_student.nfe, guided_student.network_calls) == (2, 4) and student.network_calls == 2
     sfdv = resolve_sampler({**section, "step_condition": [4, 5, 6, 7]}, num_steps=6)
     assert sfdv.schedule.num_steps == 6 and sfdv.nfe == 4 and sfdv.step_condition == (4, 5, 6, 7)
     with pytest.raises(ParamError, match="supports N in"):
