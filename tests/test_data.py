@@ -15,14 +15,6 @@ from pipeline.data import DataError, DataParams, load_image_folder, load_split, 
 from pipeline.param_checks import ParamError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _png(path: Path, size=(8, 8), mode="L", value=0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,14 +22,6 @@ from pipeline.param_checks import ParamError
 from pipeline.schedules import Schedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):

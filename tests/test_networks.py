@@ -13,14 +13,6 @@ from pipeline.param_checks import ParamError
 from pipeline.teachers import load_teacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 SHAPES = [  # (C, resolution, channel_mult, attn_resolutions)
     (1, 8, [1, 2], [4]),
     (3, 16, [1, 2, 2], [8]),

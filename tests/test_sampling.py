@@ -21,14 +21,6 @@ from pipeline.sampling import (
 from pipeline.schedules import Schedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 NET = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4], "label_dim": 3}
 
 

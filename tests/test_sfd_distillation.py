@@ -20,14 +20,6 @@ TINY_NET = {"model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_res
 SCHEDULE = {"kind": "polynomial", "num_steps": 4, "t_min": 0.006, "t_max": 80.0, "rho": 7.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread, above all on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_params(**distill) -> dict:
     base = {

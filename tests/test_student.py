@@ -16,13 +16,6 @@ ARCH = {"img_resolution": 8, "in_channels": 1, "label_dim": 3, "model_channels":
         "num_blocks": 1, "attn_resolutions": [4]}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def teacher_ckpt(tmp_path):

@@ -16,14 +16,6 @@ from pipeline.param_checks import ParamError
 from pipeline.teacher_training import TeacherParams, edm_loss, train_teacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # tiny networks: one thread avoids OpenMP oversubscription on a shared 2-core machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 TINY = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}
 
 
