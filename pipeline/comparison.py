@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-ENTRY = re.compile(r"^(?P<sampler>.+)/nfe(?P<nfe>\d+)$")
-BACKWARD_FORWARD_RATIO = 2.0
+from pipeline.cost import BACKWARD_FORWARD_RATIO, load_cost_records
+from pipeline.report import ENTRY, markdown_table
+
 COUNT_KEYS = ("teacher_forward_images", "student_forward_images", "student_backward_images")
 # method (evaluation sampler name) -> the cost stages it spent in
 DEFAULT_METHOD_STAGES: dict[str, tuple[str, ...]] = {
@@ -73,15 +73,6 @@ class Row:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "nfe": self.nfe, "fid": self.fid,
                 "cost": None if self.cost is None else self.cost.to_dict(), "note": self.note}
-
-
-def load_cost_records(cost_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """{stage: record} from every ``*.json`` in ``cost_dir`` (missing directory: empty)."""
-    records = {}
-    for path in sorted(Path(cost_dir).glob("*.json")):
-        data = json.loads(path.read_text())
-        records[data.get("stage", path.stem)] = data
-    return records
 
 
 def method_cost(method: str, nfe: int, records: Mapping[str, Mapping[str, Any]],
@@ -188,7 +179,7 @@ def _fmt(value: Any) -> str:
 
 def rows_markdown(rows: Sequence[Row]) -> str:
     header = ["method", "NFE", "FID", "teacher fwd", "student fwd", "student bwd", "fwd-pass equiv.", "wall s", "note"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table = []
     for r in rows:
         c = r.cost
         cells = [r.method, r.nfe, r.fid] + (
@@ -196,8 +187,8 @@ def rows_markdown(rows: Sequence[Row]) -> str:
             [c.teacher_forward_images, c.student_forward_images, c.student_backward_images, c.forward_equivalents,
              round(c.wall_seconds, 1)]
         ) + [r.note]
-        lines.append("| " + " | ".join(_fmt(v) for v in cells) + " |")
-    return "\n".join(lines)
+        table.append([_fmt(v) for v in cells])  # 4 significant digits; markdown_table passes strings through
+    return markdown_table(header, table)
 
 
 def plot_comparison(rows: Sequence[Row], path: str | Path) -> Path | None:

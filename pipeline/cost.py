@@ -74,3 +74,12 @@ class CostMeter:
         data = self.to_dict()
         path.write_text(json.dumps(data, indent=2) + "\n")
         return data
+
+
+def load_cost_records(cost_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """{stage: record} from every ``*.json`` that :meth:`CostMeter.write` left in ``cost_dir`` (missing: empty)."""
+    records = {}
+    for path in sorted(Path(cost_dir).glob("*.json")):
+        data = json.loads(path.read_text())
+        records[data.get("stage", path.stem)] = data
+    return records

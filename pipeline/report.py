@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.cost import load_cost_records
 from pipeline.param_checks import ParamError, check_keys
 
-ENTRY = re.compile(r"^(?P<sampler>.+)/nfe(?P<nfe>\d+)$")
+ENTRY = re.compile(r"^(?P<sampler>.+)/nfe(?P<nfe>\d+)$")  # evaluation keys "<sampler>/nfe<k>"
 METRIC_COLUMNS = ("fid", "kid", "precision", "recall", "label_accuracy")
 
 
@@ -80,14 +81,6 @@ def fid_pivot_table(evaluation: dict[str, dict[str, Any]]) -> str:
     nfes = sorted({n for d in by_sampler.values() for n in d})
     rows = [[s, *(by_sampler[s].get(n) for n in nfes)] for s in sorted(by_sampler)]
     return markdown_table(["sampler", *(f"NFE {n}" for n in nfes)], rows)
-
-
-def load_costs(cost_dir: Path) -> dict[str, dict[str, Any]]:
-    costs = {}
-    for path in sorted(cost_dir.glob("*.json")):
-        data = json.loads(path.read_text())
-        costs[data.get("stage", path.stem)] = data
-    return costs
 
 
 def cost_table(costs: dict[str, dict[str, Any]]) -> str:
@@ -242,7 +235,7 @@ def build_report(
     comparison: str | None = None,
 ) -> Path:
     """Write ``out_dir/report.md`` and its PNGs; also merge the per-stage costs into one JSON."""
-    costs = load_costs(cost_dir)
+    costs = load_cost_records(cost_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if merged_cost_path is not None:
         merged_cost_path.parent.mkdir(parents=True, exist_ok=True)

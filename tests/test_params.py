@@ -64,3 +64,11 @@ def test_cifar10_preset_is_valid():
     assert p.distill.kimg == 200 and p.distill_v.kimg == 800 and p.distill_stage2.kimg == 2000
     assert p.evaluate.features == "inception" and p.distill_stage2.lpips_last_step
 
+
+
+def test_threads_setting_is_applied():
+    import torch
+
+    assert parse_params({"threads": 2}).apply_threads() == 2 == torch.get_num_threads()
+    assert parse_params({"threads": 0}).apply_threads() == 2  # 0 leaves torch's setting as it is
+    # (the conftest fixture restores one thread after the test)
