@@ -148,6 +148,12 @@ def test_pd_checkpoints_sample_through_the_common_sampler(tmp_path, gmm_data):
         assert images.shape == (6, *SHAPE) and torch.isfinite(images).all() and labels is None
         assert spec.nfe == n and spec.solver == "euler" and not spec.afs
         assert [e.key for e in student_entries("pd", tmp_path / "pd" / f"nfe{n}", "cpu")] == [f"pd/nfe{n}"]
+    # a rerun writes byte-identical checkpoints (no wall times in them)
+    progressive_distillation(tiny_model(0, perturb_output=True), tiny_config(), gmm_data, params, tmp_path / "again",
+                             progress=False)
+    for n in (2, 1):
+        for name in ("model.json", "model.safetensors"):
+            assert (tmp_path / "again" / f"nfe{n}" / name).read_bytes() == (tmp_path / "pd" / f"nfe{n}" / name).read_bytes()
 
 
 # ---------------------------------------------------------------- SFDDM

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.checkpoints import save_checkpoint
 from pipeline.denoisers import EDMPrecond
 from pipeline.hashing import hash_state_dict
 from pipeline.param_checks import ParamError, check_int, check_positive
-from pipeline.schedules import Schedule
+from pipeline.student import sampler_section, save_student  # noqa: F401  (re-exported for the baselines)
+from pipeline.teacher_training import write_json  # noqa: F401
 
 
 @dataclass
@@ -56,18 +56,6 @@ def load_training_data(data_dir: str | Path, *, conditional: bool) -> TrainingDa
     return TrainingData(images.float(), labels if conditional else None)
 
 
-def sampler_section(schedule: Schedule, *, afs: bool = False, solver: str = "euler", max_order: int = 1) -> dict[str, Any]:
-    """A checkpoint's ``"sampler"`` section: what pipeline.sampling.resolve_sampler reads."""
-    return {
-        "solver": solver,
-        "max_order": max_order,
-        "schedule": schedule.to_dict(),
-        "afs": afs,
-        "step_condition": None,
-        "guidance": 1.0,
-    }
-
-
 def student_config(teacher_config: dict[str, Any], sampler: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
     """Checkpoint JSON of a distilled student with the teacher's architecture."""
     return {
@@ -77,12 +65,6 @@ def student_config(teacher_config: dict[str, Any], sampler: dict[str, Any], prov
         "sampler": sampler,
         "provenance": provenance,
     }
-
-
-def save_student(directory: str | Path, model: EDMPrecond, config: dict[str, Any]) -> Path:
-    """model.safetensors (the raw network's weights) + model.json in ``directory``."""
-    config = {**config, "provenance": {**config["provenance"], "weights_hash": hash_state_dict(model.net.state_dict())}}
-    return save_checkpoint(directory, model.net.state_dict(), config)
 
 
 def trainable_copy(model: EDMPrecond) -> EDMPrecond:
@@ -132,11 +114,3 @@ def load_baseline_inputs(
         "conditional": conditional,
     }
     return teacher, config, data, provenance
-
-
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    import json
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

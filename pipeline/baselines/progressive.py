@@ -95,6 +95,12 @@ class PDParams:
         return Schedule("polynomial", num_steps + 1, self.t_min, self.t_max, self.rho)
 
 
+def deterministic(summary: dict[str, Any]) -> dict[str, Any]:
+    """The round summary without wall times: a checkpoint is a function of its seed and config, so a
+    rerun writes the same bytes (and DVC does not re-evaluate an unchanged student)."""
+    return {k: deterministic(v) if isinstance(v, dict) else v for k, v in summary.items() if k != "wall_seconds"}
+
+
 def teacher_grid(student_steps: int, t_min: float, t_max: float, rho: float = 7.0) -> torch.Tensor:
     """The round's teacher grid: 2N + 1 polynomial timestamps; even points are the student's, odd the half-index ones."""
     return time_steps("polynomial", 2 * student_steps + 1, t_min, t_max, rho)
@@ -233,9 +239,9 @@ def progressive_distillation(
                                           "student_backward_images", "forward_equivalents")}
         config = student_config(
             teacher_config,
-            sampler_section(params.student_schedule(n)),
+            sampler_section(params.student_schedule(n), afs=False),
             {"kind": "progressive_distillation", "round": len(rounds) + 1, "params": asdict(params),
-             "round_summary": summary, **(provenance or {})},
+             "round_summary": deterministic(summary), **(provenance or {})},
         )
         summary["checkpoint"] = str(save_student(out_dir / f"nfe{n}", student, config))
         rounds.append(summary)

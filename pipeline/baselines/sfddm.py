@@ -205,7 +205,7 @@ def sfddm_distillation(
         student = init_student(teacher, teacher_config, params.init, params.seed + k)
         summary = train_sfddm_student(student, teacher, data, t_prime, params, generator=generator, device=device,
                                       cost=cost, progress=progress)
-        sampler = sampler_section(params.student_schedule(t_prime))
+        sampler = sampler_section(params.student_schedule(t_prime), afs=False)
         prov = {"params": asdict(params), "index_map": index_map(t_prime, params.teacher_steps), **(provenance or {})}
         save_student(Path(out_dir) / f"nfe{t_prime}", student,
                      student_config(teacher_config, sampler, {"kind": "sfddm", "summary": summary, **prov}))
