@@ -19,18 +19,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.denoisers import EDMPrecond  # noqa: E402
-from pipeline.devices import describe_device, resolve_device  # noqa: E402
-from pipeline.schedules import Schedule  # noqa: E402
-from pipeline.teachers import gmm_teacher  # noqa: E402
-from pipeline.trajectory_generation import generate_trajectories, teacher_trajectories  # noqa: E402
-from pipeline.trajectory_reader import TrajectoryDataset  # noqa: E402
-from pipeline.trajectory_spec import TrajectorySpec  # noqa: E402
-from pipeline.trajectory_store import open_store  # noqa: E402
+from pipeline.diffusion.denoisers import EDMPrecond  # noqa: E402
+from pipeline.core.devices import describe_device, resolve_device  # noqa: E402
+from pipeline.diffusion.schedules import Schedule  # noqa: E402
+from pipeline.teachers.loader import gmm_teacher  # noqa: E402
+from pipeline.trajectories.generation import generate_trajectories, teacher_trajectories  # noqa: E402
+from pipeline.trajectories.reader import TrajectoryDataset  # noqa: E402
+from pipeline.trajectories.spec import TrajectorySpec  # noqa: E402
+from pipeline.trajectories.store import open_store  # noqa: E402
 
 
 def unet_teacher(device):
-    from pipeline.networks import build_network
+    from pipeline.networks.unet import build_network
 
     torch.manual_seed(0)
     net = build_network(img_resolution=32, in_channels=3, model_channels=32, channel_mult=[1, 2, 2],
@@ -134,13 +134,13 @@ def main() -> None:
         gen.append(bench_generation("gmm", teacher.denoiser, spec, a.seeds, a.batch, a.chunk, a.out, device))
     try:
         model, net = unet_teacher(device)
-        from pipeline.hashing import hash_state_dict
+        from pipeline.core.hashing import hash_state_dict
 
         spec = TrajectorySpec(teacher_hash=hash_state_dict(net.state_dict()), schedule=Schedule(num_steps=4), M=3,
                               label_policy="uniform_per_seed", num_classes=10, sample_shape=(3, 32, 32))  # fmt: skip
         gen.append(bench_generation("unet", model, spec, a.unet_seeds, min(a.batch, 64), min(a.chunk, 64), a.out, device))
     except ImportError:
-        print("pipeline.networks missing: U-Net generation skipped")
+        print("pipeline.networks.unet missing: U-Net generation skipped")
     reads = {g["dtype"]: bench_reading(g["path"], g["key"], a.batch) for g in gen if g["name"] == "gmm"}
     student = student_step_tps(device, a.batch)
 

@@ -24,7 +24,7 @@ def version() -> None:
     typer.echo(__version__)
 
 
-from pipeline.store_cli import store_app  # noqa: E402
+from pipeline.trajectories.store_cli import store_app  # noqa: E402
 
 app.add_typer(store_app, name="store")
 
@@ -46,7 +46,7 @@ def sample(
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
 ) -> None:
     """Generate samples from a checkpoint with any solver / schedule / NFE (a distilled checkpoint needs no options)."""
-    from pipeline.sampling import sample_command
+    from pipeline.evaluation.samples import sample_command
 
     info = sample_command(
         ckpt=ckpt, teacher=teacher, seeds=seeds, out=out, labels=labels, batch_size=batch_size, device=device,

@@ -6,24 +6,23 @@ from pathlib import Path
 
 import typer
 
-from pipeline.baselines import load_baseline_inputs, write_json
-from pipeline.baselines.vanilla import vanilla_distillation
-from pipeline.cost import CostMeter
-from pipeline.devices import resolve_device
-from pipeline.params import load_params
+from pipeline.core.cost import CostMeter
+from pipeline.core.devices import resolve_device
+from pipeline.core.files import write_json
+from pipeline.distill.baselines.common import load_baseline_inputs
+from pipeline.distill.baselines.vanilla import vanilla_distillation
+from stages.common import run, stage_params
 
 
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file; reads its `baseline_vanilla` section"),
-    teacher: Path = typer.Option(Path("models/teacher"), help="teacher checkpoint directory"),
-    data: Path = typer.Option(Path("data/digits"), help="dataset directory written by the data stage"),
-    out: Path = typer.Option(Path("models/vanilla"), help="student checkpoint directory"),
-    metrics: Path = typer.Option(Path("metrics/baseline_vanilla.json"), help="loss summary"),
-    cost_out: Path = typer.Option(Path("metrics/cost/baseline_vanilla.json"), "--cost", help="cost record"),
+    params: Path = typer.Option(..., help="params file; reads its `baseline_vanilla` section"),
+    teacher: Path = typer.Option(..., help="teacher checkpoint directory"),
+    data: Path = typer.Option(..., help="dataset directory written by the data stage"),
+    out: Path = typer.Option(..., help="student checkpoint directory"),
+    metrics: Path = typer.Option(..., help="loss summary"),
+    cost_out: Path = typer.Option(..., "--cost", help="cost record"),
 ) -> None:
-    all_params = load_params(params)
-    all_params.apply_threads()
-    p = all_params.baseline_vanilla
+    p = stage_params(params).baseline_vanilla
     device = resolve_device(p.device)
     model, config, train, provenance = load_baseline_inputs(teacher, data, device)
     cost = CostMeter("baseline_vanilla", device)
@@ -34,4 +33,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run(main)

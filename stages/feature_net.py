@@ -6,21 +6,19 @@ from pathlib import Path
 
 import typer
 
-from pipeline.data import dataset_info, load_split
-from pipeline.feature_net import train_feature_net
-from pipeline.params import load_params
-from pipeline.teacher_training import write_json
+from pipeline.core.files import write_json
+from pipeline.data.datasets import dataset_info, load_split
+from pipeline.evaluation.feature_net import train_feature_net
+from stages.common import run, stage_params
 
 
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file; reads its `feature_net` section"),
-    data: Path = typer.Option(Path("data/digits"), help="dataset directory written by the data stage"),
-    out: Path = typer.Option(Path("models/feature_net"), help="checkpoint directory"),
-    metrics: Path = typer.Option(Path("metrics/feature_net.json"), help="accuracy metrics"),
+    params: Path = typer.Option(..., help="params file; reads its `feature_net` section"),
+    data: Path = typer.Option(..., help="dataset directory written by the data stage"),
+    out: Path = typer.Option(..., help="checkpoint directory"),
+    metrics: Path = typer.Option(..., help="accuracy metrics (JSON)"),
 ) -> None:
-    all_params = load_params(params)
-    all_params.apply_threads()
-    p = all_params.feature_net
+    p = stage_params(params).feature_net
     info = dataset_info(data)
     result = train_feature_net(p, load_split(data, "train"), load_split(data, "held_out"), info["num_classes"], out)
     write_json(metrics, result)
@@ -28,4 +26,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run(main)

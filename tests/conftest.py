@@ -18,6 +18,6 @@ def one_torch_thread():
 
 @pytest.fixture
 def gmm_teacher_small():
-    from pipeline.teachers import gmm_teacher
+    from pipeline.teachers.loader import gmm_teacher
 
     return gmm_teacher(num_components=4, sample_shape=(1, 4, 4), std=0.5, seed=0)

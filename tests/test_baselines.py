@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from pipeline.baselines import TrainingData, frozen
-from pipeline.baselines.progressive import (
+from pipeline.distill.baselines.common import TrainingData, frozen
+from pipeline.distill.baselines.progressive import (
     PDParams,
     pd_loss,
     pd_round,
@@ -22,7 +22,7 @@ from pipeline.baselines.progressive import (
     teacher_grid,
     two_teacher_steps,
 )
-from pipeline.baselines.sfddm import (
+from pipeline.distill.baselines.sfddm import (
     SFDDMParams,
     index_map,
     reparameterised_input,
@@ -32,15 +32,16 @@ from pipeline.baselines.sfddm import (
     student_sigmas,
     train_sfddm_student,
 )
-from pipeline.baselines.vanilla import VanillaParams, local_targets, train_vanilla, vanilla_distillation, vanilla_loss
-from pipeline.comparison import Cost, build_comparison, comparison_rows, headline
-from pipeline.denoisers import EDMPrecond
-from pipeline.gmm import GaussianMixture
-from pipeline.networks import build_network, load_network
-from pipeline.param_checks import ParamError
-from pipeline.sampling import sample_from_checkpoint
-from pipeline.schedules import discrete_sigmas
-from pipeline.solvers import solve
+from pipeline.distill.baselines.vanilla import VanillaParams, local_targets, train_vanilla, vanilla_distillation, vanilla_loss
+from pipeline.evaluation.comparison import Cost, build_comparison, comparison_rows, headline
+from pipeline.diffusion.denoisers import EDMPrecond
+from pipeline.diffusion.gmm import GaussianMixture
+from pipeline.networks.unet import build_network
+from pipeline.teachers.loader import load_network
+from pipeline.core.param_checks import ParamError
+from pipeline.evaluation.samples import sample_from_checkpoint
+from pipeline.diffusion.schedules import discrete_sigmas
+from pipeline.diffusion.solvers import solve
 
 SHAPE = (1, 8, 8)
 TINY_NET = {"img_resolution": 8, "in_channels": 1, "label_dim": 0, "model_channels": 8, "channel_mult": [1],
@@ -136,7 +137,7 @@ def test_pd_round_lowers_its_loss_on_the_exact_teacher(gmm, gmm_data):
 
 
 def test_pd_checkpoints_sample_through_the_common_sampler(tmp_path, gmm_data):
-    from pipeline.evaluation import student_entries
+    from pipeline.evaluation.evaluate import student_entries
 
     teacher = tiny_model(0, perturb_output=True)
     params = PDParams(start_steps=4, updates_per_round=2, batch_size=8)
@@ -217,7 +218,7 @@ def test_sfddm_round_lowers_its_loss_and_checkpoints_sample(tmp_path, gmm_data):
             assert torch.equal(a, b)  # the control row is the teacher itself
     # the control row equals the teacher sampled by Euler on the student's grid
     images, _, spec = sample_from_checkpoint(tmp_path / "control" / "nfe2", "0-3")
-    from pipeline.seeds import seed_noise
+    from pipeline.diffusion.seeds import seed_noise
 
     x = 80.0 * seed_noise(range(4), SHAPE)
     with torch.no_grad():
@@ -297,7 +298,7 @@ def test_comparison_counts_every_method_the_same_way(tmp_path):
 
 
 def test_comparison_headline_when_the_baseline_is_better_or_missing():
-    from pipeline.comparison import Row
+    from pipeline.evaluation.comparison import Row
 
     rows = [Row("sfd", 2, 5.0, Cost(100, 0, 0, 1.0)), Row("pd", 2, 4.0, Cost(500, 0, 0, 2.0))]
     head = headline(rows)

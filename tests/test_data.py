@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import DataError, DataParams, load_image_folder, load_split, prepare_dataset
-from pipeline.param_checks import ParamError
+from pipeline.data.datasets import DataError, DataParams, load_image_folder, load_split, prepare_dataset
+from pipeline.core.param_checks import ParamError
 
 
 

@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
-from pipeline.denoisers import EDMPrecond, guided
-from pipeline.gmm import GaussianMixture
+from pipeline.diffusion.denoisers import EDMPrecond, guided
+from pipeline.diffusion.gmm import GaussianMixture
 
 
 class Affine(nn.Module):

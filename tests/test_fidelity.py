@@ -9,17 +9,17 @@ import pytest
 import torch
 import torch_fidelity
 
-from pipeline.checkpoints import save_checkpoint
-from pipeline.data import DataParams, load_split, prepare_dataset
-from pipeline.evaluation import EvalParams, parse_student_args, run_evaluation
-from pipeline.feature_net import FeatureNetParams, train_feature_net
-from pipeline.fidelity import (
+from pipeline.core.checkpoints import save_checkpoint
+from pipeline.data.datasets import DataParams, load_split, prepare_dataset
+from pipeline.evaluation.evaluate import EvalParams, parse_student_args, run_evaluation
+from pipeline.evaluation.feature_net import FeatureNetParams, train_feature_net
+from pipeline.evaluation.fidelity import (
     CLASSIFIER_EXTRACTOR, INCEPTION_FILE, InceptionWeightsMissing, UInt8Images, check_inception_weights, classifier_space,
     fidelity_metrics, inception_space, label_accuracy, reference_features,
 )
-from pipeline.networks import build_network
-from pipeline.param_checks import ParamError
-from pipeline.schedules import Schedule
+from pipeline.networks.unet import build_network
+from pipeline.core.param_checks import ParamError
+from pipeline.diffusion.schedules import Schedule
 
 
 
@@ -121,7 +121,7 @@ def test_eval_params_and_student_args():
 
 
 def test_student_dirs_expands_per_nfe_checkpoints(tmp_path):
-    from pipeline.evaluation import student_dirs
+    from pipeline.evaluation.evaluate import student_dirs
 
     for k in (16, 2, 1):
         (tmp_path / "pd" / f"nfe{k}").mkdir(parents=True)

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from pipeline.gmm import GaussianMixture
-from pipeline.param_checks import ParamError
+from pipeline.diffusion.gmm import GaussianMixture
+from pipeline.core.param_checks import ParamError
 
 
 def test_denoiser_satisfies_tweedie():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import (
+from pipeline.distill.losses import (
     LPIPS_MIN_SIZE,
     LPIPSLoss,
     LPIPSWeightsError,
@@ -17,7 +17,7 @@ from pipeline.losses import (
     make_loss,
     pseudo_huber_loss,
 )
-from pipeline.param_checks import ParamError
+from pipeline.core.param_checks import ParamError
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.checkpoints import CheckpointError, save_checkpoint
-from pipeline.denoisers import EDMPrecond
-from pipeline.hashing import hash_state_dict
-from pipeline.networks import build_network, drop_labels, load_network, load_network_teacher
-from pipeline.param_checks import ParamError
-from pipeline.teachers import load_teacher
+from pipeline.core.checkpoints import CheckpointError, save_checkpoint
+from pipeline.diffusion.denoisers import EDMPrecond
+from pipeline.core.hashing import hash_state_dict
+from pipeline.networks.unet import build_network, drop_labels
+from pipeline.teachers.loader import load_network, load_network_teacher
+from pipeline.core.param_checks import ParamError
+from pipeline.teachers.loader import load_teacher
 
 
 SHAPES = [  # (C, resolution, channel_mult, attn_resolutions)

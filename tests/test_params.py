@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.param_checks import ParamError
-from pipeline.params import load_params, parse_params
+from pipeline.core.param_checks import ParamError
+from pipeline.config.params import load_params, parse_params
 
 
 def test_repository_params_file_is_valid():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.param_checks import ParamError
-from pipeline.report import ReportParams, build_report, merge_evaluations, fid_pivot_table, read_loss_log, split_entry
+from pipeline.core.param_checks import ParamError
+from pipeline.evaluation.report import ReportParams, build_report, merge_evaluations, fid_pivot_table, read_loss_log, split_entry
 
 
 @pytest.fixture

@@ -10,15 +10,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.checkpoints import save_checkpoint
+from pipeline.core.checkpoints import save_checkpoint
 from pipeline.cli import app
-from pipeline.denoisers import EDMPrecond
-from pipeline.networks import build_network
-from pipeline.param_checks import ParamError
-from pipeline.sampling import (
-    SamplerSpec, generate, image_grid, make_denoiser, resolve_labels, resolve_sampler, sample_from_checkpoint, save_pngs,
-)
-from pipeline.schedules import Schedule
+from pipeline.diffusion.denoisers import EDMPrecond
+from pipeline.networks.unet import build_network
+from pipeline.core.param_checks import ParamError
+from pipeline.core.images import image_grid, save_pngs
+from pipeline.diffusion.sampling import SamplerSpec, generate, make_denoiser, resolve_labels, resolve_sampler
+from pipeline.evaluation.samples import sample_from_checkpoint
+from pipeline.diffusion.schedules import Schedule
 
 
 NET = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4], "label_dim": 3}

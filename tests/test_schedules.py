@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from pipeline.param_checks import ParamError
-from pipeline.schedules import Schedule, fine_num_steps, fine_time_steps, student_indices, time_steps
+from pipeline.core.param_checks import ParamError
+from pipeline.diffusion.schedules import Schedule, fine_num_steps, fine_time_steps, student_indices, time_steps
 
 LINEAR_VP_ABAR = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
 

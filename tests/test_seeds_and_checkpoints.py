@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from pipeline.checkpoints import CheckpointError, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
-from pipeline.hashing import hash_description, hash_state_dict
-from pipeline.param_checks import ParamError
-from pipeline.seeds import format_seeds, parse_seeds, seed_labels, seed_noise
+from pipeline.core.checkpoints import CheckpointError, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
+from pipeline.core.hashing import hash_description, hash_state_dict
+from pipeline.core.param_checks import ParamError
+from pipeline.diffusion.seeds import format_seeds, parse_seeds, seed_labels, seed_noise
 
 
 def test_parse_seeds():

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from pipeline.checkpoints import load_checkpoint
-from pipeline.sfd_distillation import NonFiniteLossError, run_distill_stage
-from pipeline.student import load_student
-from pipeline.trajectory_generation import run_trajectories_stage
-from pipeline.trajectory_reader import TrajectoryDataset
-from pipeline.trajectory_store import KeyMismatchError, open_store
+from pipeline.core.checkpoints import load_checkpoint
+from pipeline.distill.sfd import NonFiniteLossError, run_distill_stage
+from pipeline.distill.student import load_student
+from pipeline.trajectories.generation import run_trajectories_stage
+from pipeline.trajectories.reader import TrajectoryDataset
+from pipeline.trajectories.store import KeyMismatchError, open_store
 
 TEACHER = {"source": "gmm", "num_components": 4, "sample_shape": [1, 4, 4], "std": 0.2, "seed": 0}
 TINY_NET = {"model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []}
@@ -92,7 +92,7 @@ def test_student_loss_falls(store, tmp_path):
 
 def test_rollout_continues_from_the_students_own_state(store, tmp_path, monkeypatch):
     """The network's input at step n must be the student's previous x_hat, never the teacher's y_n."""
-    from pipeline import sfd_distillation
+    from pipeline.distill import sfd as sfd_distillation
 
     calls: list[tuple[torch.Tensor, torch.Tensor, float]] = []
     batches: list = []
@@ -160,8 +160,8 @@ def test_stale_store_key_is_refused(store, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(store, tmp_path, monkeypatch):
-    from pipeline import sfd_distillation
-    from pipeline.losses import l1_loss
+    from pipeline.distill import sfd as sfd_distillation
+    from pipeline.distill.losses import l1_loss
 
     count = [0]
 

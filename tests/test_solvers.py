@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.param_checks import ParamError
-from pipeline.schedules import fine_time_steps, student_indices, time_steps
-from pipeline.solvers import SOLVERS, CountingDenoiser, _dpmpp_update, afs_epsilon, solve, solver_nfe
-from pipeline.teachers import gmm_teacher
+from pipeline.core.param_checks import ParamError
+from pipeline.diffusion.schedules import fine_time_steps, student_indices, time_steps
+from pipeline.diffusion.solvers import SOLVERS, CountingDenoiser, _dpmpp_update, afs_epsilon, solve, solver_nfe
+from pipeline.teachers.loader import gmm_teacher
 
 T_MIN, T_MAX = 0.006, 80.0
 

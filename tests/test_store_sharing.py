@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.schedules import Schedule
-from pipeline.teachers import gmm_teacher
-from pipeline.trajectory_generation import generate_trajectories
-from pipeline.trajectory_reader import TrajectoryDataset
-from pipeline.trajectory_spec import TrajectorySpec
-from pipeline.trajectory_store import open_store, verify_store
+from pipeline.diffusion.schedules import Schedule
+from pipeline.teachers.loader import gmm_teacher
+from pipeline.trajectories.generation import generate_trajectories
+from pipeline.trajectories.reader import TrajectoryDataset
+from pipeline.trajectories.spec import TrajectorySpec
+from pipeline.trajectories.store import open_store, verify_store
 
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}  # fmt: skip

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.checkpoints import CheckpointError, save_checkpoint
-from pipeline.networks import build_network, network_config
-from pipeline.sampling import generate, sample_from_checkpoint
-from pipeline.schedules import Schedule
-from pipeline.seeds import seed_labels
-from pipeline.student import load_student, sampler_section, save_student, student_config, student_from_checkpoint
+from pipeline.core.checkpoints import CheckpointError, save_checkpoint
+from pipeline.networks.unet import build_network, network_config
+from pipeline.diffusion.sampling import generate
+from pipeline.evaluation.samples import sample_from_checkpoint
+from pipeline.diffusion.schedules import Schedule
+from pipeline.diffusion.seeds import seed_labels
+from pipeline.distill.student import load_student, sampler_section, save_student, student_config, student_from_checkpoint
 
 ARCH = {"img_resolution": 8, "in_channels": 1, "label_dim": 3, "model_channels": 8, "channel_mult": [1, 2],
         "num_blocks": 1, "attn_resolutions": [4]}  # fmt: skip
@@ -38,7 +39,7 @@ def inputs(n=4):
 
 @pytest.mark.parametrize("step_condition", [False, True])
 def test_student_starts_equal_to_the_teacher(teacher_ckpt, step_condition):
-    from pipeline.networks import load_network
+    from pipeline.teachers.loader import load_network
 
     teacher, _ = load_network(teacher_ckpt)
     init = student_from_checkpoint(teacher_ckpt, step_condition=step_condition)
@@ -76,7 +77,7 @@ def test_checkpoint_round_trip_reproduces_samples_bit_for_bit(teacher_ckpt, tmp_
     assert student.config["provenance"]["teacher_hash"] == "abc" and "weights_hash" in student.config["provenance"]
     seeds = list(range(10))
     labels = seed_labels(seeds, 3)
-    from pipeline.sampling import make_denoiser
+    from pipeline.diffusion.sampling import make_denoiser
 
     expected = generate(make_denoiser(model, student.sampler), seeds, (1, 8, 8), student.sampler, labels=labels, batch_size=4)
     images, lab, spec = sample_from_checkpoint(tmp_path / "student", seeds, batch_size=4)  # `sfd sample --ckpt`: no options

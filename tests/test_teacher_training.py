@@ -7,13 +7,14 @@ import json
 import pytest
 import torch
 
-from pipeline.checkpoints import load_checkpoint
-from pipeline.data import load_digits_dataset
-from pipeline.denoisers import EDMPrecond
-from pipeline.hashing import hash_state_dict
-from pipeline.networks import build_network, load_network
-from pipeline.param_checks import ParamError
-from pipeline.teacher_training import TeacherParams, edm_loss, train_teacher
+from pipeline.core.checkpoints import load_checkpoint
+from pipeline.data.datasets import load_digits_dataset
+from pipeline.diffusion.denoisers import EDMPrecond
+from pipeline.core.hashing import hash_state_dict
+from pipeline.networks.unet import build_network
+from pipeline.teachers.loader import load_network
+from pipeline.core.param_checks import ParamError
+from pipeline.teachers.training import TeacherParams, edm_loss, train_teacher
 
 
 TINY = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}
@@ -87,8 +88,8 @@ def test_params_are_validated():
 
 
 def test_pretrained_teacher_is_checked_and_copied(digits, tmp_path):
-    from pipeline.checkpoints import CheckpointError
-    from pipeline.teacher_training import import_pretrained_teacher
+    from pipeline.core.checkpoints import CheckpointError
+    from pipeline.teachers.training import import_pretrained_teacher
 
     images, labels = digits
     trained = tmp_path / "elsewhere"

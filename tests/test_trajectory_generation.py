@@ -11,19 +11,19 @@ import pytest
 import torch
 import yaml
 
-from pipeline.param_checks import ParamError
-from pipeline.schedules import Schedule, student_indices
-from pipeline.seeds import seed_labels, seed_noise
-from pipeline.solvers import solve
-from pipeline.teachers import gmm_teacher
-from pipeline.trajectory_generation import (
+from pipeline.core.param_checks import ParamError
+from pipeline.diffusion.schedules import Schedule, student_indices
+from pipeline.diffusion.seeds import seed_labels, seed_noise
+from pipeline.diffusion.solvers import solve
+from pipeline.teachers.loader import gmm_teacher
+from pipeline.trajectories.generation import (
     bind_num_steps,
     bound_teacher_hash,
     parse_shard,
     run_trajectories_stage,
 )
-from pipeline.trajectory_spec import TrajectoryParams
-from pipeline.trajectory_store import open_store
+from pipeline.trajectories.spec import TrajectoryParams
+from pipeline.trajectories.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = {"source": "gmm", "num_components": 3, "sample_shape": [1, 4, 4], "std": 0.3, "seed": 1, "conditional": True}
@@ -73,7 +73,7 @@ def test_stage2_style_euler_afs_section(tmp_path):
 def test_stage_cli_writes_summary_cost_and_refuses_bad_seeds(tmp_path):
     pfile = tmp_path / "params.yaml"
     pfile.write_text(yaml.safe_dump(params(seeds="0-7")))
-    cmd = [sys.executable, "-m", "stages.trajectories", "--params", str(pfile), "--out", str(tmp_path / "t.zarr"),
+    cmd = [sys.executable, "-m", "stages.trajectories", "--params", str(pfile), "--section", "trajectories", "--out", str(tmp_path / "t.zarr"),
            "--summary", str(tmp_path / "m.json"), "--cost", str(tmp_path / "cost.json"), "--no-progress"]  # fmt: skip
     bad = subprocess.run(cmd + ["--seeds", "5-2"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "range '5-2' ends before it starts" in bad.stderr
@@ -116,8 +116,8 @@ def test_step_condition_binding_and_hash():
 
 
 def test_distilled_step_conditioned_checkpoint_as_teacher(tmp_path):
-    from pipeline.checkpoints import save_checkpoint
-    from pipeline.networks import build_network
+    from pipeline.core.checkpoints import save_checkpoint
+    from pipeline.networks.unet import build_network
 
     cfg = {"img_resolution": 4, "in_channels": 1, "model_channels": 8, "channel_mult": [1], "num_blocks": 1,
            "attn_resolutions": [], "step_condition": True}  # fmt: skip
@@ -134,7 +134,7 @@ def test_distilled_step_conditioned_checkpoint_as_teacher(tmp_path):
     summary, images = run_trajectories_stage(p, "trajectories_stage2", tmp_path / "s2.zarr",
                                              teacher_ckpt=tmp_path / "sfd_n7", progress=False)  # fmt: skip
     d = summary["keys"][0]["description"]
-    from pipeline.hashing import hash_state_dict
+    from pipeline.core.hashing import hash_state_dict
 
     assert d["teacher_hash"] == bound_teacher_hash(hash_state_dict(net.state_dict()), 7)
     assert d["labels"]["policy"] == "none" and images == 8 * 5

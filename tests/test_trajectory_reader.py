@@ -10,12 +10,12 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from pipeline.schedules import Schedule
-from pipeline.teachers import gmm_teacher
-from pipeline.trajectory_generation import generate_trajectories
-from pipeline.trajectory_reader import TrajectoryBatch, TrajectoryDataset
-from pipeline.trajectory_spec import TrajectorySpec
-from pipeline.trajectory_store import ChunkCorruptError, KeyMismatchError, open_store
+from pipeline.diffusion.schedules import Schedule
+from pipeline.teachers.loader import gmm_teacher
+from pipeline.trajectories.generation import generate_trajectories
+from pipeline.trajectories.reader import TrajectoryBatch, TrajectoryDataset
+from pipeline.trajectories.spec import TrajectorySpec
+from pipeline.trajectories.store import ChunkCorruptError, KeyMismatchError, open_store
 
 CHUNK = 8
 NUM_SEEDS = 40  # 5 chunks

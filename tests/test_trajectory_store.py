@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.param_checks import ParamError
-from pipeline.schedules import Schedule
-from pipeline.teachers import gmm_teacher
-from pipeline.trajectory_generation import generate_trajectories, teacher_trajectories
-from pipeline.trajectory_spec import TrajectorySpec, diff
-from pipeline.trajectory_store import (
+from pipeline.core.param_checks import ParamError
+from pipeline.diffusion.schedules import Schedule
+from pipeline.teachers.loader import gmm_teacher
+from pipeline.trajectories.generation import generate_trajectories, teacher_trajectories
+from pipeline.trajectories.spec import TrajectorySpec, diff
+from pipeline.trajectories.store import (
     ChunkCorruptError,
     KeyMismatchError,
     StoreError,
@@ -65,11 +65,11 @@ WRITER = textwrap.dedent(
     """
     import os, sys
     sys.path.insert(0, {root!r})
-    from pipeline.schedules import Schedule
-    from pipeline.teachers import gmm_teacher
-    from pipeline.trajectory_generation import generate_trajectories
-    from pipeline.trajectory_spec import TrajectorySpec
-    import pipeline.trajectory_store as ts
+    from pipeline.diffusion.schedules import Schedule
+    from pipeline.teachers.loader import gmm_teacher
+    from pipeline.trajectories.generation import generate_trajectories
+    from pipeline.trajectories.spec import TrajectorySpec
+    import pipeline.trajectories.store as ts
     kill_at = {kill_at!r}
     if kill_at is not None:
         original = ts.TrajectoryKey._write_record

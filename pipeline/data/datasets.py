@@ -1,0 +1,251 @@
+"""Datasets: the bundled scikit-learn digits (the default) and users' own PNG folders or zips.
+
+Every dataset is written by the ``data`` stage in one format: ``<dir>/<split>.safetensors``
+holding ``images`` (float32 [N, C, H, W] in [-1, 1]) and, when labelled, ``labels`` (int64 [N]),
+plus ``<dir>/dataset.json`` (sample shape, label count, split sizes, provenance). Other stages
+read it with :func:`load_split`.
+
+A user's image data uses the layout EDM's ``dataset_tool.py`` writes: PNG images in a folder or
+a zip (any sub-folders), plus an optional ``dataset.json`` of the form
+``{"labels": [["00000/img00000000.png", 6], ...]}`` (``"labels": null`` when unlabelled).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.core.images import to_uint8, to_unit_range  # noqa: F401  (part of this module's API)
+from pipeline.core.param_checks import ParamError, PipelineError, check_choice, check_int, check_keys, check_positive
+
+DATASETS = ("digits", "images")
+SPLITS = ("train", "held_out")
+IMAGE_EXTENSIONS = (".png",)
+IGNORED_NAMES = ("dataset.json",)
+
+
+class DataError(PipelineError, ValueError):
+    """Image data that cannot be used; the message names the offending file."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    dataset: str = "digits"  # "digits" (bundled) or "images" (a folder or zip of PNGs at `path`)
+    path: str | None = None  # the folder or zip for dataset="images"
+    num_classes: int | None = None  # labels must lie in [0, num_classes); None = max label + 1
+    held_out_fraction: float = 0.2
+    split_seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataParams":
+        check_keys("data", d, [f for f in cls.__dataclass_fields__])
+        p = cls(**d)
+        check_choice("data.dataset", p.dataset, DATASETS)
+        if p.dataset == "images" and not p.path:
+            raise ParamError("data.path: dataset 'images' needs the path of a folder or zip of PNG images")
+        if p.num_classes is not None:
+            check_int("data.num_classes", p.num_classes, minimum=1)
+        check_positive("data.held_out_fraction", p.held_out_fraction)
+        if not 0 < p.held_out_fraction < 1:
+            raise ParamError(f"data.held_out_fraction: must lie in (0, 1), got {p.held_out_fraction}")
+        check_int("data.split_seed", p.split_seed, minimum=0)
+        return p
+
+
+def load_digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled digits: 1,797 images [N, 1, 8, 8] scaled from 0..16 to [-1, 1], labels 0..9."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.as_tensor(bunch.images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0 * 2 - 1
+    return images, torch.as_tensor(bunch.target, dtype=torch.int64)
+
+
+def split_indices(labels: torch.Tensor | None, n: int, held_out_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed (seeded) train / held-out split, stratified by label when there are labels."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(n)
+    stratify = None if labels is None else labels.numpy()
+    train, held = train_test_split(idx, test_size=held_out_fraction, random_state=seed, stratify=stratify)
+    return np.sort(train), np.sort(held)
+
+
+def _decode_png(name: str, data: bytes) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("L", "I;16", "1", "P"):
+                img = img.convert("L")
+            elif mode in ("RGB", "RGBA", "LA"):
+                img = img.convert("RGB")
+            else:
+                raise DataError(f"{name}: unsupported image mode {mode!r} (use grayscale or RGB PNGs)")
+            arr = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{name}: not a readable PNG image ({e})") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _read_files(path: Path) -> dict[str, bytes]:
+    """All files of a folder or zip, keyed by their path relative to its root (with '/')."""
+    if not path.exists():
+        raise DataError(f"{path}: the image folder or zip does not exist (set data.path in params.yaml)")
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"{path}: not a folder and not a zip archive")
+        with zipfile.ZipFile(path) as zf:
+            return {n: zf.read(n) for n in sorted(zf.namelist()) if not n.endswith("/")}
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def load_image_folder(
+    path: str | Path,
+    *,
+    num_classes: int | None = None,  # None: max label + 1
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Read a folder or zip of PNGs (EDM dataset_tool layout) -> (uint8 [N, C, H, W], labels or None, K).
+
+    Errors name the file: an empty folder, a non-PNG file, an unreadable image, images of mixed
+    size or channel count, a label missing, non-integer or out of range.
+    """
+    path = Path(path)
+    files = _read_files(path)
+    names = [n for n in files if not Path(n).name.startswith(".") and n not in IGNORED_NAMES]
+    for n in names:
+        if not n.lower().endswith(IMAGE_EXTENSIONS):
+            raise DataError(f"{path}/{n}: not an image file (expected only .png images and dataset.json)")
+    if not names:
+        raise DataError(f"{path}: no PNG images found (expected .png files and an optional dataset.json)")
+    arrays = []
+    for n in names:
+        arr = _decode_png(f"{path}/{n}", files[n])
+        if arrays and arr.shape != arrays[0].shape:
+            raise DataError(
+                f"{path}/{n}: image shape {list(arr.shape)} (C, H, W) differs from {list(arrays[0].shape)} "
+                f"of {path}/{names[0]}; all images must have the same size and channels"
+            )
+        arrays.append(arr)
+    images = torch.from_numpy(np.stack(arrays))
+    labels = _read_labels(path, files, names, num_classes)
+    k = 0 if labels is None else (num_classes or int(labels.max()) + 1)
+    return images, labels, k
+
+
+def _read_labels(path: Path, files: dict[str, bytes], names: list[str], num_classes: int | None) -> torch.Tensor | None:
+    if "dataset.json" not in files:
+        return None
+    try:
+        meta = json.loads(files["dataset.json"])
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}/dataset.json: not valid JSON ({e})") from None
+    entries = meta.get("labels") if isinstance(meta, dict) else None
+    if entries is None:
+        return None
+    try:
+        table = {str(name): value for name, value in entries}
+    except (TypeError, ValueError):
+        raise DataError(f'{path}/dataset.json: "labels" must be a list of [file name, label] pairs') from None
+    labels = []
+    for n in names:
+        if n not in table:
+            raise DataError(f"{path}/{n}: no label in {path}/dataset.json (every image needs one)")
+        value = table[n]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DataError(f"{path}/{n}: label {value!r} in dataset.json is not an integer class index")
+        if value < 0 or (num_classes is not None and value >= num_classes):
+            allowed = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+            raise DataError(f"{path}/{n}: label {value} in dataset.json is out of range (allowed {allowed})")
+        labels.append(value)
+    return torch.tensor(labels, dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    sample_shape: list[int]
+    num_classes: int
+    sizes: dict[str, int]
+    provenance: dict[str, Any]
+
+
+def write_dataset(
+    out_dir: str | Path,
+    images: torch.Tensor,  # float32 [N, C, H, W] in [-1, 1]
+    labels: torch.Tensor | None,
+    *,
+    num_classes: int,
+    held_out_fraction: float,
+    split_seed: int,
+    name: str,
+    provenance: dict[str, Any],
+) -> DatasetInfo:
+    """Split and write ``train.safetensors``, ``held_out.safetensors`` and ``dataset.json``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, held = split_indices(labels, len(images), held_out_fraction, split_seed)
+    sizes = {}
+    for split, idx in (("train", train), ("held_out", held)):
+        tensors = {"images": images[idx].contiguous().float()}
+        if labels is not None:
+            tensors["labels"] = labels[idx].contiguous()
+        save_file(tensors, str(out_dir / f"{split}.safetensors"))
+        sizes[split] = len(idx)
+    info = DatasetInfo(
+        name=name,
+        sample_shape=list(images.shape[1:]),
+        num_classes=num_classes,
+        sizes=sizes,
+        provenance={**provenance, "held_out_fraction": held_out_fraction, "split_seed": split_seed},
+    )
+    (out_dir / "dataset.json").write_text(json.dumps(asdict(info), indent=2, sort_keys=True) + "\n")
+    return info
+
+
+def prepare_dataset(params: DataParams, out_dir: str | Path) -> DatasetInfo:
+    """The ``data`` stage: read the configured source and write the fixed split under ``out_dir``."""
+    if params.dataset == "digits":
+        images, labels = load_digits_dataset()
+        k, provenance = 10, {"source": "sklearn.datasets.load_digits", "scaling": "x / 16 * 2 - 1"}
+    else:
+        raw, labels, k = load_image_folder(params.path, num_classes=params.num_classes)
+        images = to_unit_range(raw)
+        provenance = {"source": str(params.path), "scaling": "x / 127.5 - 1"}
+    return write_dataset(
+        out_dir,
+        images,
+        labels,
+        num_classes=k,
+        held_out_fraction=params.held_out_fraction,
+        split_seed=params.split_seed,
+        name=params.dataset,
+        provenance=provenance,
+    )
+
+
+def dataset_info(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / "dataset.json"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the data stage first (`dvc repro data`)")
+    return json.loads(path.read_text())
+
+
+def load_split(data_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images float32 [N, C, H, W] in [-1, 1] and labels int64 [N] (None when unlabelled)."""
+    check_choice("split", split, SPLITS)
+    path = Path(data_dir) / f"{split}.safetensors"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the data stage first (`dvc repro data`)")
+    tensors = load_file(str(path))
+    return tensors["images"], tensors.get("labels")

@@ -1,0 +1,169 @@
+"""Time schedules t_0 = t_max > t_1 > ... > t_{N-1} = t_min (sfd-method.md section 2), in float64.
+
+In the EDM view sigma(t) = t, so a schedule is a decreasing list of noise levels. The teacher's
+fine grid uses the same formula with (M+1)(N-1)+1 timestamps, so every (M+1)-th fine timestamp
+equals a student timestamp exactly (section 4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+
+from pipeline.core.param_checks import ParamError, check_choice, check_int, check_keys
+
+ScheduleKind = Literal["polynomial", "logsnr", "time_uniform", "discrete"]
+SCHEDULE_KINDS = ("polynomial", "logsnr", "time_uniform", "discrete")
+TIME_UNIFORM_EPS = 1e-3  # epsilon_s of the VP time of the time_uniform schedule
+
+
+def _check_range(num_steps: int, t_min: float, t_max: float, rho: float) -> None:
+    check_int("num_steps", num_steps, minimum=2)
+    for name, value in (("t_min", t_min), ("t_max", t_max), ("rho", rho)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ParamError(f"{name}: expected a finite number, got {value!r}")
+        if value <= 0:
+            raise ParamError(f"{name}: must be > 0, got {value!r}")
+    if t_min >= t_max:
+        raise ParamError(f"t_min must be < t_max, got t_min={t_min!r}, t_max={t_max!r}")
+
+
+def discrete_sigmas(alphas_cumprod: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """sigma(tau) = sqrt((1 - abar_tau) / abar_tau) for tau = 1..T (index 0 is tau = 1)."""
+    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+    if abar.numel() < 2 or not ((abar > 0) & (abar < 1)).all():
+        raise ParamError("alphas_cumprod: expected >= 2 values strictly between 0 and 1")
+    if not (abar[1:] < abar[:-1]).all():
+        raise ParamError("alphas_cumprod: must be strictly decreasing in tau (abar_1 > abar_2 > ...)")
+    return ((1 - abar) / abar).sqrt()
+
+
+def time_steps(
+    kind: str,
+    num_steps: int,
+    t_min: float,
+    t_max: float,
+    rho: float = 7.0,
+    *,
+    alphas_cumprod: Sequence[float] | torch.Tensor | None = None,  # discrete only: abar_tau, tau = 1..T
+) -> torch.Tensor:
+    """Timestamps t_0 = t_max ... t_{N-1} = t_min (float64) for the given schedule kind.
+
+    - polynomial: t_i = (t_max^(1/rho) + i/(N-1) (t_min^(1/rho) - t_max^(1/rho)))^rho
+    - logsnr: lambda_i linear from -ln t_max to -ln t_min, t_i = exp(-lambda_i)
+    - time_uniform: VP time tau_i = (1 + i/(N-1) (eps_s^(1/rho) - 1))^rho (rho = 1 is uniform),
+      t_i = sqrt(exp(beta_d tau_i^2 / 2 + beta_min tau_i) - 1) with beta_d, beta_min chosen so
+      tau = 1 gives t_max and tau = eps_s gives t_min
+    - discrete: for a teacher trained on T discrete VP steps with table abar_tau; tau runs on the
+      polynomial formula between the discrete steps whose sigma(tau) = sqrt((1 - abar)/abar)
+      lies nearest t_max and t_min, rounded to integers, and t_i = sigma(tau_i). The endpoints are
+      therefore sigma values of the table, not exactly t_max and t_min.
+    """
+    check_choice("kind", kind, SCHEDULE_KINDS)
+    _check_range(num_steps, t_min, t_max, rho)
+    i = torch.arange(num_steps, dtype=torch.float64)
+    frac = i / (num_steps - 1)
+    if kind == "polynomial":
+        t = (t_max ** (1 / rho) + frac * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho
+    elif kind == "logsnr":
+        lam = -math.log(t_max) + frac * (math.log(t_max) - math.log(t_min))
+        t = torch.exp(-lam)
+    elif kind == "time_uniform":
+        eps_s = TIME_UNIFORM_EPS
+        beta_d = 2 * (math.log(t_min**2 + 1) / eps_s - math.log(t_max**2 + 1)) / (eps_s - 1)
+        beta_min = math.log(t_max**2 + 1) - beta_d / 2
+        tau = (1 + frac * (eps_s ** (1 / rho) - 1)) ** rho
+        t = torch.sqrt(torch.exp(beta_d * tau**2 / 2 + beta_min * tau) - 1)
+    else:
+        if alphas_cumprod is None:
+            raise ParamError("alphas_cumprod: the 'discrete' schedule needs the teacher's abar table")
+        sig = discrete_sigmas(alphas_cumprod)  # increasing in tau
+        tau_hi = int(torch.argmin((sig - t_max).abs())) + 1
+        tau_lo = int(torch.argmin((sig - t_min).abs())) + 1
+        if tau_hi - tau_lo + 1 < num_steps:
+            raise ParamError(
+                f"num_steps: {num_steps} timestamps do not fit the {tau_hi - tau_lo + 1} discrete steps "
+                f"between t_min={t_min} and t_max={t_max}"
+            )
+        tau = (tau_hi ** (1 / rho) + frac * (tau_lo ** (1 / rho) - tau_hi ** (1 / rho))) ** rho
+        tau = torch.round(tau).long()
+        if not (tau[1:] < tau[:-1]).all():
+            raise ParamError(
+                f"num_steps: rounding to the discrete grid merged timestamps (rho={rho}); use fewer steps or rho=1"
+            )
+        t = sig[tau - 1]
+    if kind != "discrete":
+        t[0], t[-1] = t_max, t_min  # exact endpoints despite rounding in the formulas
+    return t
+
+
+def fine_num_steps(num_steps: int, M: int) -> int:
+    """Number of teacher timestamps N_tea = (M+1)(N-1)+1 (K = M+1 teacher steps per student step)."""
+    check_int("num_steps", num_steps, minimum=2)
+    check_int("M", M, minimum=0)
+    return (M + 1) * (num_steps - 1) + 1
+
+
+def fine_time_steps(
+    kind: str,
+    num_steps: int,
+    M: int,
+    t_min: float,
+    t_max: float,
+    rho: float = 7.0,
+    *,
+    alphas_cumprod: Sequence[float] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The teacher's fine grid: the same schedule formula with (M+1)(N-1)+1 timestamps."""
+    return time_steps(kind, fine_num_steps(num_steps, M), t_min, t_max, rho, alphas_cumprod=alphas_cumprod)
+
+
+def student_indices(num_steps: int, M: int) -> list[int]:
+    """Positions of the student timestamps t_0..t_{N-1} inside the fine grid: 0, M+1, 2(M+1), ..."""
+    fine_num_steps(num_steps, M)  # validates
+    return [n * (M + 1) for n in range(num_steps)]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A student schedule: kind, number of timestamps N, t_min, t_max, rho."""
+
+    kind: ScheduleKind = "polynomial"
+    num_steps: int = 4
+    t_min: float = 0.006
+    t_max: float = 80.0
+    rho: float = 7.0
+
+    def __post_init__(self) -> None:
+        check_choice("schedule.kind", self.kind, SCHEDULE_KINDS)
+        if self.kind == "discrete":
+            raise ParamError("schedule.kind: 'discrete' needs an abar table; call time_steps(..., alphas_cumprod=)")
+        _check_range(self.num_steps, self.t_min, self.t_max, self.rho)
+
+    def t_steps(self) -> torch.Tensor:
+        return time_steps(self.kind, self.num_steps, self.t_min, self.t_max, self.rho)
+
+    def fine(self, M: int) -> torch.Tensor:
+        return fine_time_steps(self.kind, self.num_steps, M, self.t_min, self.t_max, self.rho)
+
+    def with_num_steps(self, num_steps: int) -> "Schedule":
+        return Schedule(self.kind, num_steps, self.t_min, self.t_max, self.rho)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, section: str = "schedule") -> "Schedule":
+        check_keys(section, d, ("kind", "num_steps", "t_min", "t_max", "rho"))
+        d = dict(d)
+        for key in ("t_min", "t_max", "rho"):
+            if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
+                d[key] = float(d[key])
+        try:
+            return cls(**d)
+        except ParamError as e:
+            raise ParamError(f"{section}: {e}") from None

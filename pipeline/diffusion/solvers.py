@@ -1,0 +1,192 @@
+"""Training-free ODE solvers for the probability-flow ODE dx/dt = (x - D(x, t)) / t.
+
+Every solver is a pure function of (denoiser, x, t_steps, options): ``x`` is the state at
+t_steps[0] (already scaled, x_0 = t_max * z) and the result is the state at t_steps[-1] (the
+sample; no extra "denoise to 0" call unless t_steps ends with 0). Notation of sfd-method.md
+section 3: d_i = (x_i - D_i) / t_i, Delta_i = t_{i+1} - t_i, lambda = -ln t, h = lambda_{i+1} - lambda_i.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+
+from pipeline.core.param_checks import ParamError, check_choice, check_int
+
+SolverName = Literal["euler", "heun", "dpm2", "ipndm", "dpmpp"]
+SOLVERS = ("euler", "heun", "dpm2", "ipndm", "dpmpp")
+MAX_ORDER = {"ipndm": 4, "dpmpp": 3}
+Denoiser = Callable[..., torch.Tensor]
+
+# iPNDM: Adams-Bashforth weights for d_i, d_{i-1}, ... (order k uses the first k)
+IPNDM_COEFFS = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+class CountingDenoiser:
+    """Wraps a denoiser and counts real calls (``calls``) and images passed through (``images``)."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        self.denoiser = denoiser
+        self.calls = 0
+        self.images = 0
+
+    def __call__(self, x: torch.Tensor, sigma, labels=None, **kwargs) -> torch.Tensor:
+        self.calls += 1
+        self.images += x.shape[0]
+        return self.denoiser(x, sigma, labels, **kwargs)
+
+
+def afs_epsilon(x: torch.Tensor, t: float) -> torch.Tensor:
+    """Analytical first step (section 5): eps_hat(x, t_0) ~= x / sqrt(1 + t_0^2), no network call."""
+    return x / math.sqrt(1.0 + t * t)
+
+
+def dpmpp_order(step: int, num_steps: int, max_order: int, lower_order_final: bool) -> int:
+    """Order used by DPM-Solver++ at step i of S: warm-up 1, 2, 3...; lower_order_final ends ..., 2, 1."""
+    order = min(max_order, step + 1)
+    if lower_order_final:
+        order = min(order, num_steps - step)
+    return order
+
+
+def solver_nfe(solver: str, num_steps: int, *, afs: bool = False, ends_at_zero: bool = False) -> int:
+    """Denoiser calls of a solver over ``num_steps`` timestamps (num_steps - 1 steps).
+
+    Euler, iPNDM and DPM-Solver++ call once per step; Heun and DPM-Solver-2 twice, except that a
+    final step to t = 0 is a plain Euler step. AFS replaces the first call by the analytic estimate.
+    """
+    check_choice("solver", solver, SOLVERS)
+    check_int("num_steps", num_steps, minimum=2)
+    steps = num_steps - 1
+    nfe = steps if solver in ("euler", "ipndm", "dpmpp") else 2 * steps - int(ends_at_zero)
+    return nfe - int(afs)
+
+
+def num_steps_for_nfe(solver: str, nfe: int, *, afs: bool = False) -> int:
+    """Smallest number of timestamps whose NFE equals ``nfe``; error if no grid gives exactly that."""
+    check_int("nfe", nfe, minimum=0)
+    for n in range(2, 2 * nfe + 4):
+        if solver_nfe(solver, n, afs=afs) == nfe:
+            return n
+    raise ParamError(f"nfe: {solver} cannot spend exactly {nfe} denoiser calls (afs={afs})")
+
+
+def _check_t_steps(t_steps: torch.Tensor) -> list[float]:
+    if not torch.is_tensor(t_steps) or t_steps.ndim != 1 or t_steps.numel() < 2:
+        raise ParamError("t_steps: expected a 1-D tensor with at least 2 timestamps")
+    t = t_steps.to(torch.float64).tolist()
+    if any(not math.isfinite(v) for v in t) or any(v <= 0 for v in t[:-1]) or t[-1] < 0:
+        raise ParamError(f"t_steps: times must be finite and positive (only the last may be 0), got {t}")
+    if any(b >= a for a, b in zip(t[:-1], t[1:])):
+        raise ParamError("t_steps: times must be strictly decreasing (t_max first)")
+    return t
+
+
+def solve(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    t_steps: torch.Tensor,
+    solver: str,
+    *,
+    max_order: int = 3,  # iPNDM: 1-4, DPM-Solver++: 1-3; ignored by euler, heun, dpm2
+    lower_order_final: bool = True,  # DPM-Solver++ only: the last two steps use orders 2, 1
+    afs: bool = False,  # analytical first step: no denoiser call at t_0
+    labels: torch.Tensor | None = None,
+    record: Sequence[int] | None = None,  # indices into t_steps whose states are returned
+) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    """Integrate the PF-ODE from t_steps[0] to t_steps[-1] with the named solver.
+
+    Updates (section 3):
+    - euler: x_{i+1} = x_i + Delta_i d_i
+    - heun: Euler predictor, then x_{i+1} = x_i + Delta_i (d_i + d(x', t_{i+1})) / 2
+    - dpm2: t_mid = sqrt(t_i t_{i+1}), x_{i+1} = x_i + Delta_i d(x_i + (t_mid - t_i) d_i, t_mid)
+    - ipndm: x_{i+1} = x_i + Delta_i sum_j c_j d_{i-j} (Adams-Bashforth, warm-up from order 1)
+    - dpmpp: DPM-Solver++ multistep in data prediction, VE form, phi1 = t_{i+1}/t_i - 1:
+      x_{i+1} = (t_{i+1}/t_i) x_i - phi1 m_i [- phi1 D1 / 2 (order 2) | + phi2 D1 - phi3 D2 (order 3)]
+    The update runs in x's dtype; the schedule is read in float64.
+    """
+    check_choice("solver", solver, SOLVERS)
+    if solver in MAX_ORDER:
+        check_int("max_order", max_order, minimum=1, maximum=MAX_ORDER[solver])
+    t = _check_t_steps(t_steps)
+    num_steps = len(t)
+    wanted = sorted(set(record)) if record is not None else []
+    for idx in wanted:
+        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < num_steps:
+            raise ParamError(f"record: index {idx!r} is outside 0..{num_steps - 1}")
+    recorded: dict[int, torch.Tensor] = {0: x} if 0 in wanted else {}
+
+    def denoise(x_cur: torch.Tensor, t_cur: float) -> torch.Tensor:
+        sigma = torch.full((x_cur.shape[0],), t_cur, dtype=x_cur.dtype, device=x_cur.device)
+        return denoiser(x_cur, sigma, labels)
+
+    def derivative(x_cur: torch.Tensor, i: int) -> torch.Tensor:
+        """d_i = (x_i - D(x_i, t_i)) / t_i, or the AFS estimate at i = 0."""
+        if afs and i == 0:
+            return afs_epsilon(x_cur, t[0])
+        return (x_cur - denoise(x_cur, t[i])) / t[i]
+
+    history: list[torch.Tensor] = []  # iPNDM: past d's; DPM-Solver++: past m's (newest last)
+    for i in range(num_steps - 1):
+        t_cur, t_next = t[i], t[i + 1]
+        delta = t_next - t_cur
+        if solver == "euler" or (t_next == 0 and solver in ("heun", "dpm2")):
+            x = x + delta * derivative(x, i)
+        elif solver == "heun":
+            d_cur = derivative(x, i)
+            x_pred = x + delta * d_cur
+            d_pred = (x_pred - denoise(x_pred, t_next)) / t_next
+            x = x + delta * (d_cur + d_pred) / 2
+        elif solver == "dpm2":
+            t_mid = math.sqrt(t_cur * t_next)
+            x_mid = x + (t_mid - t_cur) * derivative(x, i)
+            x = x + delta * (x_mid - denoise(x_mid, t_mid)) / t_mid
+        elif solver == "ipndm":
+            history.append(derivative(x, i))
+            order = min(max_order, len(history))
+            coeffs = IPNDM_COEFFS[order]
+            x = x + delta * sum(c * d for c, d in zip(coeffs, reversed(history[-order:])))
+            history = history[-3:]
+        else:  # dpmpp
+            m_cur = x - t_cur * afs_epsilon(x, t_cur) if (afs and i == 0) else denoise(x, t_cur)
+            history.append(m_cur)
+            if t_next == 0:
+                x = m_cur
+            else:
+                order = min(dpmpp_order(i, num_steps - 1, max_order, lower_order_final), len(history))
+                x = _dpmpp_update(x, history, t, i, order)
+            history = history[-3:]
+        if i + 1 in wanted:
+            recorded[i + 1] = x
+    if record is None:
+        return x
+    return x, [recorded[idx] for idx in record]
+
+
+def _dpmpp_update(x: torch.Tensor, m: list[torch.Tensor], t: list[float], i: int, order: int) -> torch.Tensor:
+    """One DPM-Solver++ multistep update of the given order (section 3, VE form)."""
+    lam = lambda k: -math.log(t[k])  # noqa: E731
+    h = lam(i + 1) - lam(i)
+    phi1 = t[i + 1] / t[i] - 1  # = exp(-h) - 1
+    x_next = (t[i + 1] / t[i]) * x - phi1 * m[-1]
+    if order == 1:
+        return x_next
+    r0 = (lam(i) - lam(i - 1)) / h
+    d1_0 = (m[-1] - m[-2]) / r0
+    if order == 2:
+        return x_next - 0.5 * phi1 * d1_0
+    r1 = (lam(i - 1) - lam(i - 2)) / h
+    d1_1 = (m[-2] - m[-3]) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    phi2 = phi1 / h + 1
+    phi3 = phi2 / h - 0.5
+    return x_next + phi2 * d1 - phi3 * d2

@@ -1,0 +1,254 @@
+"""Progressive distillation (Salimans & Ho 2022, arXiv 2202.00512) in EDM variables (baselines.md).
+
+DDIM is exactly Euler on the PF-ODE, so a round with N student steps reads:
+    grid sigma_0 = t_max > ... > sigma_N = t_min (polynomial, rho = 7); the teacher runs on the 2N-step
+    grid of the same formula, whose even points are the student's (nested grids);
+    j ~ U{0..N-1}, sigma_a = sigma_j, sigma_m = sigma_{j+1/2}, sigma_b = sigma_{j+1}, x_a = y + sigma_a eps;
+    two teacher Euler steps x_a -> x_m -> x_b;
+    target x~ = (sigma_a x_b - sigma_b x_a) / (sigma_a - sigma_b)   (= D_teacher(x_m, sigma_m) when sigma_b = 0),
+    the denoiser output whose single Euler step from x_a lands exactly on x_b;
+    loss w(sigma_a) ||D_student(x_a; sigma_a) - x~||^2 (mean over pixels and batch),
+    w = max(sigma^-2, 1) ("truncated SNR") or sigma^-2 + 1.
+Rounds halve N from ``start_steps`` (the original teacher's Euler steps) to ``final_steps``; each
+student starts as a copy of the current teacher, trains with Adam whose learning rate decays
+linearly to 0 within the round, gradient-norm clipping, no EMA, and becomes the next teacher.
+Every round's student is saved with an Euler sampler on its own grid (NFE = N).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm import tqdm
+
+from pipeline.distill.baselines.common import (
+    TrainingData,
+    adam,
+    check_common,
+    check_finite,
+    frozen,
+    sampler_section,
+    save_student,
+    set_lr,
+    student_config,
+    trainable_copy,
+)
+from pipeline.core.cost import CostMeter
+from pipeline.diffusion.denoisers import EDMPrecond
+from pipeline.core.param_checks import ParamError, check_choice, check_int, check_keys, check_positive
+from pipeline.diffusion.schedules import Schedule, time_steps
+
+Denoiser = Callable[..., torch.Tensor]
+Weighting = Literal["truncated_snr", "snr_plus_one"]
+WEIGHTINGS = ("truncated_snr", "snr_plus_one")
+
+
+@dataclass(frozen=True)
+class PDParams:
+    start_steps: int = 64  # Euler steps of the original teacher's sampler; round 1's student gets start/2
+    final_steps: int = 1  # the last round's student steps (NFE)
+    updates_per_round: int = 60
+    batch_size: int = 64
+    lr: float = 2e-4  # at the start of each round, decaying linearly to 0 (official: 5e-5, 50k updates)
+    weighting: Weighting = "truncated_snr"
+    grad_clip: float = 1.0  # max gradient norm
+    t_min: float = 0.006
+    t_max: float = 80.0
+    rho: float = 7.0
+    seed: int = 0
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, section: str = "baseline_pd") -> "PDParams":
+        check_keys(section, d, cls.__dataclass_fields__)
+        d = {k: float(v) if k in ("t_min", "t_max", "rho", "lr", "grad_clip") and isinstance(v, int) else v for k, v in d.items()}
+        p = cls(**d)
+        check_int(f"{section}.final_steps", p.final_steps, minimum=1)
+        check_int(f"{section}.start_steps", p.start_steps, minimum=2 * p.final_steps)
+        ratio = p.start_steps // p.final_steps
+        if p.start_steps % p.final_steps or ratio & (ratio - 1):
+            raise ParamError(
+                f"{section}.start_steps: must be final_steps times a power of two (rounds halve N), "
+                f"got start_steps={p.start_steps}, final_steps={p.final_steps}"
+            )
+        check_common(section, batch_size=p.batch_size, lr=p.lr, seed=p.seed, updates=p.updates_per_round,
+                     updates_key="updates_per_round")
+        check_choice(f"{section}.weighting", p.weighting, WEIGHTINGS)
+        check_positive(f"{section}.grad_clip", p.grad_clip)
+        Schedule("polynomial", 2, p.t_min, p.t_max, p.rho)  # validates the range
+        return p
+
+    def round_steps(self) -> list[int]:
+        """Student steps N of each round: start/2, start/4, ..., final."""
+        out, n = [], self.start_steps
+        while n > self.final_steps:
+            n //= 2
+            out.append(n)
+        return out
+
+    def student_schedule(self, num_steps: int) -> Schedule:
+        """The N-step student grid: N + 1 polynomial timestamps."""
+        return Schedule("polynomial", num_steps + 1, self.t_min, self.t_max, self.rho)
+
+
+def deterministic(summary: dict[str, Any]) -> dict[str, Any]:
+    """The round summary without wall times: a checkpoint is a function of its seed and config, so a
+    rerun writes the same bytes (and DVC does not re-evaluate an unchanged student)."""
+    return {k: deterministic(v) if isinstance(v, dict) else v for k, v in summary.items() if k != "wall_seconds"}
+
+
+def teacher_grid(student_steps: int, t_min: float, t_max: float, rho: float = 7.0) -> torch.Tensor:
+    """The round's teacher grid: 2N + 1 polynomial timestamps; even points are the student's, odd the half-index ones."""
+    return time_steps("polynomial", 2 * student_steps + 1, t_min, t_max, rho)
+
+
+def pd_weight(sigma: torch.Tensor, weighting: str = "truncated_snr") -> torch.Tensor:
+    """w(sigma) = max(sigma^-2, 1) (truncated SNR) or sigma^-2 + 1 (SNR + 1); in the EDM view SNR = sigma^-2."""
+    snr = sigma.to(torch.float64) ** -2
+    return torch.clamp(snr, min=1.0) if weighting == "truncated_snr" else snr + 1
+
+
+def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+@torch.no_grad()
+def two_teacher_steps(
+    teacher: Denoiser,
+    x_a: torch.Tensor,
+    sigma_a: torch.Tensor,  # [B] float64
+    sigma_m: torch.Tensor,
+    sigma_b: torch.Tensor,
+    labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two teacher Euler steps x_a -> x_m -> x_b; returns (x_b, D_teacher(x_m, sigma_m))."""
+    d_a = (x_a - teacher(x_a, sigma_a.to(x_a.dtype), labels)) / _col(sigma_a, x_a)
+    x_m = x_a + _col(sigma_m - sigma_a, x_a) * d_a
+    denoised_m = teacher(x_m, sigma_m.to(x_a.dtype), labels)
+    x_b = x_m + _col(sigma_b - sigma_m, x_a) * (x_m - denoised_m) / _col(sigma_m, x_a)
+    return x_b, denoised_m
+
+
+def pd_target(
+    x_a: torch.Tensor, x_b: torch.Tensor, sigma_a: torch.Tensor, sigma_b: torch.Tensor, denoised_m: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x~ = (sigma_a x_b - sigma_b x_a) / (sigma_a - sigma_b); where sigma_b = 0 it is D_teacher(x_m, sigma_m)."""
+    target = (_col(sigma_a, x_a) * x_b - _col(sigma_b, x_a) * x_a) / _col(sigma_a - sigma_b, x_a)
+    if denoised_m is not None:
+        target = torch.where((sigma_b == 0).reshape(-1, *([1] * (x_a.ndim - 1))), denoised_m, target)
+    return target
+
+
+def pd_loss(
+    student: Denoiser,
+    teacher: Denoiser,
+    y: torch.Tensor,
+    labels: torch.Tensor | None,
+    grid: torch.Tensor,  # teacher_grid(N): 2N + 1 timestamps
+    generator: torch.Generator,
+    weighting: str = "truncated_snr",
+) -> torch.Tensor:
+    """The round's loss on one batch of clean data y (module docstring)."""
+    b = y.shape[0]
+    n = (len(grid) - 1) // 2
+    j = torch.randint(n, (b,), generator=generator)
+    eps = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y.device, y.dtype)
+    sigma_a, sigma_m, sigma_b = (grid[2 * j + k].to(y.device) for k in (0, 1, 2))
+    x_a = y + _col(sigma_a, y) * eps
+    x_b, denoised_m = two_teacher_steps(teacher, x_a, sigma_a, sigma_m, sigma_b, labels)
+    target = pd_target(x_a, x_b, sigma_a, sigma_b, denoised_m)
+    denoised = student(x_a, sigma_a.to(y.dtype), labels)
+    per_example = (denoised - target).flatten(1).square().mean(1)
+    return (pd_weight(sigma_a, weighting).to(y.dtype) * per_example).mean()
+
+
+def pd_round(
+    student: EDMPrecond,
+    teacher: Denoiser,
+    data: TrainingData,
+    student_steps: int,
+    params: PDParams,
+    *,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    cost: CostMeter | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """One round: train ``student`` (in place) to do in N Euler steps what ``teacher`` does in 2N."""
+    grid = teacher_grid(student_steps, params.t_min, params.t_max, params.rho)
+    optimizer = adam(student, params.lr)
+    student.train()
+    losses: list[float] = []
+    bar = tqdm(range(params.updates_per_round), desc=f"pd N={student_steps}", unit="upd", disable=not progress,
+               mininterval=2.0, leave=False)
+    for u in bar:
+        set_lr(optimizer, params.lr * (1 - u / params.updates_per_round))
+        y, labels = data.draw(params.batch_size, generator, device)
+        loss = pd_loss(student, teacher, y, labels, grid, generator, params.weighting)
+        check_finite(loss, f"progressive distillation, round N={student_steps}, update {u}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), params.grad_clip)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if cost is not None:
+            cost.add_teacher_forward(2 * params.batch_size)
+            cost.add_student_forward(params.batch_size)
+            cost.add_student_backward(params.batch_size)
+        if u % 10 == 9:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4g}")
+    window = max(1, min(10, len(losses) // 4))
+    return {
+        "student_steps": student_steps,
+        "teacher_steps": 2 * student_steps,
+        "updates": len(losses),
+        "loss_first": sum(losses[:window]) / window,
+        "loss_last": sum(losses[-window:]) / window,
+    }
+
+
+def progressive_distillation(
+    teacher: EDMPrecond,
+    teacher_config: dict[str, Any],
+    data: TrainingData,
+    params: PDParams,
+    out_dir: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    cost: CostMeter | None = None,
+    progress: bool = True,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """All rounds; writes ``out_dir/nfe<N>`` per round and returns a summary with each round's cumulative cost."""
+    out_dir = Path(out_dir)
+    cost = cost or CostMeter("baseline_pd", device)
+    torch.manual_seed(params.seed)
+    generator = torch.Generator().manual_seed(params.seed)
+    current: EDMPrecond = frozen(teacher)
+    rounds = []
+    for n in tqdm(params.round_steps(), desc="progressive distillation", unit="round", disable=not progress):
+        student = trainable_copy(current)
+        summary = pd_round(student, current, data, n, params, generator=generator, device=device, cost=cost,
+                           progress=progress)
+        summary["cumulative"] = {k: v for k, v in cost.to_dict().items()
+                                 if k in ("wall_seconds", "teacher_forward_images", "student_forward_images",
+                                          "student_backward_images", "forward_equivalents")}
+        config = student_config(
+            teacher_config,
+            sampler_section(params.student_schedule(n), afs=False),
+            {"kind": "progressive_distillation", "round": len(rounds) + 1, "params": asdict(params),
+             "round_summary": deterministic(summary), **(provenance or {})},
+        )
+        summary["checkpoint"] = str(save_student(out_dir / f"nfe{n}", student, config))
+        rounds.append(summary)
+        tqdm.write(f"pd: N={n}: loss {summary['loss_first']:.4g} -> {summary['loss_last']:.4g}")
+        current = frozen(student)
+    # what PD had spent when its NFE-k student existed (rounds run from many steps to few)
+    cost.extra["cumulative_by_nfe"] = {str(r["student_steps"]): r["cumulative"] for r in rounds}
+    cost.extra["start_steps"] = params.start_steps
+    return {"start_steps": params.start_steps, "rounds": rounds, "wall_seconds": round(cost.wall_seconds, 2),
+            "forward_equivalents": cost.forward_equivalents(), "nfes": [r["student_steps"] for r in rounds]}

@@ -1,0 +1,220 @@
+"""SFDDM, single fold (Hong et al. 2024, arXiv 2405.14961), in EDM variables (baselines.md).
+
+The teacher lives on a fine grid of T steps, sigma_0 = t_max > ... > sigma_T = t_min (polynomial).
+A student of T' steps uses the index map phi(t') = c t', c = T / T', and the student schedule
+sigma'_{t'} := sigma_{phi(t')} (in the discrete VP view abar'_{t'} := abar_{phi(t')}); so the same
+noisy input x = y + sigma'_{t'} eps is at once the student's state at t' and the teacher's at
+phi(t') ("reparameterised intermediate inputs"). With t' ~ U{0..T'-1} (the points where the
+student's Euler/DDIM sampler calls it) the loss is
+
+    L = mean|o_S(x, sigma'_{t'}) - o_T(x, sigma_{phi(t')})| + w_h mean|h_S - h_T|,
+
+o the denoiser output D (the EDM counterpart of the network output) and h the feature map right
+before the network's output layer; the student has the teacher's architecture and, as in the
+public code, starts from random weights (``init: teacher`` copies the teacher instead; then L = 0
+at the start). Its realistic ceiling is the teacher itself sampled with the same T' Euler steps:
+that training-free control row is saved next to every student.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm import tqdm
+
+from pipeline.distill.baselines.common import (
+    TrainingData,
+    adam,
+    check_common,
+    check_finite,
+    frozen,
+    sampler_section,
+    save_student,
+    student_config,
+    trainable_copy,
+)
+from pipeline.core.cost import CostMeter
+from pipeline.diffusion.denoisers import EDMPrecond
+from pipeline.networks.unet import build_network
+from pipeline.core.param_checks import ParamError, check_choice, check_int, check_keys, check_positive
+from pipeline.diffusion.schedules import Schedule, time_steps
+
+Init = Literal["random", "teacher"]
+INITS = ("random", "teacher")
+
+
+@dataclass(frozen=True)
+class SFDDMParams:
+    teacher_steps: int = 1024  # T: the teacher's fine grid
+    student_steps: list[int] = field(default_factory=lambda: [2])  # T' values, one student each (NFE = T')
+    init: Init = "random"  # the public code's random initialisation, or a copy of the teacher
+    feature_weight: float = 1.0  # w_h on mean|h_S - h_T|
+    updates: int = 150  # per student
+    batch_size: int = 64
+    lr: float = 2e-4  # public code: Adam 2e-4, batch 50, ~10 epochs of CIFAR-10
+    t_min: float = 0.006
+    t_max: float = 80.0
+    rho: float = 7.0
+    seed: int = 0
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, section: str = "baseline_sfddm") -> "SFDDMParams":
+        check_keys(section, d, cls.__dataclass_fields__)
+        d = {k: float(v) if k in ("t_min", "t_max", "rho", "lr", "feature_weight") and isinstance(v, int) else v
+             for k, v in d.items()}
+        p = cls(**d)
+        check_int(f"{section}.teacher_steps", p.teacher_steps, minimum=1)
+        if not isinstance(p.student_steps, list) or not p.student_steps:
+            raise ParamError(f"{section}.student_steps: expected a non-empty list of step counts T', got {p.student_steps!r}")
+        for t in p.student_steps:
+            check_int(f"{section}.student_steps[]", t, minimum=1, maximum=p.teacher_steps)
+            if p.teacher_steps % t:
+                raise ParamError(f"{section}.student_steps: T'={t} must divide teacher_steps T={p.teacher_steps} (phi(t') = (T/T') t')")
+        if len(set(p.student_steps)) != len(p.student_steps):
+            raise ParamError(f"{section}.student_steps: {p.student_steps} lists a value twice")
+        check_choice(f"{section}.init", p.init, INITS)
+        check_positive(f"{section}.feature_weight", p.feature_weight, allow_zero=True)
+        check_common(section, batch_size=p.batch_size, lr=p.lr, seed=p.seed, updates=p.updates)
+        Schedule("polynomial", 2, p.t_min, p.t_max, p.rho)
+        return p
+
+    def teacher_sigmas(self) -> torch.Tensor:
+        return time_steps("polynomial", self.teacher_steps + 1, self.t_min, self.t_max, self.rho)
+
+    def student_schedule(self, student_steps: int) -> Schedule:
+        """The student's grid as a Schedule (T' + 1 timestamps); equals teacher_sigmas()[phi] (nested polynomial grids)."""
+        return Schedule("polynomial", student_steps + 1, self.t_min, self.t_max, self.rho)
+
+
+def index_map(student_steps: int, teacher_steps: int) -> list[int]:
+    """phi(t') = c t' with c = T / T', for t' = 0..T'."""
+    check_int("student_steps", student_steps, minimum=1)
+    if teacher_steps % student_steps:
+        raise ParamError(f"student_steps: T'={student_steps} must divide T={teacher_steps}")
+    c = teacher_steps // student_steps
+    return [c * t for t in range(student_steps + 1)]
+
+
+def student_sigmas(teacher_sigmas: torch.Tensor, student_steps: int) -> torch.Tensor:
+    """sigma'_{t'} = sigma_{phi(t')}: the student schedule read off the teacher's (T + 1 values)."""
+    return teacher_sigmas[index_map(student_steps, len(teacher_sigmas) - 1)]
+
+
+def student_alphas_cumprod(alphas_cumprod: Sequence[float] | torch.Tensor, student_steps: int) -> torch.Tensor:
+    """Discrete VP view: abar'_{t'} = abar_{phi(t')} from the teacher's table abar_0..abar_T."""
+    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    return abar[index_map(student_steps, len(abar) - 1)]
+
+
+def reparameterised_input(y: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x = y + sigma eps: the student's input at t' and the teacher's at phi(t') (VP: sqrt(abar) x)."""
+    return y + sigma.to(y.dtype).reshape(-1, *([1] * (y.ndim - 1))) * eps
+
+
+def sfddm_loss(
+    student: EDMPrecond,
+    teacher: EDMPrecond,
+    y: torch.Tensor,
+    labels: torch.Tensor | None,
+    sigmas: torch.Tensor,  # the student's T' + 1 timestamps sigma'_{t'}
+    generator: torch.Generator,
+    feature_weight: float = 1.0,
+) -> torch.Tensor:
+    """mean|o_S - o_T| + w_h mean|h_S - h_T| on x = y + sigma'_{t'} eps, t' ~ U{0..T'-1} (module docstring)."""
+    b = y.shape[0]
+    t_prime = torch.randint(len(sigmas) - 1, (b,), generator=generator)
+    eps = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y.device, y.dtype)
+    sigma = sigmas[t_prime].to(y.device)
+    x = reparameterised_input(y, eps, sigma)
+    with torch.no_grad():
+        o_t, h_t = teacher(x, sigma.to(y.dtype), labels, return_features=True)
+    o_s, h_s = student(x, sigma.to(y.dtype), labels, return_features=True)
+    return (o_s - o_t).abs().mean() + feature_weight * (h_s - h_t).abs().mean()
+
+
+def train_sfddm_student(
+    student: EDMPrecond,
+    teacher: EDMPrecond,
+    data: TrainingData,
+    student_steps: int,
+    params: SFDDMParams,
+    *,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    cost: CostMeter | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one T'-step student in place; returns its loss summary."""
+    sigmas = student_sigmas(params.teacher_sigmas(), student_steps)
+    optimizer = adam(student, params.lr)
+    student.train()
+    losses: list[float] = []
+    bar = tqdm(range(params.updates), desc=f"sfddm T'={student_steps}", unit="upd", disable=not progress, mininterval=2.0)
+    for u in bar:
+        y, labels = data.draw(params.batch_size, generator, device)
+        loss = sfddm_loss(student, teacher, y, labels, sigmas, generator, params.feature_weight)
+        check_finite(loss, f"SFDDM T'={student_steps}, update {u}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if cost is not None:
+            cost.add_teacher_forward(params.batch_size)
+            cost.add_student_forward(params.batch_size)
+            cost.add_student_backward(params.batch_size)
+        if u % 10 == 9:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4g}")
+    window = max(1, min(10, len(losses) // 4))
+    return {"student_steps": student_steps, "updates": len(losses),
+            "loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window}
+
+
+def init_student(teacher: EDMPrecond, teacher_config: dict[str, Any], init: str, seed: int) -> EDMPrecond:
+    """The teacher's architecture with fresh random weights (seeded), or a copy of the teacher."""
+    if init == "teacher":
+        return trainable_copy(teacher)
+    torch.manual_seed(seed)
+    net = build_network(**teacher_config["network"]).to(next(teacher.parameters()).device)
+    return EDMPrecond(net, sigma_data=teacher.sigma_data).train()
+
+
+def sfddm_distillation(
+    teacher: EDMPrecond,
+    teacher_config: dict[str, Any],
+    data: TrainingData,
+    params: SFDDMParams,
+    out_dir: str | Path,
+    control_dir: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    cost: CostMeter | None = None,
+    progress: bool = True,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One student per T' into ``out_dir/nfe<T'>``, and the control row (teacher, same T' Euler steps) into ``control_dir/nfe<T'>``."""
+    cost = cost or CostMeter("baseline_sfddm", device)
+    teacher = frozen(teacher)
+    generator = torch.Generator().manual_seed(params.seed)
+    students = []
+    for k, t_prime in enumerate(params.student_steps):
+        student = init_student(teacher, teacher_config, params.init, params.seed + k)
+        summary = train_sfddm_student(student, teacher, data, t_prime, params, generator=generator, device=device,
+                                      cost=cost, progress=progress)
+        sampler = sampler_section(params.student_schedule(t_prime), afs=False)
+        prov = {"params": asdict(params), "index_map": index_map(t_prime, params.teacher_steps), **(provenance or {})}
+        save_student(Path(out_dir) / f"nfe{t_prime}", student,
+                     student_config(teacher_config, sampler, {"kind": "sfddm", "summary": summary, **prov}))
+        save_student(Path(control_dir) / f"nfe{t_prime}", teacher,
+                     student_config(teacher_config, sampler, {"kind": "sfddm_control (the teacher, training-free)", **prov}))
+        summary["cumulative_forward_equivalents"] = cost.forward_equivalents()
+        students.append(summary)
+        tqdm.write(f"sfddm: T'={t_prime}: loss {summary['loss_first']:.4g} -> {summary['loss_last']:.4g}")
+    cost.extra["init"] = params.init
+    cost.extra["teacher_steps"] = params.teacher_steps
+    return {"teacher_steps": params.teacher_steps, "init": params.init, "students": students,
+            "wall_seconds": round(cost.wall_seconds, 2), "forward_equivalents": cost.forward_equivalents()}

@@ -1,0 +1,205 @@
+"""Vanilla trajectory distillation (SFD paper, Algorithm 1): local targets from noised data, no rollout.
+
+In this project's index convention (t_0 = t_max > ... > t_{N-1} = t_min, sfd-method.md section 2):
+    y ~ data, n ~ U{n_0..N-2}, x_n = y + t_n eps  (x_n ~ N(y, t_n^2 I));
+    target = the teacher solver from x_n at t_n to t_{n+1} over its K = M + 1 fine sub-steps
+             (fine indices n(M+1) .. (n+1)(M+1) of schedule.fine(M));
+    student = one Euler step x_hat = x_n + (t_{n+1} - t_n) (x_n - D_theta(x_n, t_n)) / t_n;
+    loss d(x_hat, target) (L1: sum over pixels, mean over the batch).
+The paper writes n ~ U{0..N-1}, x_{n+1} ~ N(x_0, t_{n+1}^2 I) with time running the other way;
+it is the same set of N - 1 intervals. With AFS the first interval has no network call, hence
+nothing to learn, and n_0 = 1. The student never sees its own states (the difference to SFD's
+on-the-fly rollout). The student starts as a copy of the teacher; Adam, lr x 0.1 at half the
+budget, as SFD's stage 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pipeline.distill.baselines.common import (
+    TrainingData,
+    adam,
+    check_common,
+    check_finite,
+    frozen,
+    sampler_section,
+    save_student,
+    set_lr,
+    student_config,
+    trainable_copy,
+)
+from pipeline.core.cost import CostMeter
+from pipeline.diffusion.denoisers import EDMPrecond
+from pipeline.distill.losses import l1_loss, l2_loss
+from pipeline.core.param_checks import ParamError, check_choice, check_int, check_keys
+from pipeline.diffusion.schedules import Schedule
+from pipeline.diffusion.solvers import MAX_ORDER, SOLVERS, CountingDenoiser, solve
+
+Denoiser = Callable[..., torch.Tensor]
+VANILLA_LOSSES = {"l1": l1_loss, "l2": l2_loss}
+
+
+@dataclass(frozen=True)
+class VanillaParams:
+    schedule: dict[str, Any] = field(
+        default_factory=lambda: {"kind": "polynomial", "num_steps": 4, "t_min": 0.006, "t_max": 80.0, "rho": 7.0}
+    )  # the student's N timestamps (N = 4 + AFS: NFE 2, as SFD's default)
+    afs: bool = True
+    solver: str = "dpmpp"  # the teacher solver over the K = M + 1 sub-steps (SFD's default teacher)
+    max_order: int = 3
+    M: int = 3
+    loss: str = "l1"
+    updates: int = 150
+    batch_size: int = 64
+    lr: float = 5e-5  # x 0.1 once half the updates are done
+    seed: int = 0
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, section: str = "baseline_vanilla") -> "VanillaParams":
+        check_keys(section, d, cls.__dataclass_fields__)
+        d = {k: float(v) if k == "lr" and isinstance(v, int) else v for k, v in d.items()}
+        p = cls(**d)
+        sched = Schedule.from_dict(p.schedule, section=f"{section}.schedule")
+        if not isinstance(p.afs, bool):
+            raise ParamError(f"{section}.afs: expected true or false, got {p.afs!r}")
+        if sched.num_steps < (3 if p.afs else 2):
+            raise ParamError(f"{section}.schedule.num_steps: with afs the student needs N >= 3, got {sched.num_steps}")
+        check_choice(f"{section}.solver", p.solver, SOLVERS)
+        check_int(f"{section}.max_order", p.max_order, minimum=1, maximum=MAX_ORDER.get(p.solver, 1))
+        check_int(f"{section}.M", p.M, minimum=0)
+        check_choice(f"{section}.loss", p.loss, tuple(VANILLA_LOSSES))
+        check_common(section, batch_size=p.batch_size, lr=p.lr, seed=p.seed, updates=p.updates)
+        return p
+
+    def student_schedule(self) -> Schedule:
+        return Schedule.from_dict(self.schedule)
+
+
+@torch.no_grad()
+def local_targets(
+    teacher: Denoiser,
+    x_n: torch.Tensor,
+    n: torch.Tensor,  # [B] interval index of each example
+    fine: torch.Tensor,  # schedule.fine(M)
+    M: int,
+    *,
+    solver: str = "dpmpp",
+    max_order: int = 3,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The teacher's state at t_{n+1} from x_n at t_n, over the K = M + 1 fine sub-steps (grouped by n)."""
+    target = torch.empty_like(x_n)
+    for k in n.unique().tolist():
+        rows = (n == k).nonzero().flatten()
+        sub = fine[k * (M + 1) : (k + 1) * (M + 1) + 1]
+        lab = None if labels is None else labels[rows]
+        target[rows] = solve(teacher, x_n[rows], sub, solver, max_order=max_order, labels=lab)
+    return target
+
+
+def student_euler_step(student: Denoiser, x_n: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor,
+                       labels: torch.Tensor | None = None) -> torch.Tensor:
+    """x_hat = x_n + (t_{n+1} - t_n) (x_n - D(x_n, t_n)) / t_n, per-example times."""
+    col = lambda v: v.to(x_n.dtype).reshape(-1, *([1] * (x_n.ndim - 1)))  # noqa: E731
+    return x_n + col(t_next - t_cur) * (x_n - student(x_n, t_cur.to(x_n.dtype), labels)) / col(t_cur)
+
+
+def vanilla_loss(
+    student: Denoiser,
+    teacher: Denoiser,
+    y: torch.Tensor,
+    labels: torch.Tensor | None,
+    params: VanillaParams,
+    generator: torch.Generator,
+    fine: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """d(one student Euler step from x_n, the teacher's K sub-steps from x_n) on noised data (module docstring)."""
+    sched = params.student_schedule()
+    t = sched.t_steps()
+    fine = sched.fine(params.M) if fine is None else fine
+    first = 1 if params.afs else 0
+    b = y.shape[0]
+    n = torch.randint(first, sched.num_steps - 1, (b,), generator=generator)
+    eps = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y.device, y.dtype)
+    t_cur, t_next = t[n].to(y.device), t[n + 1].to(y.device)
+    x_n = y + t_cur.to(y.dtype).reshape(-1, *([1] * (y.ndim - 1))) * eps
+    target = local_targets(teacher, x_n, n.to(y.device), fine, params.M, solver=params.solver,
+                           max_order=params.max_order, labels=labels)
+    x_hat = student_euler_step(student, x_n, t_cur, t_next, labels)
+    return VANILLA_LOSSES[params.loss](x_hat, target)
+
+
+def train_vanilla(
+    student: EDMPrecond,
+    teacher: Denoiser,
+    data: TrainingData,
+    params: VanillaParams,
+    *,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    cost: CostMeter | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``student`` in place; returns its loss summary."""
+    counter = CountingDenoiser(teacher)
+    fine = params.student_schedule().fine(params.M)
+    optimizer = adam(student, params.lr)
+    student.train()
+    losses: list[float] = []
+    bar = tqdm(range(params.updates), desc="vanilla", unit="upd", disable=not progress, mininterval=2.0)
+    for u in bar:
+        set_lr(optimizer, params.lr * (0.1 if u >= params.updates / 2 else 1.0))
+        y, labels = data.draw(params.batch_size, generator, device)
+        before = counter.images
+        loss = vanilla_loss(student, counter, y, labels, params, generator, fine)
+        check_finite(loss, f"vanilla trajectory distillation, update {u}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if cost is not None:
+            cost.add_teacher_forward(counter.images - before)
+            cost.add_student_forward(params.batch_size)
+            cost.add_student_backward(params.batch_size)
+        if u % 10 == 9:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4g}")
+    window = max(1, min(10, len(losses) // 4))
+    return {"updates": len(losses), "loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window,
+            "teacher_images": counter.images}
+
+
+def vanilla_distillation(
+    teacher: EDMPrecond,
+    teacher_config: dict[str, Any],
+    data: TrainingData,
+    params: VanillaParams,
+    out_dir: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    cost: CostMeter | None = None,
+    progress: bool = True,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train the student (a copy of the teacher) and save it with its Euler (+ AFS) sampler in ``out_dir``."""
+    cost = cost or CostMeter("baseline_vanilla", device)
+    teacher = frozen(teacher)
+    torch.manual_seed(params.seed)
+    generator = torch.Generator().manual_seed(params.seed)
+    student = trainable_copy(teacher)
+    summary = train_vanilla(student, teacher, data, params, generator=generator, device=device, cost=cost,
+                            progress=progress)
+    sampler = sampler_section(params.student_schedule(), afs=params.afs)
+    save_student(out_dir, student, student_config(
+        teacher_config, sampler,
+        {"kind": "vanilla_trajectory_distillation", "params": asdict(params), "summary": summary, **(provenance or {})},
+    ))
+    tqdm.write(f"vanilla: loss {summary['loss_first']:.4g} -> {summary['loss_last']:.4g}")
+    return {**summary, "wall_seconds": round(cost.wall_seconds, 2), "forward_equivalents": cost.forward_equivalents()}

@@ -1,0 +1,174 @@
+"""Distillation losses d(x_hat, y) between a student state and the teacher's (sfd-method.md section 6).
+
+Every loss is per-sample over all pixels and averaged over the batch:
+- ``l1``: sum_i |x_hat_i - y_i| (the SFD default);
+- ``l2``: sum_i (x_hat_i - y_i)^2;
+- ``pseudo_huber``: sqrt(||x_hat - y||^2 + c^2) - c with c = 0.00054 sqrt(dim) (dim = pixels per sample);
+- ``lpips``: LPIPS (Zhang et al. 2018) through the ``lpips`` package, with the backbone's ImageNet
+  weights read from a local file (nothing is downloaded; without the file it is an error, never
+  random weights). Images are in [-1, 1], LPIPS's own range. LPIPS needs 3 channels and enough
+  pixels for AlexNet/VGG's strided layers, so 1-channel images get their channel repeated 3
+  times and small images are upsampled bilinearly to at least ``LPIPS_MIN_SIZE`` pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pipeline.core.param_checks import ParamError, PipelineError, check_choice
+
+LOSSES = ("l1", "l2", "pseudo_huber", "lpips")
+PSEUDO_HUBER_C = 0.00054  # c = 0.00054 sqrt(dim) (Song & Dhariwal 2023, as used by SFD)
+LPIPS_NETS = ("alex", "vgg")
+LPIPS_MIN_SIZE = 64  # AlexNet's stride-4 first layer and max-pools leave 1 pixel at 32; 64 keeps some layout
+TORCHVISION_WEIGHTS = {
+    "alex": "alexnet-owt-7be5be79.pth",
+    "vgg": "vgg16-397923af.pth",
+}
+# torchvision `features.N` index ranges that lpips puts into net.slice1..slice5
+LPIPS_SLICES = {
+    "alex": ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12)),
+    "vgg": ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30)),
+}
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LPIPSWeightsError(PipelineError, FileNotFoundError):
+    """The LPIPS backbone weights file is missing or does not hold the expected network."""
+
+
+def _flat_diff(x_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if x_hat.shape != y.shape:
+        raise ValueError(f"loss: student state {tuple(x_hat.shape)} and target {tuple(y.shape)} differ in shape")
+    return (x_hat - y.to(x_hat.dtype)).flatten(1)
+
+
+def l1_loss(x_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean_b sum_i |x_hat - y| (sum over pixels, mean over the batch)."""
+    return _flat_diff(x_hat, y).abs().sum(1).mean()
+
+
+def l2_loss(x_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean_b sum_i (x_hat - y)^2."""
+    return _flat_diff(x_hat, y).square().sum(1).mean()
+
+
+def pseudo_huber_loss(x_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean_b [sqrt(||x_hat - y||^2 + c^2) - c], c = 0.00054 sqrt(dim)."""
+    d = _flat_diff(x_hat, y)
+    c = PSEUDO_HUBER_C * math.sqrt(d.shape[1])
+    return ((d.square().sum(1) + c * c).sqrt() - c).mean()
+
+
+def _lpips_weights_help(net: str) -> str:
+    return (
+        f"LPIPS needs the ImageNet weights of its {net} backbone as a local file: torchvision's "
+        f"{TORCHVISION_WEIGHTS[net]} (a state dict with features.N.* keys). Put it somewhere and give its path "
+        f"as the section's `lpips_weights` in params.yaml (e.g. weights/{TORCHVISION_WEIGHTS[net]}); "
+        "nothing is downloaded, and random backbone weights are never used"
+    )
+
+
+def load_backbone_state(path: str | Path, net: str = "alex") -> dict[str, torch.Tensor]:
+    """torchvision ``features.N.*`` weights from a local .pth/.safetensors, remapped to lpips' ``net.sliceK.N.*``."""
+    check_choice("lpips_net", net, LPIPS_NETS)
+    path = Path(path)
+    if not path.is_file():
+        raise LPIPSWeightsError(f"LPIPS backbone weights file {path} does not exist. {_lpips_weights_help(net)}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise LPIPSWeightsError(f"LPIPS backbone weights file {path} cannot be read ({e}). {_lpips_weights_help(net)}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items() if isinstance(state, dict) else ():
+        parts = name.split(".")
+        if len(parts) != 3 or parts[0] != "features" or not parts[1].isdigit():
+            continue  # the classifier head is not part of LPIPS
+        idx = int(parts[1])
+        for k, (lo, hi) in enumerate(LPIPS_SLICES[net], start=1):
+            if lo <= idx < hi:
+                out[f"net.slice{k}.{idx}.{parts[2]}"] = value
+    if not out:
+        raise LPIPSWeightsError(f"LPIPS backbone weights file {path} holds no features.N.* tensors. {_lpips_weights_help(net)}")
+    return out
+
+
+class LPIPSLoss(nn.Module):
+    """mean_b LPIPS(x_hat, y) with a frozen backbone from a local weights file (module docstring)."""
+
+    def __init__(self, weights: str | Path | None, net: str = "alex") -> None:
+        super().__init__()
+        check_choice("lpips_net", net, LPIPS_NETS)
+        if weights is None:
+            raise LPIPSWeightsError(f"loss 'lpips': no backbone weights file given. {_lpips_weights_help(net)}")
+        backbone = load_backbone_state(weights, net)
+        import lpips
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torchvision's deprecation of lpips' `pretrained=False`
+            self.model = lpips.LPIPS(net=net, pnet_rand=True, pretrained=True, verbose=False)
+        expected = {k for k in self.model.state_dict() if k.startswith("net.")}
+        missing = sorted(expected - set(backbone))
+        if missing:
+            raise LPIPSWeightsError(
+                f"LPIPS backbone weights file {weights} lacks {len(missing)} tensors of the {net} backbone "
+                f"(e.g. {missing[:3]}); is it the right network? {_lpips_weights_help(net)}"
+            )
+        try:
+            self.model.load_state_dict(backbone, strict=False)
+        except RuntimeError as e:
+            raise LPIPSWeightsError(f"LPIPS backbone weights file {weights} does not fit the {net} backbone: {e}") from None
+        self.model.eval().requires_grad_(False)
+
+    @staticmethod
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] in [-1, 1] -> 3 channels, at least LPIPS_MIN_SIZE pixels on the short side."""
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] != 3:
+            raise ValueError(f"loss 'lpips': needs 1- or 3-channel images, got {x.shape[1]} channels")
+        short = min(x.shape[-2:])
+        if short < LPIPS_MIN_SIZE:
+            scale = LPIPS_MIN_SIZE / short
+            size = (round(x.shape[-2] * scale), round(x.shape[-1] * scale))
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x
+
+    def forward(self, x_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x_hat.shape != y.shape:
+            raise ValueError(f"loss: student state {tuple(x_hat.shape)} and target {tuple(y.shape)} differ in shape")
+        a, b = self.prepare(x_hat.float()), self.prepare(y.float())
+        return self.model(a, b).flatten().mean()
+
+
+def make_loss(name: str, *, lpips_weights: str | Path | None = None, lpips_net: str = "alex", device: torch.device | str = "cpu") -> Loss:
+    """The loss d(x_hat, y) named by the ``loss`` param (l1 default, l2, pseudo_huber, lpips)."""
+    check_choice("loss", name, LOSSES)
+    if name == "l1":
+        return l1_loss
+    if name == "l2":
+        return l2_loss
+    if name == "pseudo_huber":
+        return pseudo_huber_loss
+    return LPIPSLoss(lpips_weights, lpips_net).to(device)
+
+
+def check_loss_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise ParamError(f"loss: expected one of {', '.join(map(repr, LOSSES))}, got {name!r}")
+    return check_choice("loss", name, LOSSES)

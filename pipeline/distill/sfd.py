@@ -1,0 +1,578 @@
+"""SFD distillation (sfd-method.md sections 6-8): cached teacher targets, the student rolled out on the fly.
+
+For each batch of B cached trajectories (x_0 = t_max z, teacher states y_1..y_{N-1}, labels):
+
+    x <- x_0
+    for n = 0 .. N-2:
+        x_hat = x + (t_{n+1} - t_n) eps_theta(x, t_n),   eps_theta = (x - D_theta(x, t_n)) / t_n
+                (AFS at n = 0: eps = x / sqrt(1 + t_0^2), no network call and no optimizer step)
+        loss_n = d(x_hat, y_{n+1}); zero_grad; backward; optimizer step    # one step per student step
+        x <- stopgrad(x_hat)                                             # global rollout, own state
+
+Adam (lr 5e-5, betas 0.9/0.999, no weight decay, no EMA, no warm-up), lr x 0.1 once half the
+budget (in kimg of trajectories) is spent. SFD-v draws one N per batch from the trajectory keys of
+its section (one key per N) and conditions the network on N. Stage 2 is the same loop with the
+stage-1 model as teacher (Euler, M = 2, AFS) and L1 + LPIPS on the last step.
+
+Training is resumable: model, optimizer, the N-draw generator, the global torch RNG, the number of
+batches done and the rows consumed from each key are saved every ``checkpoint_every_kimg``, so an
+interrupted run resumes and ends exactly where an uninterrupted one would. A non-finite loss stops
+the run before the optimizer step, leaving the last checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pipeline.core.checkpoints import has_checkpoint, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
+from pipeline.core.cost import CostMeter
+from pipeline.diffusion.denoisers import EDMPrecond
+from pipeline.core.hashing import hash_description, hash_state_dict
+from pipeline.distill.losses import LOSSES, LPIPS_NETS, Loss, check_loss_name, make_loss
+from pipeline.core.param_checks import ParamError, PipelineError, check_choice, check_int, check_keys, check_positive
+from pipeline.diffusion.schedules import Schedule
+from pipeline.diffusion.solvers import afs_epsilon
+from pipeline.trajectories.reader import TrajectoryBatch, TrajectoryDataset
+
+STATE_NAME = "training_state"
+RECENT = 50  # batches per step index averaged into the final loss
+
+
+class NonFiniteLossError(PipelineError, FloatingPointError):
+    """A loss was NaN or inf; the run stopped before the optimizer step."""
+
+
+@dataclass(frozen=True)
+class DistillParams:
+    """One distillation section of params.yaml (``distill``, ``distill_v``, ``distill_stage2``)."""
+
+    trajectories: str = "trajectories"  # params section whose store keys (one per N) feed this stage
+    loss: str | None = None  # l1 | l2 | pseudo_huber | lpips; None = the top-level `loss` param
+    afs: bool = True  # analytical first step for the student (training and sampling)
+    step_condition: bool = False  # SFD-v: condition on N, one model for every N of the trajectory section
+    lr: float = 5e-5
+    lr_decay: float = 0.1  # lr multiplier once lr_decay_at of the budget is spent
+    lr_decay_at: float = 0.5
+    kimg: float = 20.0  # budget in thousands of trajectories
+    batch_size: int = 128
+    checkpoint_every_kimg: float = 5.0
+    log_every_kimg: float = 0.5  # loss log (CSV) resolution
+    lpips_weights: str | None = None  # local file of torchvision's backbone weights (alexnet-owt-7be5be79.pth)
+    lpips_net: str = "alex"
+    lpips_last_step: bool = False  # add LPIPS to the last step's loss when lpips_weights is given (stage 2)
+    lpips_weight: float = 1.0
+    guidance: float = 1.0  # default guidance scale written into the checkpoint's sampler
+    student_network: dict[str, Any] | None = None  # architecture for a teacher without a network (gmm)
+    seed: int = 0  # new step-condition layers, reader shuffling, N draws
+    prefetch: int = 2  # chunks decoded ahead per trajectory key
+    device: str = "auto"
+    threads: int = 1  # torch CPU threads (0 = torch's default); small nets on a shared CPU run fastest on 1
+
+    RUN_ONLY = ("checkpoint_every_kimg", "log_every_kimg", "prefetch", "device", "threads")  # not part of the training key
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, section: str = "distill") -> "DistillParams":
+        d = dict(d or {})
+        check_keys(section, d, [f for f in cls.__dataclass_fields__])
+        for key in ("lr", "lr_decay", "lr_decay_at", "kimg", "checkpoint_every_kimg", "log_every_kimg", "lpips_weight", "guidance"):
+            if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
+                d[key] = float(d[key])
+        p = cls(**d)
+        if not isinstance(p.trajectories, str) or not p.trajectories:
+            raise ParamError(f"{section}.trajectories: expected the name of a trajectories params section")
+        if p.loss is not None:
+            check_choice(f"{section}.loss", p.loss, LOSSES)
+        for key in ("afs", "step_condition", "lpips_last_step"):
+            if not isinstance(getattr(p, key), bool):
+                raise ParamError(f"{section}.{key}: expected true or false, got {getattr(p, key)!r}")
+        for key in ("lr", "kimg", "checkpoint_every_kimg", "log_every_kimg", "lpips_weight", "guidance", "lr_decay"):
+            check_positive(f"{section}.{key}", getattr(p, key))
+        if not 0 <= p.lr_decay_at <= 1:
+            raise ParamError(f"{section}.lr_decay_at: must lie in [0, 1], got {p.lr_decay_at}")
+        check_int(f"{section}.batch_size", p.batch_size, minimum=1)
+        check_int(f"{section}.seed", p.seed, minimum=0)
+        check_int(f"{section}.prefetch", p.prefetch, minimum=1)
+        check_int(f"{section}.threads", p.threads, minimum=0)
+        check_choice(f"{section}.lpips_net", p.lpips_net, LPIPS_NETS)
+        if p.lpips_weights is not None and not isinstance(p.lpips_weights, str):
+            raise ParamError(f"{section}.lpips_weights: expected a file path or null, got {p.lpips_weights!r}")
+        if p.student_network is not None and not isinstance(p.student_network, dict):
+            raise ParamError(f"{section}.student_network: expected a mapping of architecture keys or null")
+        return p
+
+    def total_batches(self) -> int:
+        return max(1, math.ceil(self.kimg * 1000 / self.batch_size))
+
+    def every_batches(self, kimg: float) -> int:
+        return max(1, round(kimg * 1000 / self.batch_size))
+
+    def lr_at(self, batch: int) -> float:
+        """lr, times lr_decay once lr_decay_at of the budget (in trajectories) has been used."""
+        decayed = batch * self.batch_size >= self.lr_decay_at * self.kimg * 1000
+        return self.lr * (self.lr_decay if decayed else 1.0)
+
+
+@dataclass
+class TrajectorySource:
+    """The cached targets of one student schedule (one store key)."""
+
+    schedule: Schedule
+    dataset: TrajectoryDataset
+    key: str
+    cache_size: int  # trajectories in one epoch over the cache
+
+
+@dataclass
+class DistillRun:
+    """Where a run keeps its resumable state and what its usable checkpoint says."""
+
+    state_dir: Path | None  # None: no periodic checkpoints (tests)
+    training_key: str
+    checkpoint_config: dict[str, Any]  # model.json of the usable checkpoint written with each state
+    cost: CostMeter = field(default_factory=lambda: CostMeter("distill"))
+
+
+def step_losses_keys(schedules: Sequence[Schedule], afs: bool) -> list[str]:
+    """Names of the per-step losses: 'step{n}' (target y_n), 'N{N}/step{n}' with several schedules."""
+    multi = len(schedules) > 1
+    keys = []
+    for s in schedules:
+        for n in range(1 + int(afs), s.num_steps):
+            keys.append(f"N{s.num_steps}/step{n}" if multi else f"step{n}")
+    return keys
+
+
+def _slice(b: TrajectoryBatch, lo: int, hi: int | None) -> TrajectoryBatch:
+    return TrajectoryBatch(b.x_T[lo:hi], b.states[lo:hi], None if b.labels is None else b.labels[lo:hi], b.seeds[lo:hi])
+
+
+def _cat(a: TrajectoryBatch, b: TrajectoryBatch) -> TrajectoryBatch:
+    return TrajectoryBatch(
+        torch.cat([a.x_T, b.x_T]),
+        torch.cat([a.states, b.states]),
+        None if a.labels is None else torch.cat([a.labels, b.labels]),
+        torch.cat([a.seeds, b.seeds]),
+    )
+
+
+def batch_stream(source: TrajectorySource, batch_size: int, rows_done: int) -> Iterator[TrajectoryBatch]:
+    """Endless batches of the key, epoch after epoch, continuing after ``rows_done`` rows.
+
+    The reader's row order depends only on (shuffle seed, epoch), so starting at epoch
+    rows_done // cache_size and dropping rows_done % cache_size rows resumes the exact stream.
+    """
+    ds = source.dataset
+    ds.set_epoch(rows_done // source.cache_size)
+    skip = rows_done % source.cache_size
+    buf: TrajectoryBatch | None = None
+    for b in ds:
+        if skip:
+            k = min(skip, len(b.seeds))
+            b, skip = _slice(b, k, None), skip - k
+            if not len(b.seeds):
+                continue
+        buf = b if buf is None else _cat(buf, b)
+        while len(buf.seeds) >= batch_size:
+            yield _slice(buf, 0, batch_size)
+            buf = _slice(buf, batch_size, None)
+
+
+def sfd_batch(
+    model: EDMPrecond,
+    optimizer: torch.optim.Optimizer,
+    batch: TrajectoryBatch,
+    t_steps: torch.Tensor,  # float64 student timestamps t_0 = t_max .. t_{N-1}
+    loss_fn: Loss,
+    *,
+    afs: bool,
+    last_step_extra: Loss | None = None,  # added to the last step's loss (stage 2: LPIPS)
+    device: torch.device | str = "cpu",
+) -> list[tuple[int, float]]:
+    """One batch of the SFD loop (module docstring): [(n + 1, loss_n)] for every optimizer step taken."""
+    t = t_steps.tolist()
+    num_steps = len(t)
+    x = batch.x_T.to(device)
+    y = batch.states.to(device)
+    labels = None if batch.labels is None else batch.labels.to(device)
+    if y.shape[1] != num_steps - 1:
+        raise ParamError(f"trajectories hold {y.shape[1]} teacher states per seed, the schedule needs {num_steps - 1}")
+    net_kwargs: dict[str, Any] = {}
+    if getattr(model.net, "step_condition", False):
+        net_kwargs["num_steps"] = torch.full((x.shape[0],), num_steps, dtype=torch.int64, device=device)
+    out = []
+    for n in range(num_steps - 1):
+        if afs and n == 0:
+            x = x + (t[1] - t[0]) * afs_epsilon(x, t[0])
+            continue
+        sigma = torch.full((x.shape[0],), t[n], dtype=x.dtype, device=device)
+        eps = (x - model(x, sigma, labels, **net_kwargs)) / t[n]
+        x_hat = x + (t[n + 1] - t[n]) * eps
+        loss = loss_fn(x_hat, y[:, n])
+        if last_step_extra is not None and n == num_steps - 2:
+            loss = loss + last_step_extra(x_hat, y[:, n])
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"the loss of student step {n + 1} (N={num_steps}) is {value}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        out.append((n + 1, value))
+        x = x_hat.detach()
+    return out
+
+
+def _save_state(
+    run: DistillRun,
+    model: EDMPrecond,
+    optimizer: torch.optim.Optimizer,
+    draw: torch.Generator,
+    meta: dict[str, Any],
+) -> None:
+    assert run.state_dir is not None
+    net_state = model.net.state_dict()
+    opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+    tensors = {
+        **{f"net.{k}": v for k, v in net_state.items()},
+        **opt_tensors,
+        "draw_rng": draw.get_state().clone(),
+        "torch_rng": torch.get_rng_state().clone(),
+    }
+    save_checkpoint(run.state_dir, tensors, {**meta, "optimizer": opt_meta, "cost": run.cost.to_dict()}, name=STATE_NAME)
+    config = dict(run.checkpoint_config)
+    config["provenance"] = {**config.get("provenance", {}), "weights_hash": hash_state_dict(net_state),
+                            "kimg_done": meta["batch"] * meta["batch_size"] / 1000}
+    save_checkpoint(run.state_dir, net_state, config)  # a usable student: `sfd sample --ckpt STATE_DIR`
+
+
+def distill(
+    model: EDMPrecond,
+    sources: Sequence[TrajectorySource],
+    params: DistillParams,
+    run: DistillRun,
+    *,
+    loss_fn: Loss,
+    last_step_extra: Loss | None = None,
+    progress: bool = True,
+    stop_after_batches: int | None = None,  # simulate an interruption after this many batches (tests)
+) -> dict[str, Any]:
+    """Train ``model`` in place by the SFD loop; returns the training summary (see module docstring)."""
+    if not sources:
+        raise ParamError("distill: no trajectory keys to learn from")
+    device = next(model.parameters()).device
+    model.train().requires_grad_(True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    draw = torch.Generator().manual_seed(params.seed)
+    torch.manual_seed(params.seed)
+    keys = step_losses_keys([s.schedule for s in sources], params.afs)
+    batch, rows = 0, [0] * len(sources)
+    optimizer_steps = 0
+    log: list[dict[str, Any]] = []
+    recent: dict[str, deque] = {k: deque(maxlen=RECENT) for k in keys}
+    window: dict[str, list[float]] = {k: [] for k in keys}
+    total = params.total_batches()
+    saved_at: int | None = None
+
+    if run.state_dir is not None and has_checkpoint(run.state_dir, name=STATE_NAME):
+        tensors, meta = load_checkpoint(run.state_dir, name=STATE_NAME)
+        if meta.get("training_key") == run.training_key:
+            model.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+            optimizer_from_tensors(optimizer, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer"])
+            draw.set_state(tensors["draw_rng"])
+            torch.set_rng_state(tensors["torch_rng"])
+            batch, rows, optimizer_steps = int(meta["batch"]), list(meta["rows"]), int(meta["optimizer_steps"])
+            log = list(meta["log"])
+            for k, values in meta["recent"].items():
+                recent[k].extend(values)
+            window = {k: list(meta["window"].get(k, [])) for k in keys}
+            run.cost.restore(meta.get("cost", {}))
+            saved_at = batch
+            tqdm.write(f"distill: resuming from {run.state_dir} at batch {batch}/{total} ({batch * params.batch_size / 1000:g} kimg)")
+        else:
+            tqdm.write(f"distill: ignoring the training state in {run.state_dir} (different params, teacher or trajectories)")
+
+    def meta_now() -> dict[str, Any]:
+        return {
+            "training_key": run.training_key, "batch": batch, "batch_size": params.batch_size, "rows": rows,
+            "optimizer_steps": optimizer_steps, "log": log, "recent": {k: list(v) for k, v in recent.items()},
+            "window": window,
+        }  # fmt: skip
+
+    every_ckpt = params.every_batches(params.checkpoint_every_kimg)
+    every_log = params.every_batches(params.log_every_kimg)
+    streams: dict[int, Iterator[TrajectoryBatch]] = {}
+    multi = len(sources) > 1
+    bar = tqdm(total=total, initial=batch, desc="distill", unit="batch", disable=not progress, mininterval=1.0)
+    try:
+        while batch < total:
+            if stop_after_batches is not None and batch >= stop_after_batches:
+                return {"interrupted_at_batch": batch}
+            i = int(torch.randint(len(sources), (1,), generator=draw)) if multi else 0
+            if i not in streams:
+                streams[i] = batch_stream(sources[i], params.batch_size, rows[i])
+            b = next(streams[i])
+            for g in optimizer.param_groups:
+                g["lr"] = params.lr_at(batch)
+            try:
+                step_values = sfd_batch(
+                    model, optimizer, b, sources[i].schedule.t_steps(), loss_fn,
+                    afs=params.afs, last_step_extra=last_step_extra, device=device,
+                )  # fmt: skip
+            except NonFiniteLossError as e:
+                where = (
+                    f"the last good checkpoint is {run.state_dir} (batch {saved_at}, "
+                    f"{saved_at * params.batch_size / 1000:g} kimg)" if run.state_dir is not None and saved_at is not None
+                    else "no checkpoint was written yet"
+                )
+                raise NonFiniteLossError(
+                    f"distill: stopped at batch {batch} ({batch * params.batch_size / 1000:g} kimg): {e}; the optimizer "
+                    f"step was not taken and {where}. Lower `lr`, or check the trajectories with `sfd store verify`"
+                ) from None
+            n_imgs = len(b.seeds)
+            run.cost.add_student_forward(n_imgs * len(step_values))
+            run.cost.add_student_backward(n_imgs * len(step_values))
+            optimizer_steps += len(step_values)
+            rows[i] += n_imgs
+            batch += 1
+            prefix = f"N{sources[i].schedule.num_steps}/" if multi else ""
+            for n, v in step_values:
+                recent[f"{prefix}step{n}"].append(v)
+                window[f"{prefix}step{n}"].append(v)
+            if batch % every_log == 0 or batch == total:
+                row: dict[str, Any] = {"batch": batch, "kimg": batch * params.batch_size / 1000, "lr": params.lr_at(batch - 1)}
+                row.update({k: (sum(v) / len(v) if v else None) for k, v in window.items()})
+                log.append(row)
+                window = {k: [] for k in keys}
+                bar.set_postfix({k.replace("step", "s"): f"{v:.4g}" for k, v in row.items() if k in keys and v is not None})
+            bar.update(1)
+            if run.state_dir is not None and (batch % every_ckpt == 0 or batch == total):
+                _save_state(run, model, optimizer, draw, meta_now())
+                saved_at = batch
+    finally:
+        bar.close()
+        for s in streams.values():
+            s.close()  # stops the reader's prefetch thread
+    model.eval().requires_grad_(False)
+    trajectories = batch * params.batch_size
+    per_key_rows = {s.key: r for s, r in zip(sources, rows)}
+    epochs = {s.key: r / s.cache_size for s, r in zip(sources, rows)}
+    return {
+        "batches": batch,
+        "kimg": trajectories / 1000,
+        "optimizer_steps": optimizer_steps,
+        "final_loss": {k: (sum(v) / len(v) if v else None) for k, v in recent.items()},
+        "rows_per_key": per_key_rows,
+        "epochs_over_cache": epochs,
+        "epochs_over_cache_max": max(epochs.values()),
+        "cache_trajectories": {s.key: s.cache_size for s in sources},
+        "regime": "cached trajectories reused across epochs (the authors draw fresh noise for every batch)"
+        if max(epochs.values()) > 1 else "each cached trajectory used at most once (fresh-noise regime)",
+        "log": log,
+    }
+
+
+def write_loss_log(path: str | Path, log: Sequence[dict[str, Any]]) -> Path:
+    """The training-loss log as CSV: batch, kimg, lr, one column per step index (empty = not drawn)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = ["batch", "kimg", "lr"] + sorted({k for row in log for k in row} - {"batch", "kimg", "lr"})
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for row in log:
+            w.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+    return path
+
+
+def resolve_loss_name(params: DistillParams, top_level: Any) -> str:
+    """The section's ``loss`` or else the top-level ``loss`` param (l1 when absent)."""
+    name = params.loss if params.loss is not None else (top_level if top_level is not None else "l1")
+    return check_loss_name(name)
+
+
+def training_key(params: DistillParams, **identity: Any) -> str:
+    """What a saved state must match to be resumed: every param that changes the result, plus identity."""
+    p = {k: v for k, v in asdict(params).items() if k not in DistillParams.RUN_ONLY}
+    return hash_description({"params": p, **identity})
+
+
+def _open_sources(
+    store: str | Path,
+    specs: Sequence[Any],  # TrajectorySpec, one per N
+    seeds: Sequence[int],
+    params: DistillParams,
+) -> list[TrajectorySource]:
+    """One streaming reader per key; a key that does not match (stale teacher, other schedule) is refused here."""
+    from pipeline.trajectories.store import KeyMismatchError, StoreError
+
+    sources = []
+    for i, spec in enumerate(specs):
+        ds = TrajectoryDataset(
+            store, spec, batch_size=params.batch_size, seeds=seeds, shuffle_seed=params.seed * 1000 + i,
+            prefetch=params.prefetch, cycle=True,
+        )  # fmt: skip
+        try:
+            ds.chunks()  # opens the key and checks that every seed is committed
+        except KeyMismatchError as e:
+            raise KeyMismatchError(
+                f"distill: the trajectory store has no targets for this teacher and schedule (N={spec.schedule.num_steps}); "
+                f"if the teacher or the trajectory params changed, run the trajectories stage first. {e}"
+            ) from None
+        except StoreError as e:
+            raise StoreError(f"distill: {e}") from None
+        sources.append(TrajectorySource(spec.schedule, ds, spec.key, len(seeds)))
+    return sources
+
+
+def run_distill_stage(
+    all_params: dict[str, Any],  # the whole params.yaml
+    section: str,  # distill | distill_v | distill_stage2
+    *,
+    store: str | Path,
+    teacher_ckpt: str | Path | None,  # the trajectories' teacher, also the student's initialisation
+    out: str | Path,  # the distilled checkpoint directory
+    state_dir: str | Path | None,  # resumable state (and the last good checkpoint); None: no resume
+    metrics: str | Path | None = None,
+    loss_log: str | Path | None = None,
+    cost_path: str | Path | None = None,
+    progress: bool = True,
+    stop_after_batches: int | None = None,  # tests: simulate an interruption
+) -> dict[str, Any]:
+    """A distillation stage end to end: find the keys, build the student, train, write checkpoint + metrics."""
+    from pipeline.core.devices import resolve_device
+    from pipeline.diffusion.seeds import parse_seeds
+    from pipeline.distill.student import sampler_section, save_student, student_config, student_from_checkpoint, student_from_scratch
+    from pipeline.trajectories.generation import load_trajectory_teacher
+    from pipeline.trajectories.spec import TrajectoryParams
+
+    if section not in all_params:
+        raise ParamError(f"{section}: no such section in params (keys: {', '.join(DistillParams.__dataclass_fields__)})")
+    p = DistillParams.from_dict(all_params[section], section=section)
+    loss_name = resolve_loss_name(p, all_params.get("loss"))
+    if p.trajectories not in all_params:
+        raise ParamError(f"{section}.trajectories: there is no params section {p.trajectories!r}")
+    traj = TrajectoryParams.from_dict(all_params[p.trajectories] or {}, section=p.trajectories)
+    device = resolve_device(p.device)
+    if device.type == "cpu" and p.threads > 0:
+        torch.set_num_threads(p.threads)  # measured: 30 s on 1 thread vs 233 s on 2 for the default, on a busy 2-core CPU
+
+    teacher, _, teacher_hash = load_trajectory_teacher(traj.teacher, teacher_ckpt, device="cpu")
+    specs = traj.specs(teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape)
+    schedules = [s.schedule for s in specs]
+    if len(specs) > 1 and not p.step_condition:
+        raise ParamError(
+            f"{section}.step_condition: {p.trajectories}.schedule.num_steps lists several N "
+            f"{[s.num_steps for s in schedules]}; one model for several N needs step_condition: true (SFD-v)"
+        )
+    for s in schedules:
+        if s.num_steps - 1 - int(p.afs) < 1:
+            raise ParamError(f"{p.trajectories}.schedule.num_steps: N={s.num_steps} with afs={p.afs} leaves no network step")
+    if teacher_ckpt is not None:
+        if p.student_network is not None:
+            raise ParamError(f"{section}.student_network: the student copies the teacher checkpoint; remove this key")
+        init = student_from_checkpoint(teacher_ckpt, step_condition=p.step_condition, seed=p.seed, device=device)
+    else:
+        if p.student_network is None:
+            raise ParamError(
+                f"{section}.student_network: the teacher ({traj.teacher}) has no network to copy; give the student's "
+                "architecture here, or pass --teacher-ckpt"
+            )
+        init = student_from_scratch(
+            p.student_network, sample_shape=teacher.sample_shape, num_classes=teacher.num_classes,
+            step_condition=p.step_condition, seed=p.seed, device=device,
+        )  # fmt: skip
+    model = init.model
+    if model.net.step_condition:
+        step_condition = [s.num_steps for s in schedules]
+    else:
+        step_condition = None
+    default_schedule = max(schedules, key=lambda s: s.num_steps)  # SFD-v: the largest N (the stage-2 teacher's)
+
+    seeds = parse_seeds(traj.seeds)
+    sources = _open_sources(store, specs, seeds, p)
+
+    last_step_extra = None
+    lpips_used = loss_name == "lpips"
+    if p.lpips_last_step and p.lpips_weights is not None:
+        lpips = make_loss("lpips", lpips_weights=p.lpips_weights, lpips_net=p.lpips_net, device=device)
+        last_step_extra = lambda a, b: p.lpips_weight * lpips(a, b)  # noqa: E731
+        lpips_used = True
+    loss_fn = make_loss(loss_name, lpips_weights=p.lpips_weights, lpips_net=p.lpips_net, device=device)
+    loss_desc = loss_name + (f" + {p.lpips_weight:g} x lpips on the last step" if last_step_extra is not None else "")
+    if p.lpips_last_step and p.lpips_weights is None:
+        loss_desc += " (no lpips_weights given: LPIPS left out of the last step)"
+
+    identity = {
+        "loss": loss_name,
+        "lpips": lpips_used,
+        "teacher_hash": teacher_hash,
+        "store_keys": [s.key for s in sources],
+        "seeds": traj.seeds,
+        "init_hash": init.init_hash,
+    }
+    key = training_key(p, **identity)
+    provenance = {
+        "kind": section,
+        "method": "SFD-v" if p.step_condition else ("SFD stage 2" if teacher_ckpt and _is_distilled(teacher_ckpt) else "SFD"),
+        "teacher_hash": teacher_hash,
+        "teacher": str(teacher_ckpt) if teacher_ckpt is not None else traj.teacher,
+        "init": init.source,
+        "store": str(store),
+        "store_keys": {str(s.schedule.num_steps): s.key for s in sources},
+        "trajectories": {
+            "section": p.trajectories, "seeds": traj.seeds, "solver": traj.solver, "max_order": traj.max_order,
+            "M": traj.M, "afs": traj.afs, "guidance": traj.guidance,
+        },
+        "loss": loss_desc,
+        "training": {k: v for k, v in asdict(p).items() if k != "device"},
+        "training_key": key,
+    }  # fmt: skip
+    sampler = sampler_section(default_schedule, afs=p.afs, step_condition=step_condition, guidance=p.guidance)
+    config = student_config(init.config, sampler, provenance)
+    cost = CostMeter(section, device)
+    run = DistillRun(Path(state_dir) if state_dir is not None else None, key, config, cost)
+
+    summary = distill(
+        model, sources, p, run, loss_fn=loss_fn, last_step_extra=last_step_extra, progress=progress,
+        stop_after_batches=stop_after_batches,
+    )  # fmt: skip
+    if "interrupted_at_batch" in summary:
+        return summary
+    save_student(out, model, config)
+    log = summary.pop("log")
+    result = {
+        "section": section,
+        "loss": loss_name,
+        "loss_used": loss_desc,
+        "lpips": lpips_used,
+        "nfe": {str(s.num_steps): s.num_steps - 1 - int(p.afs) for s in schedules},
+        **summary,
+        "wall_seconds": round(cost.wall_seconds, 3),
+        "checkpoint": str(out),
+    }
+    if metrics is not None:
+        path = Path(metrics)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    if loss_log is not None:
+        write_loss_log(loss_log, log)
+    cost.extra.update({"trajectories_seen": summary["batches"] * p.batch_size, "optimizer_steps": summary["optimizer_steps"],
+                       "epochs_over_cache": summary["epochs_over_cache_max"],
+                       "note": "teacher forward passes are the trajectories stage's (metrics/cost/<trajectories section>.json)"})
+    if cost_path is not None:
+        cost.write(cost_path)
+    return result
+
+
+def _is_distilled(ckpt: str | Path) -> bool:
+    path = Path(ckpt) / "model.json"
+    return path.is_file() and json.loads(path.read_text()).get("sampler") is not None

@@ -1,0 +1,165 @@
+"""The SFD student: a copy of the teacher network (sfd-method.md sections 6-7, 10) and its checkpoint.
+
+- Stage 1 / stage 2: the student starts as an exact copy of its teacher's network (all weights
+  fine-tuned). For SFD-v the network gains the step condition (number of timestamps N); its new
+  layers end in a zero-initialised linear layer, so the student starts equal to the teacher.
+- The exact Gaussian-mixture teacher has no network to copy: a student network is then built
+  fresh from an architecture given in params (tests and toy runs).
+- A distilled checkpoint is the network plus a ``"sampler"`` section (solver euler, schedule,
+  AFS, step condition, guidance), so ``sfd sample --ckpt PATH`` needs no other option.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.diffusion.denoisers import EDMPrecond
+from pipeline.core.hashing import hash_state_dict
+from pipeline.networks.unet import build_network, network_config
+from pipeline.core.param_checks import ParamError
+from pipeline.diffusion.sampling import SamplerSpec, make_denoiser, resolve_sampler
+from pipeline.diffusion.schedules import Schedule
+
+STEP_CONDITION_PREFIXES = ("map_steps.", "steps_layer0.", "steps_layer1.")
+
+
+@dataclass
+class StudentInit:
+    """A freshly built student before distillation."""
+
+    model: EDMPrecond  # trainable, D(x, sigma, labels, num_steps=...)
+    config: dict[str, Any]  # network, sigma_data, data (checkpoint JSON without sampler/provenance)
+    init_hash: str  # hash of the initial weights (part of the training key)
+    source: str  # the teacher checkpoint it copies, or "scratch"
+
+
+def student_from_checkpoint(
+    teacher_ckpt: str | Path,
+    *,
+    step_condition: bool = False,  # add the SFD-v step condition (zero-initialised) if the copy lacks it
+    seed: int = 0,  # initialises the new step-condition layers (their last layer is zero)
+    device: torch.device | str = "cpu",
+) -> StudentInit:
+    """A trainable copy of a network checkpoint (teacher or stage-1 student)."""
+    teacher_ckpt = Path(teacher_ckpt)
+    if not teacher_ckpt.exists():
+        raise CheckpointError(
+            f"teacher checkpoint {teacher_ckpt} does not exist (the student starts as a copy of it; "
+            "train the teacher with `dvc repro teacher`)"
+        )
+    tensors, config = load_checkpoint(teacher_ckpt)
+    if "network" not in config:
+        raise CheckpointError(f"{teacher_ckpt}/model.json has no 'network' section; it is not a network checkpoint")
+    arch = network_config(**config["network"])
+    if step_condition and not arch["step_condition"]:
+        arch = {**arch, "step_condition": True}
+    torch.manual_seed(seed)
+    net = build_network(**arch)
+    missing, unexpected = net.load_state_dict(tensors, strict=False)
+    bad_missing = [k for k in missing if not k.startswith(STEP_CONDITION_PREFIXES)]
+    if bad_missing or unexpected:
+        raise CheckpointError(
+            f"{teacher_ckpt}/model.safetensors does not fit its network config: missing {bad_missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    model = EDMPrecond(net, sigma_data=float(config.get("sigma_data", 0.5))).to(device)
+    base = {"network": arch, "sigma_data": model.sigma_data, "data": copy.deepcopy(config.get("data", {}))}
+    return StudentInit(model, base, hash_state_dict(net.state_dict()), str(teacher_ckpt))
+
+
+def student_from_scratch(
+    network: dict[str, Any],  # architecture kwargs; resolution, channels and label_dim come from the data
+    *,
+    sample_shape: Sequence[int],
+    num_classes: int,
+    step_condition: bool = False,
+    seed: int = 0,
+    sigma_data: float = 0.5,
+    device: torch.device | str = "cpu",
+) -> StudentInit:
+    """A freshly initialised student, for teachers without a network (the exact mixture denoiser)."""
+    for key in ("img_resolution", "in_channels", "label_dim"):
+        if key in network:
+            raise ParamError(f"student_network.{key}: comes from the teacher's data; remove it from params")
+    if len(sample_shape) != 3:
+        raise ParamError(f"student_network: needs images [C, H, W], the teacher's samples are {list(sample_shape)}")
+    c, h, w = (int(v) for v in sample_shape)
+    arch = network_config(
+        **{**network, "step_condition": bool(step_condition) or bool(network.get("step_condition", False))},
+        img_resolution=h if h == w else [h, w],
+        in_channels=c,
+        label_dim=num_classes,
+    )
+    torch.manual_seed(seed)
+    net = build_network(**arch)
+    model = EDMPrecond(net, sigma_data=sigma_data).to(device)
+    base = {"network": arch, "sigma_data": sigma_data, "data": {"sample_shape": list(sample_shape), "num_classes": num_classes}}
+    return StudentInit(model, base, hash_state_dict(net.state_dict()), "scratch")
+
+
+def sampler_section(
+    schedule: Schedule,
+    *,
+    afs: bool,
+    step_condition: Sequence[int] | None = None,  # SFD-v: the N values it was trained on
+    guidance: float = 1.0,
+) -> dict[str, Any]:
+    """The checkpoint's ``"sampler"``: Euler on the student schedule (section 10)."""
+    return {
+        "solver": "euler",
+        "max_order": 1,
+        "schedule": schedule.to_dict(),
+        "afs": bool(afs),
+        "step_condition": sorted(int(n) for n in step_condition) if step_condition else None,
+        "guidance": float(guidance),
+    }
+
+
+def student_config(base: dict[str, Any], sampler: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
+    """The distilled checkpoint's JSON (checkpoint convention: network, sigma_data, data, sampler, provenance)."""
+    return {**copy.deepcopy(base), "sampler": sampler, "provenance": provenance}
+
+
+def save_student(directory: str | Path, model: EDMPrecond, config: dict[str, Any]) -> Path:
+    """Write model.safetensors + model.json; the weights hash goes into the provenance."""
+    state = model.net.state_dict()
+    config = {**config, "provenance": {**config.get("provenance", {}), "weights_hash": hash_state_dict(state)}}
+    return save_checkpoint(directory, state, config)
+
+
+@dataclass
+class Student:
+    """A loaded distilled checkpoint: the network, its config and its sampler."""
+
+    model: EDMPrecond
+    config: dict[str, Any]
+    sampler: SamplerSpec
+
+    def denoiser(self, spec: SamplerSpec | None = None):
+        """D(x, sigma, labels) with the step condition bound and guidance applied (pipeline.diffusion.sampling)."""
+        return make_denoiser(self.model, spec or self.sampler)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.config["data"]["sample_shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["data"].get("num_classes", 0))
+
+
+def load_student(path: str | Path, device: torch.device | str = "cpu", **overrides: Any) -> Student:
+    """A distilled checkpoint with its own sampler (``overrides`` as in pipeline.diffusion.sampling.resolve_sampler)."""
+    from pipeline.teachers.loader import load_network
+
+    model, config = load_network(path, device)
+    if config.get("sampler") is None:
+        raise CheckpointError(f"{path}/model.json has no sampler section: it is a teacher, not a distilled student")
+    return Student(model, config, resolve_sampler(config["sampler"], **overrides))

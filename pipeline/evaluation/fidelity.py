@@ -1,0 +1,207 @@
+"""FID, KID, precision/recall (torch-fidelity) in a feature space that works offline.
+
+Feature spaces:
+- ``classifier``: the project's digits classifier (pipeline.evaluation.feature_net), registered with
+  torch-fidelity as the feature extractor ``sfd-classifier``; its weights path is the
+  checkpoint directory. Its logits also give ``label_accuracy``.
+- ``inception``: torch-fidelity's InceptionV3 (``inception-v3-compat``, pool3 2048 features)
+  with weights from a local file; nothing is downloaded.
+
+FID = ||mu_g - mu_r||^2 + Tr(S_g + S_r - 2 (S_g S_r)^{1/2}) (Heusel et al. 2017); KID is the
+unbiased polynomial-kernel MMD^2 averaged over subsets (Binkowski et al. 2018); precision and
+recall are the k-NN manifold estimates (Kynkaanniemi et al. 2019), k = 3. Reference features
+(of the training images) are cached as safetensors, keyed by the extractor's weights hash and
+the images' hash; torch-fidelity's own pickle cache is not used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+from torch_fidelity import FeatureExtractorBase, register_feature_extractor
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+from pipeline.core.images import to_uint8
+from pipeline.core.hashing import hash_bytes, hash_file
+from pipeline.core.param_checks import PipelineError, check_choice
+
+CLASSIFIER_EXTRACTOR = "sfd-classifier"
+INCEPTION_EXTRACTOR = "inception-v3-compat"
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # torch-fidelity's released weights
+FEATURE_SPACES = ("classifier", "inception")
+
+
+class InceptionWeightsMissing(PipelineError, FileNotFoundError):
+    """The local Inception weights file named in params is not there."""
+
+
+class ClassifierFeatureExtractor(FeatureExtractorBase):
+    """torch-fidelity extractor around pipeline.evaluation.feature_net.Classifier; input uint8 [B, C, H, W]."""
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None, **kwargs: Any) -> None:
+        super().__init__(name, features_list)
+        from pipeline.evaluation.feature_net import load_feature_net
+
+        if feature_extractor_weights_path is None:
+            raise FileNotFoundError(
+                f"{name}: pass feature_extractor_weights_path= the feature_net checkpoint directory "
+                f"(written by `dvc repro feature_net`, e.g. models/feature_net)"
+            )
+        self.model, self.config, self.weights_hash = load_feature_net(feature_extractor_weights_path)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("features", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return "features"
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features, logits = self.model(x.to(torch.float32) / 127.5 - 1)
+        out = {"features": features, "logits": logits}
+        return tuple(out[name] for name in self.features_list)
+
+
+if CLASSIFIER_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(CLASSIFIER_EXTRACTOR, ClassifierFeatureExtractor)
+
+
+class UInt8Images(Dataset):
+    """uint8 C×H×W tensors, as torch-fidelity wants them (it rejects a TensorDataset's tuples)."""
+
+    def __init__(self, images: torch.Tensor, channels: int | None = None) -> None:
+        self.images = images if images.dtype == torch.uint8 else to_uint8(images)
+        if channels is not None and self.images.shape[1] != channels:
+            self.images = self.images.expand(-1, channels, -1, -1)  # grayscale -> RGB for Inception
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i].contiguous()
+
+
+@dataclass
+class FeatureSpace:
+    extractor: FeatureExtractorBase
+    kind: str  # "classifier" | "inception"
+    layer: str  # the feature layer the metrics use
+    weights_hash: str
+    channels: int | None = None  # images are repeated to this many channels
+    layers: list[str] = field(default_factory=list)
+
+    def extract(self, images: torch.Tensor, *, batch_size: int = 500) -> dict[str, torch.Tensor]:
+        """Features of images (float in [-1, 1] or uint8) -> {layer: float64 [N, D]}."""
+        cuda = next(self.extractor.parameters()).is_cuda
+        out = get_featuresdict_from_dataset(
+            UInt8Images(images, self.channels), self.extractor, batch_size, cuda, True, False
+        )
+        return {k: v.to(torch.float64) for k, v in out.items()}
+
+
+def classifier_space(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> FeatureSpace:
+    """The registered ``sfd-classifier`` extractor loaded from a feature_net checkpoint."""
+    ext = create_feature_extractor(
+        CLASSIFIER_EXTRACTOR, ["features", "logits"], cuda=torch.device(device).type == "cuda",
+        feature_extractor_weights_path=str(checkpoint_dir), verbose=False,
+    )
+    return FeatureSpace(ext, "classifier", "features", ext.weights_hash, layers=["features", "logits"])
+
+
+def check_inception_weights(path: str | Path | None) -> Path:
+    """The local Inception weights file, or an error saying which file and where it goes."""
+    hint = (
+        f"torch-fidelity's InceptionV3 weights ({INCEPTION_FILE}, from the torch-fidelity GitHub releases) "
+        f"cannot be downloaded here: copy that file to {{where}} or set evaluate.inception_weights in "
+        f"params.yaml to where it is"
+    )
+    if path is None:
+        raise InceptionWeightsMissing(
+            "evaluate.inception_weights is not set; " + hint.format(where=f"weights/{INCEPTION_FILE}")
+        )
+    path = Path(path)
+    if not path.is_file():
+        raise InceptionWeightsMissing(f"Inception weights file {path} not found; " + hint.format(where=str(path)))
+    return path
+
+
+def inception_space(weights_path: str | Path | None, device: str | torch.device = "cpu") -> FeatureSpace:
+    """torch-fidelity's InceptionV3 (2048-d pool features) with weights from a local file."""
+    path = check_inception_weights(weights_path)
+    # torch-fidelity unpickles the file; load it safely first so a file with code in it is refused
+    torch.load(path, map_location="cpu", weights_only=True)
+    ext = create_feature_extractor(
+        INCEPTION_EXTRACTOR, ["2048"], cuda=torch.device(device).type == "cuda",
+        feature_extractor_weights_path=str(path), verbose=False,
+    )
+    return FeatureSpace(ext, "inception", "2048", hash_file(str(path)), channels=3, layers=["2048"])
+
+
+def feature_space(kind: str, *, feature_net: str | Path | None = None, inception_weights: str | Path | None = None,
+                  device: str | torch.device = "cpu") -> FeatureSpace:
+    check_choice("evaluate.features", kind, FEATURE_SPACES)
+    if kind == "classifier":
+        if feature_net is None:
+            raise FileNotFoundError("evaluate.features=classifier needs --feature-net (e.g. models/feature_net)")
+        return classifier_space(feature_net, device)
+    return inception_space(inception_weights, device)
+
+
+def reference_features(space: FeatureSpace, images: torch.Tensor, cache_dir: str | Path | None) -> dict[str, torch.Tensor]:
+    """Features of the reference (training) images, cached under a key of weights hash + images hash."""
+    pixels = images if images.dtype == torch.uint8 else to_uint8(images)
+    key = f"{space.kind}-{space.weights_hash[:16]}-{hash_bytes(pixels.contiguous().numpy().tobytes())}"
+    path = Path(cache_dir) / f"reference-{key}.safetensors" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        return load_file(str(path))
+    feats = space.extract(pixels)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
+        tmp.replace(path)
+    return feats
+
+
+def fidelity_metrics(
+    generated: torch.Tensor,  # [N, D] features of generated samples
+    reference: torch.Tensor,  # [M, D] features of reference images
+    *,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,  # capped at the smaller set size
+    prc_neighborhood: int = 3,
+    rng_seed: int = 2020,
+) -> dict[str, float]:
+    """{"fid", "kid", "precision", "recall"} of generated vs reference features (torch-fidelity)."""
+    g, r = generated.to(torch.float64).cpu(), reference.to(torch.float64).cpu()
+    fid = fid_statistics_to_metric(fid_features_to_statistics(g), fid_features_to_statistics(r), False)[KEY_METRIC_FID]
+    kid = kid_features_to_metric(
+        g, r, kid_subsets=kid_subsets, kid_subset_size=min(kid_subset_size, len(g), len(r)), rng_seed=rng_seed, verbose=False
+    )[KEY_METRIC_KID_MEAN]
+    prc = prc_features_to_metric(g, r, prc_neighborhood=prc_neighborhood, verbose=False, save_cpu_ram=True)
+    return {"fid": fid, "kid": kid, "precision": float(prc[KEY_METRIC_PRECISION]), "recall": float(prc[KEY_METRIC_RECALL])}
+
+
+def label_accuracy(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:
+    """Fraction of samples the classifier assigns to the label they were generated for (None if unconditional)."""
+    if labels is None:
+        return None
+    return float((logits.argmax(dim=1).cpu() == labels.cpu()).to(torch.float64).mean())

@@ -1,0 +1,294 @@
+"""The pipeline's report: metrics and cost tables, PNG plots and side-by-side sample grids.
+
+Everything is rendered offline (matplotlib, Agg): ``reports/report.md`` links PNG files that sit
+next to it. Inputs are the files the other stages wrote: ``metrics/eval.json`` (flat map
+``"<sampler>/nfe<k>" -> metrics``), ``metrics/cost/*.json`` (one per stage), the distillation
+loss logs (CSV: ``batch,kimg,lr,step1,step2,...``) and the grid PNGs of the evaluation stage.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.cost import load_cost_records
+from pipeline.core.param_checks import ParamError, check_keys
+
+ENTRY = re.compile(r"^(?P<sampler>.+)/nfe(?P<nfe>\d+)$")  # evaluation keys "<sampler>/nfe<k>"
+METRIC_COLUMNS = ("fid", "kid", "precision", "recall", "label_accuracy")
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    panels: list[str] = field(
+        default_factory=lambda: ["teacher/nfe35", "dpmpp3m/nfe2", "sfd/nfe2", "sfd-stage2/nfe1"]
+    )  # grids shown side by side (same seeds), in this order; missing entries are skipped with a note
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ReportParams":
+        check_keys("report", d, cls.__dataclass_fields__)
+        p = cls(**d)
+        for name in p.panels:
+            if not isinstance(name, str) or not ENTRY.match(name):
+                raise ParamError(f"report.panels: {name!r} is not an evaluation key like 'sfd/nfe2'")
+        return p
+
+
+def split_entry(key: str) -> tuple[str, int]:
+    m = ENTRY.match(key)
+    if not m:
+        raise ValueError(f"evaluation key {key!r} is not of the form '<sampler>/nfe<k>'")
+    return m["sampler"], int(m["nfe"])
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.{digits}f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def metrics_table(evaluation: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for key in sorted(evaluation, key=lambda k: (split_entry(k)[0], split_entry(k)[1])):
+        sampler, nfe = split_entry(key)
+        rows.append([sampler, nfe, *(evaluation[key].get(c) for c in METRIC_COLUMNS)])
+    return markdown_table(["sampler", "NFE", *METRIC_COLUMNS], rows)
+
+
+def fid_pivot_table(evaluation: dict[str, dict[str, Any]]) -> str:
+    """FID with samplers as rows and NFE as columns (the paper's table layout)."""
+    by_sampler: dict[str, dict[int, float]] = defaultdict(dict)
+    for key, m in evaluation.items():
+        sampler, nfe = split_entry(key)
+        by_sampler[sampler][nfe] = m.get("fid")
+    nfes = sorted({n for d in by_sampler.values() for n in d})
+    rows = [[s, *(by_sampler[s].get(n) for n in nfes)] for s in sorted(by_sampler)]
+    return markdown_table(["sampler", *(f"NFE {n}" for n in nfes)], rows)
+
+
+def cost_table(costs: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        [
+            stage,
+            c.get("wall_seconds"),
+            c.get("teacher_forward_images"),
+            c.get("student_forward_images"),
+            c.get("student_backward_images"),
+            c.get("forward_equivalents"),
+            c.get("device"),
+        ]
+        for stage, c in costs.items()
+    ]
+    return markdown_table(
+        ["stage", "wall s", "teacher fwd (images)", "student fwd", "student bwd", "fwd-equivalents", "device"], rows
+    )
+
+
+def read_loss_log(path: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """The distill stages' CSV (batch, kimg, lr, one column per step index) -> {column: (kimg, loss)}.
+
+    Empty cells (a step index not drawn in that window, e.g. SFD-v's other N) are skipped.
+    """
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c for c in (reader.fieldnames or []) if c not in ("batch", "kimg", "lr")]
+        if "kimg" not in (reader.fieldnames or []) or not columns:
+            raise ParamError(f"loss log {path}: expected a 'kimg' column and one loss column per step index, "
+                             f"found {reader.fieldnames}")
+        for row in reader:
+            for c in columns:
+                if row[c] not in ("", None):
+                    kimg, loss = curves.setdefault(c, ([], []))
+                    kimg.append(float(row["kimg"]))
+                    loss.append(float(row[c]))
+    return curves
+
+
+def plot_fid_vs_nfe(evaluation: dict[str, dict[str, Any]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_sampler: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for key, m in evaluation.items():
+        sampler, nfe = split_entry(key)
+        if m.get("fid") is not None:
+            by_sampler[sampler].append((nfe, m["fid"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for sampler, points in sorted(by_sampler.items()):
+        points.sort()
+        if sampler == "teacher":
+            for nfe, fid in points:
+                ax.axhline(fid, color="k", ls="--", lw=1, label=f"teacher ({nfe} NFE)")
+            continue
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", label=sampler)
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_losses(logs: dict[str, Path], out: Path) -> Path | None:
+    if not logs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(logs), figsize=(5 * len(logs), 3.8), squeeze=False)
+    for ax, (name, path) in zip(axes[0], logs.items()):
+        for column, (kimg, loss) in read_loss_log(path).items():
+            ax.plot(kimg, loss, label=column)
+        ax.set_title(name)
+        ax.set_xlabel("kimg (trajectories seen, thousands)")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def parse_named_paths(values: Sequence[str], option: str) -> dict[str, Path]:
+    """['NAME=PATH', ...] -> {NAME: PATH}; every file must exist."""
+    named = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ParamError(f"{option}: expected NAME=PATH, got {value!r}")
+        if not Path(path).exists():
+            raise ParamError(f"{option} {name}: {path} does not exist")
+        named[name] = Path(path)
+    return named
+
+
+def merge_evaluations(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """One map over several evaluation JSONs (solvers, baselines, SFD); a key in two files is an error."""
+    merged: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise ParamError(f"evaluation file {path} does not exist (run its evaluate stage first)")
+        for key, metrics in json.loads(Path(path).read_text()).items():
+            if key in merged:
+                raise ParamError(f"evaluation key {key!r} appears in two evaluation files (second: {path})")
+            merged[key] = metrics
+    return merged
+
+
+def grid_file(grids_dirs: Sequence[Path], entry: str) -> Path:
+    """The entry's grid PNG in the first directory that has it (else the path it would have in the first)."""
+    sampler, nfe = split_entry(entry)
+    name = f"{sampler}_nfe{nfe}.png"
+    for d in grids_dirs:
+        if (Path(d) / name).is_file():
+            return Path(d) / name
+    return Path(grids_dirs[0]) / name if grids_dirs else Path(name)
+
+
+def side_by_side(grids_dirs: Sequence[Path], panels: Sequence[str], out: Path) -> tuple[Path | None, list[str]]:
+    """One PNG with the chosen grids next to each other, titled; returns (path, missing entries)."""
+    present = [p for p in panels if grid_file(grids_dirs, p).is_file()]
+    missing = [p for p in panels if p not in present]
+    if not present:
+        return None, missing
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 3.6), squeeze=False)
+    for ax, entry in zip(axes[0], present):
+        ax.imshow(mpimg.imread(grid_file(grids_dirs, entry)), cmap="gray", interpolation="nearest")
+        ax.set_title(entry.replace("/nfe", " · NFE "), fontsize=10)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out, missing
+
+
+def build_report(
+    *,
+    evaluation: dict[str, dict[str, Any]],
+    cost_dir: Path,
+    grids_dirs: Sequence[Path],
+    out_dir: Path,
+    loss_logs: dict[str, Path],
+    params: ReportParams,
+    merged_cost_path: Path | None = None,
+    comparison: str | None = None,
+) -> Path:
+    """Write ``out_dir/report.md`` and its PNGs; also merge the per-stage costs into one JSON."""
+    costs = load_cost_records(cost_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if merged_cost_path is not None:
+        merged_cost_path.parent.mkdir(parents=True, exist_ok=True)
+        merged_cost_path.write_text(json.dumps(costs, indent=2) + "\n")
+    fid_png = plot_fid_vs_nfe(evaluation, out_dir / "fid_vs_nfe.png")
+    loss_png = plot_losses(loss_logs, out_dir / "distill_loss.png")
+    grids_png, missing = side_by_side(grids_dirs, params.panels, out_dir / "grids_side_by_side.png")
+
+    parts = [
+        "# SFD pipeline report",
+        "",
+        "Every sampler is evaluated on the same seeds with the same feature extractor; the protocol "
+        "(sample count, reference set, extractor) is the `evaluate` section of `params.yaml`.",
+        "",
+        "## FID by sampler and NFE",
+        "",
+        fid_pivot_table(evaluation),
+        "",
+        f"![FID vs NFE]({fid_png.name})",
+        "",
+        "## All metrics",
+        "",
+        metrics_table(evaluation),
+        "",
+        "## Cost per stage",
+        "",
+        "Counts are images through a network; forward-pass equivalents count a backward pass as two forwards.",
+        "",
+        cost_table(costs),
+        "",
+    ]
+    if comparison:
+        parts += ["## SFD vs the baselines: quality against distillation cost", "", comparison, ""]
+    if loss_png is not None:
+        parts += ["## Distillation loss per student step", "", f"![distillation loss]({loss_png.name})", ""]
+    parts += ["## Samples (same seeds)", ""]
+    if grids_png is not None:
+        parts += [f"![grids]({grids_png.name})", ""]
+    if missing:
+        parts += [f"Not evaluated in this run (no grid): {', '.join(missing)}.", ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(parts))
+    return report

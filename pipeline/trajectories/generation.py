@@ -1,0 +1,308 @@
+"""Generate teacher trajectories into the store, chunk by chunk, skipping committed chunks.
+
+For each seed s: x_T = t_max * z(s) (pipeline.diffusion.seeds), the teacher solver runs over the fine grid
+spec.schedule.fine(M) (sfd-method.md section 4) and the states at the student timestamps
+t_1..t_{N-1} (fine indices (M+1), 2(M+1), ...) are stored. Whole chunks are generated: a seed
+range that covers part of a chunk generates the whole chunk.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.diffusion.denoisers import guided
+from pipeline.core.hashing import hash_description
+from pipeline.core.param_checks import ParamError, check_int
+from pipeline.diffusion.schedules import student_indices
+from pipeline.diffusion.seeds import seed_labels, seed_noise
+from pipeline.diffusion.solvers import CountingDenoiser, solve
+from pipeline.trajectories.spec import TrajectorySpec
+from pipeline.trajectories.store import TrajectoryKey, check_store_location, make_compressors, open_store
+
+Denoiser = Callable[..., torch.Tensor]
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'i/n' -> (i, n) with 0 <= i < n; None -> None."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ParamError(f"shard: expected 'i/n' like '0/4', got {text!r}") from None
+    return check_shard((i, n))
+
+
+def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    i, n = shard
+    check_int("shard n", n, minimum=1)
+    check_int("shard i", i, minimum=0, maximum=n - 1)
+    return i, n
+
+
+def shard_from_env() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) under torchrun, else (0, 1)."""
+    return check_shard((int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))))
+
+
+def bind_num_steps(denoiser: Denoiser, num_steps: int) -> Denoiser:
+    """A step-conditioned (SFD-v) network called with its number of timestamps N as a [B] net kwarg."""
+
+    def d_bound(x: torch.Tensor, sigma, labels=None, **kwargs) -> torch.Tensor:
+        n = torch.full((x.shape[0],), num_steps, dtype=torch.int64, device=x.device)
+        return denoiser(x, sigma, labels, num_steps=n, **kwargs)
+
+    return d_bound
+
+
+def bound_teacher_hash(weights_hash: str, num_steps: int | None) -> str:
+    """Teacher hash including a bound step condition (distilled SFD-v teachers); plain hash otherwise."""
+    if num_steps is None:
+        return weights_hash
+    return hash_description({"weights_hash": weights_hash, "num_steps": int(num_steps)})
+
+
+def teacher_trajectories(
+    denoiser: Denoiser,
+    spec: TrajectorySpec,
+    seeds: Sequence[int],
+    *,
+    device: torch.device | str = "cpu",
+) -> dict[str, np.ndarray]:
+    """x_T [B,*S], states [B,N-1,*S] (and labels [B]) for a batch of seeds: the bare solver loop."""
+    dtype = getattr(torch, spec.compute_dtype)
+    t_fine = spec.schedule.fine(spec.M)
+    record = student_indices(spec.schedule.num_steps, spec.M)[1:]
+    z = seed_noise(seeds, spec.sample_shape, device=device, dtype=torch.float64)
+    x_T = (float(t_fine[0]) * z).to(dtype)
+    labels = seed_labels(seeds, spec.num_classes, device=device) if spec.labelled else None
+    with torch.inference_mode():
+        _, states = solve(
+            denoiser, x_T, t_fine, spec.solver,
+            max_order=spec.max_order, lower_order_final=spec.lower_order_final, afs=spec.afs,
+            labels=labels, record=record,
+        )  # fmt: skip
+    out = {"x_T": x_T.float().cpu().numpy(), "states": torch.stack(states, dim=1).float().cpu().numpy()}
+    if labels is not None:
+        out["labels"] = labels.cpu().numpy()
+    return out
+
+
+class _ChunkWriter:
+    """Writes and commits chunks on a background thread so the teacher keeps computing."""
+
+    def __init__(self, key: TrajectoryKey, depth: int = 2) -> None:
+        self.key = key
+        self.queue: queue.Queue[tuple[int, dict[str, np.ndarray]] | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.write_seconds = 0.0
+        self.thread = threading.Thread(target=self._run, name="chunk-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    start = time.perf_counter()
+                    self.key.write_chunk(*item)
+                    self.write_seconds += time.perf_counter() - start
+                except BaseException as e:  # re-raised in the caller's thread
+                    self.error = e
+
+    def put(self, chunk: int, data: dict[str, np.ndarray]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((chunk, data))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def generate_trajectories(
+    teacher: Any,  # a pipeline.teachers.loader.Teacher or a denoiser D(x, sigma, labels)
+    spec: TrajectorySpec,
+    seeds: Sequence[int],
+    store_path: str | Path,
+    *,
+    batch_size: int = 256,
+    chunk_size: int = 256,
+    device: torch.device | str = "cpu",
+    shard: tuple[int, int] = (0, 1),  # (i, n): this process owns the chunks c with c % n == i
+    progress: bool = True,
+    compressor: str = "blosc-zstd",
+    storage_options: dict[str, Any] | None = None,  # fsspec options when store_path is a URL
+) -> dict[str, Any]:
+    """Fill the store key of ``spec`` for every chunk touching ``seeds`` that is not yet committed."""
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("chunk_size", chunk_size, minimum=1)
+    shard = check_shard(tuple(shard))  # type: ignore[arg-type]
+    seeds = list(seeds)
+    if not seeds:
+        raise ParamError("seeds: empty seed list")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ParamError("seeds: expected non-negative integers")
+    make_compressors(compressor)  # validates the name before anything is written
+    check_store_location(store_path)
+    denoiser = getattr(teacher, "denoiser", teacher)
+    if spec.guidance != 1.0:
+        denoiser = guided(denoiser, spec.guidance)
+    counting = CountingDenoiser(denoiser)
+
+    store = open_store(store_path, mode="a", storage_options=storage_options)
+    key = store.create_key(spec, chunk_size=chunk_size, compressor=compressor)
+    chunk_size = key.chunk_size
+    wanted = key.chunks_for_seeds(seeds)
+    owned = [c for c in wanted if c % shard[1] == shard[0]]
+    committed = set(key.committed_chunks())
+    todo = [c for c in owned if c not in committed]
+
+    start = time.perf_counter()
+    solver_seconds = 0.0
+    chunks_per_group = max(1, batch_size // chunk_size)
+    bar = tqdm(total=len(todo) * chunk_size, unit="traj", desc=f"trajectories {key.name[:8]}", disable=not progress)
+    writer = _ChunkWriter(key)
+    try:
+        for g in range(0, len(todo), chunks_per_group):
+            group = todo[g : g + chunks_per_group]
+            group_seeds = [s for c in group for s in key.chunk_seeds(c)]
+            parts: list[dict[str, np.ndarray]] = []
+            for b in range(0, len(group_seeds), batch_size):
+                t0 = time.perf_counter()
+                parts.append(teacher_trajectories(counting, spec, group_seeds[b : b + batch_size], device=device))
+                solver_seconds += time.perf_counter() - t0
+                bar.update(len(parts[-1]["x_T"]))
+            data = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+            for j, c in enumerate(group):
+                writer.put(c, {name: a[j * chunk_size : (j + 1) * chunk_size] for name, a in data.items()})
+        writer.close()
+    finally:
+        bar.close()
+        if writer.thread.is_alive():
+            writer.queue.put(None)
+            writer.thread.join()
+    seconds = time.perf_counter() - start
+    generated = len(todo) * chunk_size
+    return {
+        "key": key.name,
+        "description": key.description,
+        "shard": list(shard),
+        "chunk_size": chunk_size,
+        "chunks_requested": len(wanted),
+        "chunks_owned": len(owned),
+        "chunks_reused": len(owned) - len(todo),
+        "chunks_generated": len(todo),
+        "trajectories_generated": generated,
+        "seconds": round(seconds, 3),
+        "solver_seconds": round(solver_seconds, 3),
+        "write_seconds": round(writer.write_seconds, 3),
+        "traj_per_s": round(generated / seconds, 2) if generated and seconds > 0 else 0.0,
+        "teacher_calls": counting.calls,
+        "teacher_forward_images": counting.images,
+    }
+
+
+def load_trajectory_teacher(
+    params_teacher: dict[str, Any] | None,
+    teacher_ckpt: str | Path | None,
+    *,
+    device: torch.device | str = "cpu",
+) -> tuple[Any, Denoiser, str]:
+    """(Teacher, denoiser to run, teacher hash for the spec).
+
+    A distilled checkpoint whose sampler has a step_condition (SFD-v) is called with the
+    sampler's num_steps bound as a net kwarg, and that N enters the teacher hash.
+    """
+    import json
+
+    from pipeline.teachers.loader import load_teacher
+
+    if teacher_ckpt is not None:
+        teacher = load_teacher("checkpoint", device=device, path=str(teacher_ckpt))
+        config_path = Path(teacher_ckpt) / "model.json"
+        sampler = json.loads(config_path.read_text()).get("sampler") if config_path.is_file() else None
+        if sampler and sampler.get("step_condition"):
+            n = int(sampler["schedule"]["num_steps"])
+            return teacher, bind_num_steps(teacher.denoiser, n), bound_teacher_hash(teacher.weights_hash, n)
+        return teacher, teacher.denoiser, teacher.weights_hash
+    if not params_teacher:
+        raise ParamError(
+            "teacher: no teacher given; pass --teacher-ckpt models/teacher, or set the section's "
+            "`teacher: {source: gmm, ...}` for the exact mixture denoiser"
+        )
+    options = dict(params_teacher)
+    source = options.pop("source", None)
+    if source is None:
+        raise ParamError("teacher.source: missing; allowed values: 'gmm', 'checkpoint'")
+    if "sample_shape" in options:
+        options["sample_shape"] = tuple(options["sample_shape"])
+    teacher = load_teacher(source, device=device, **options)
+    return teacher, teacher.denoiser, teacher.weights_hash
+
+
+def run_trajectories_stage(
+    params: dict[str, Any],  # the whole params.yaml
+    section: str,
+    out: str | Path,
+    *,
+    teacher_ckpt: str | Path | None = None,
+    seeds: str | None = None,  # overrides params[section].seeds
+    shard: tuple[int, int] | None = None,  # None: torchrun's RANK/WORLD_SIZE, else (0, 1)
+    progress: bool = True,
+) -> tuple[dict[str, Any], int]:
+    """The `trajectories` stage: every key of the section, only uncommitted chunks; (summary, teacher images)."""
+    from pipeline.core.devices import resolve_device
+    from pipeline.diffusion.seeds import format_seeds, parse_seeds
+    from pipeline.trajectories.spec import TrajectoryParams
+    from pipeline.trajectories.store import StoreError
+
+    if section not in params:
+        raise ParamError(f"{section}: no such section in params (expected keys: {', '.join(TrajectoryParams.KEYS)})")
+    p = TrajectoryParams.from_dict(params[section] or {}, section=section)
+    seed_list = parse_seeds(seeds if seeds is not None else p.seeds)
+    shard = check_shard(shard) if shard is not None else shard_from_env()
+    device = resolve_device(str(params.get("device", "auto")))
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    check_store_location(out)  # before the teacher is loaded; writes nothing
+    teacher, denoiser, teacher_hash = load_trajectory_teacher(p.teacher, teacher_ckpt, device=device)
+    specs = p.specs(teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape)
+    results = []
+    teacher_images = 0
+    for spec in specs:
+        stats = generate_trajectories(
+            denoiser, spec, seed_list, out,
+            batch_size=p.batch_size, chunk_size=p.chunk_size, device=device, shard=shard,
+            progress=progress, compressor=p.compressor,
+        )  # fmt: skip
+        teacher_images += stats.pop("teacher_forward_images")
+        results.append(stats)
+    if not results:
+        raise StoreError("no trajectory keys to generate")
+    generated = sum(r["trajectories_generated"] for r in results)
+    seconds = sum(r["seconds"] for r in results)
+    summary = {
+        "section": section,
+        "store": str(out),
+        "seeds": format_seeds(seed_list),
+        "shard": list(shard),
+        "device": str(device),
+        "keys": results,
+        "chunks_generated": sum(r["chunks_generated"] for r in results),
+        "chunks_reused": sum(r["chunks_reused"] for r in results),
+        "trajectories_generated": generated,
+        "traj_per_s": round(generated / seconds, 2) if generated and seconds > 0 else 0.0,
+    }
+    return summary, teacher_images

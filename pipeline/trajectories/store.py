@@ -1,0 +1,499 @@
+"""The teacher trajectory store: one Zarr v3 store, one group per trajectory key (docs/trajectory-store.md).
+
+Layout::
+
+    STORE/zarr.json                      root group, attribute "sfd_trajectory_store" = format marker
+    STORE/<key>/zarr.json                key group, attribute "sfd_trajectory_key" = description, chunk_size, ...
+    STORE/<key>/x_T/                     [capacity, *S]         start noise x_T = t_max * z(seed)
+    STORE/<key>/states/                  [capacity, N-1, *S]    teacher states at t_1..t_{N-1}
+    STORE/<key>/labels/                  [capacity] int64       only when the label policy is not "none"
+    STORE/<key>/commits/<c>.json         commit record of chunk c: seeds and xxh3 checksums
+
+Row s holds seed s; chunk c holds seeds [c*chunk_size, (c+1)*chunk_size). A chunk is committed
+only when its record exists, parses, and (when verified) the checksums match the decoded bytes.
+Records are written last, one object per chunk, so a killed writer leaves at most an
+uncommitted chunk and concurrent writers of different chunks never touch the same object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import Store
+from zarr.core.buffer import cpu, default_buffer_prototype
+from zarr.core.sync import sync
+
+from pipeline.core.hashing import hash_bytes
+from pipeline.trajectories.spec import COMPRESSORS, TrajectorySpec, diff
+from pipeline.core.param_checks import PipelineError
+
+FORMAT = "sfd-trajectory-store"
+FORMAT_VERSION = 1
+ROOT_ATTR = "sfd_trajectory_store"
+KEY_ATTR = "sfd_trajectory_key"
+CAPACITY_SEEDS = 2**31  # rows are addressed by seed; unwritten chunks cost nothing
+CHECKSUM = "xxh3_64 of the decoded array bytes (C order, little-endian)"
+_RECORD_NAME = re.compile(r"^(\d+)\.json$")
+
+
+class StoreError(PipelineError, RuntimeError):
+    """The path is not a usable trajectory store (missing, another format, not writable)."""
+
+
+class KeyMismatchError(StoreError):
+    """The store holds no key matching what the caller expects; the message says what differs."""
+
+
+class ChunkCorruptError(StoreError):
+    """A committed chunk's bytes do not match its checksum record."""
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _check_writable_location(path: Path) -> None:
+    ancestor = path
+    while not ancestor.exists():
+        if ancestor.parent == ancestor:
+            break
+        ancestor = ancestor.parent
+    if ancestor != path and not ancestor.is_dir():
+        raise StoreError(f"cannot create the trajectory store {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot create the trajectory store {path}: {ancestor} is not writable")
+
+
+def _check_local_format(path: Path) -> bool:
+    """True when an SFD store exists at path, False when nothing (or an empty directory) is there."""
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        raise StoreError(f"{path} is a file, not a trajectory store (a Zarr v3 directory)")
+    if (path / "zarr.json").exists():
+        return True
+    if (path / ".zgroup").exists() or (path / ".zarray").exists():
+        raise StoreError(f"{path} is a Zarr v2 store, not an SFD trajectory store ({FORMAT} v{FORMAT_VERSION}, Zarr v3)")
+    if any(path.iterdir()):
+        raise StoreError(f"{path} is a non-empty directory without zarr.json: not an SFD trajectory store")
+    return False
+
+
+def check_store_location(location: str | Path | Store) -> None:
+    """Refuse a local path holding another format, or one that cannot be created; writes nothing."""
+    if isinstance(location, (str, Path)) and not _is_url(str(location)):
+        path = Path(location)
+        if _check_local_format(path):
+            open_store(path, mode="r")
+        else:
+            _check_writable_location(path)
+
+
+def make_compressors(name: str) -> list[Any]:
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if name == "blosc-zstd":
+        return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")]
+    if name == "blosc-lz4":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    if name == "zstd":
+        return [ZstdCodec(level=3)]
+    if name == "none":
+        return []
+    raise StoreError(f"compressor: got {name!r}; allowed values: {', '.join(map(repr, COMPRESSORS))}")
+
+
+def checksum(array: np.ndarray) -> str:
+    a = np.ascontiguousarray(array)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return hash_bytes(memoryview(a).cast("B"))
+
+
+class TrajectoryStore:
+    """A handle on a store (local path, fsspec URL or zarr Store); groups are opened lazily."""
+
+    def __init__(self, root: zarr.Group, location: str) -> None:
+        self.root = root
+        self.location = location
+        self._keys: dict[str, TrajectoryKey] = {}
+
+    @property
+    def store(self) -> Store:
+        return self.root.store
+
+    # --- keys -------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # commit records are not Zarr nodes
+            names = [name for name, node in self.root.members() if isinstance(node, zarr.Group)]
+        return sorted(n for n in names if KEY_ATTR in self.root[n].attrs)
+
+    def resolve(self, key_or_prefix: str) -> str:
+        """A full key from a key or an unambiguous prefix of one."""
+        keys = self.keys()
+        if key_or_prefix in keys:
+            return key_or_prefix
+        hits = [k for k in keys if k.startswith(key_or_prefix)]
+        if len(hits) == 1:
+            return hits[0]
+        if not hits:
+            raise KeyMismatchError(f"{self.location}: no key {key_or_prefix!r}; keys: {', '.join(keys) or '(none)'}")
+        raise KeyMismatchError(f"{self.location}: prefix {key_or_prefix!r} matches several keys: {', '.join(hits)}")
+
+    def key(self, key: str) -> "TrajectoryKey":
+        if key not in self._keys:
+            group = self.root[key]
+            if not isinstance(group, zarr.Group) or KEY_ATTR not in group.attrs:
+                raise StoreError(f"{self.location}/{key} is not a trajectory key group")
+            self._keys[key] = TrajectoryKey(self, key, group)
+        return self._keys[key]
+
+    def open_spec(self, spec: TrajectorySpec) -> "TrajectoryKey":
+        """The key for this spec, or a KeyMismatchError naming what differs from the nearest key."""
+        keys = self.keys()
+        expected = spec.description()
+        if spec.key in keys:
+            handle = self.key(spec.key)
+            differences = diff(expected, handle.description)
+            if differences:
+                raise KeyMismatchError(
+                    f"{self.location}/{spec.key}: stored description does not match its key: " + "; ".join(differences)
+                )
+            return handle
+        if not keys:
+            raise KeyMismatchError(f"{self.location}: the store holds no trajectories (expected key {spec.key})")
+        nearest = min(keys, key=lambda k: len(diff(expected, self.key(k).description)))
+        differences = diff(expected, self.key(nearest).description)
+        raise KeyMismatchError(
+            f"{self.location}: no trajectories for key {spec.key}. The nearest stored key {nearest} differs in: "
+            + "; ".join(differences)
+            + f". Stored keys: {', '.join(keys)}"
+        )
+
+    def create_key(self, spec: TrajectorySpec, *, chunk_size: int, compressor: str = "blosc-zstd") -> "TrajectoryKey":
+        """Create the group and arrays for a spec, or return the existing ones after checking they agree."""
+        key = spec.key
+        if key in self.keys():
+            handle = self.key(key)
+            if handle.chunk_size != chunk_size:
+                raise StoreError(
+                    f"{self.location}/{key}: exists with chunk_size {handle.chunk_size}, asked for {chunk_size}; "
+                    f"use chunk_size {handle.chunk_size} (committed chunks are reused) or another store"
+                )
+            differences = diff(spec.description(), handle.description)
+            if differences:
+                raise KeyMismatchError(f"{self.location}/{key}: stored description differs: " + "; ".join(differences))
+            group = handle.group
+            compressor = handle.info.get("compressor", compressor)
+        else:
+            info = {
+                "format_version": FORMAT_VERSION,
+                "key": key,
+                "description": spec.description(),
+                "chunk_size": chunk_size,
+                "capacity_seeds": CAPACITY_SEEDS,
+                "compressor": compressor,
+                "checksum": CHECKSUM,
+                "arrays": ["x_T", "states"] + (["labels"] if spec.labelled else []),
+            }
+            try:
+                group = self.root.create_group(key, attributes={KEY_ATTR: info})
+            except zarr.errors.ContainsGroupError:  # another writer was first: same key, same content
+                return self.create_key(spec, chunk_size=chunk_size, compressor=compressor)
+        # Arrays are (re)checked even for an existing key: a writer killed right after creating
+        # the group leaves a key without arrays.
+        compressors = make_compressors(compressor)
+        s = spec.sample_shape
+        shapes = {
+            "x_T": ((CAPACITY_SEEDS, *s), (chunk_size, *s), spec.storage_dtype, compressors),
+            "states": ((CAPACITY_SEEDS, spec.num_targets, *s), (chunk_size, spec.num_targets, *s), spec.storage_dtype, compressors),
+        }
+        if spec.labelled:
+            shapes["labels"] = ((CAPACITY_SEEDS,), (chunk_size,), "int64", [])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            existing = {name for name, _ in group.members()}
+        for name, (shape, chunks, dtype, comp) in shapes.items():
+            if name in existing:
+                continue
+            try:
+                group.create_array(
+                    name, shape=shape, chunks=chunks, dtype=dtype, compressors=comp, fill_value=0,
+                    config={"write_empty_chunks": True},
+                )  # fmt: skip
+            except zarr.errors.ContainsArrayError:
+                pass  # another writer created it first; same spec, same arrays
+        if "commits" not in existing:
+            try:
+                group.create_group("commits", attributes={"about": "one JSON commit record per chunk, written last"})
+            except zarr.errors.ContainsGroupError:
+                pass
+        self._keys.pop(key, None)
+        return self.key(key)
+
+    def delete_key(self, key: str) -> None:
+        sync(self.store.delete_dir(key))
+        self._keys.pop(key, None)
+
+
+@dataclass
+class ChunkProblem:
+    key: str
+    chunk: int
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.key} chunk {self.chunk}: {self.problem}"
+
+
+class TrajectoryKey:
+    """One trajectory key: its description, arrays and commit records."""
+
+    def __init__(self, store: TrajectoryStore, key: str, group: zarr.Group) -> None:
+        self.owner = store
+        self.name = key
+        self.group = group
+        info = dict(group.attrs[KEY_ATTR])
+        self.info: dict[str, Any] = info
+        self.description: dict[str, Any] = info["description"]
+        self.chunk_size: int = int(info["chunk_size"])
+        self.array_names: list[str] = list(info["arrays"])
+        self._arrays: dict[str, zarr.Array] = {}
+
+    @property
+    def spec(self) -> TrajectorySpec:
+        return TrajectorySpec.from_description(self.description)
+
+    @property
+    def labelled(self) -> bool:
+        return "labels" in self.array_names
+
+    def array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    def chunk_seeds(self, chunk: int) -> range:
+        return range(chunk * self.chunk_size, (chunk + 1) * self.chunk_size)
+
+    def chunks_for_seeds(self, seeds: list[int] | range) -> list[int]:
+        return sorted({s // self.chunk_size for s in seeds})
+
+    # --- commit records ---------------------------------------------------------------------
+    def _record_path(self, chunk: int) -> str:
+        return f"{self.name}/commits/{chunk}.json"
+
+    def read_record(self, chunk: int) -> dict[str, Any] | None:
+        """The chunk's commit record, or None when it is missing or unreadable (= not committed)."""
+        buf = sync(self.owner.store.get(self._record_path(chunk), prototype=default_buffer_prototype()))
+        if buf is None:
+            return None
+        try:
+            record = json.loads(buf.to_bytes())
+        except ValueError:
+            return None
+        if not isinstance(record, dict) or record.get("chunk") != chunk or not isinstance(record.get("checksums"), dict):
+            return None
+        return record
+
+    def committed_chunks(self) -> list[int]:
+        """Chunks whose commit record exists and parses (checksums are checked by verify/read)."""
+
+        async def listing() -> list[str]:
+            return [k async for k in self.owner.store.list_prefix(f"{self.name}/commits/")]
+
+        chunks = []
+        for path in sync(listing()):
+            m = _RECORD_NAME.match(path.rsplit("/", 1)[-1])
+            if m and self.read_record(int(m.group(1))) is not None:
+                chunks.append(int(m.group(1)))
+        return sorted(chunks)
+
+    def committed_seeds(self) -> int:
+        return len(self.committed_chunks()) * self.chunk_size
+
+    def delete_record(self, chunk: int) -> None:
+        sync(self.owner.store.delete(self._record_path(chunk)))
+
+    # --- chunk data -------------------------------------------------------------------------
+    def write_chunk(self, chunk: int, data: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Write a whole chunk's arrays, read them back, then commit: the record is written last."""
+        if sorted(data) != sorted(self.array_names):
+            raise StoreError(f"{self.name}: chunk data must hold {self.array_names}, got {sorted(data)}")
+        rows = slice(chunk * self.chunk_size, (chunk + 1) * self.chunk_size)
+        expected = {}
+        for name in self.array_names:
+            arr = self.array(name)
+            a = np.asarray(data[name]).astype(arr.dtype, copy=False)
+            if a.shape != (self.chunk_size, *arr.shape[1:]):
+                raise StoreError(f"{self.name}/{name}: chunk shape {a.shape}, expected {(self.chunk_size, *arr.shape[1:])}")
+            arr[rows] = a
+            expected[name] = checksum(a)
+        for name in self.array_names:
+            found = checksum(self.array(name)[rows])
+            if found != expected[name]:
+                raise ChunkCorruptError(f"{self.name} chunk {chunk}: {name} read back differs from what was written")
+        record = {
+            "chunk": chunk,
+            "seeds": [rows.start, rows.stop],
+            "checksums": expected,
+            "algorithm": CHECKSUM,
+        }
+        self._write_record(chunk, record)
+        return record
+
+    def _write_record(self, chunk: int, record: dict[str, Any]) -> None:
+        payload = json.dumps(record, sort_keys=True, indent=1).encode()
+        sync(self.owner.store.set(self._record_path(chunk), cpu.Buffer.from_bytes(payload)))
+
+    def read_chunk(self, chunk: int, *, verify: bool = True) -> dict[str, np.ndarray]:
+        """The committed chunk's arrays (decoded, storage dtype); raises ChunkCorruptError on a bad checksum."""
+        record = self.read_record(chunk)
+        if record is None:
+            raise StoreError(f"{self.owner.location}/{self.name}: chunk {chunk} (seeds {self.chunk_seeds(chunk).start}-"
+                             f"{self.chunk_seeds(chunk).stop - 1}) is not committed")  # fmt: skip
+        rows = slice(chunk * self.chunk_size, (chunk + 1) * self.chunk_size)
+        out = {}
+        for name in self.array_names:
+            try:
+                out[name] = self.array(name)[rows]
+            except Exception as e:  # a damaged object may fail to decode at all
+                raise ChunkCorruptError(f"{self.name} chunk {chunk}: {name} cannot be decoded ({e})") from e
+            if verify and checksum(out[name]) != record["checksums"].get(name):
+                raise ChunkCorruptError(
+                    f"{self.owner.location}/{self.name} chunk {chunk}: {name} does not match its checksum "
+                    f"(seeds {rows.start}-{rows.stop - 1}); run `sfd store verify` and regenerate"
+                )
+        return out
+
+    def verify(self) -> tuple[int, list[ChunkProblem]]:
+        """Check every committed chunk against its record: (number checked, problems)."""
+        problems = []
+        chunks = self.committed_chunks()
+        for c in chunks:
+            try:
+                self.read_chunk(c, verify=True)
+            except ChunkCorruptError as e:
+                problems.append(ChunkProblem(self.name, c, str(e).split(": ", 1)[-1]))
+        return len(chunks), problems
+
+    def size_bytes(self) -> int:
+        return int(sync(self.owner.store.getsize_prefix(f"{self.name}/")))
+
+
+def open_store(
+    location: str | Path | Store,
+    *,
+    mode: str = "r",  # "r": must exist; "a": open or create
+    storage_options: dict[str, Any] | None = None,  # fsspec options for URLs
+) -> TrajectoryStore:
+    """Open (or with mode="a" create) a trajectory store at a local path, an fsspec URL or a zarr Store."""
+    if mode not in ("r", "a"):
+        raise ValueError(f"mode: got {mode!r}; allowed values: 'r', 'a'")
+    label = str(location)
+    zarr_mode = "r" if mode == "r" else "r+"
+    kwargs: dict[str, Any] = {}
+    if isinstance(location, (str, Path)) and not _is_url(str(location)):
+        path = Path(location)
+        exists = _check_local_format(path)
+        if not exists:
+            if mode == "r":
+                raise StoreError(f"no trajectory store at {path} (generate it with the `trajectories` stage)")
+            _check_writable_location(path)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create the trajectory store {path}: {e}") from e
+            return _create(str(path), label, {})
+        target: Any = str(path)
+    else:
+        target = location
+        if isinstance(location, str):
+            opts = dict(storage_options or {})
+            if location.startswith("file://"):
+                opts.setdefault("auto_mkdir", True)
+            kwargs["storage_options"] = opts
+    try:
+        root = zarr.open_group(target, mode=zarr_mode, **kwargs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+        if mode == "r":
+            raise StoreError(f"no trajectory store at {label} ({e})") from e
+        return _create(target, label, kwargs)
+    except (ValueError, zarr.errors.NodeTypeValidationError) as e:
+        raise StoreError(f"{label} is not an SFD trajectory store ({e})") from e
+    marker = root.attrs.get(ROOT_ATTR)
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
+        raise StoreError(f"{label} is a Zarr store but not an SFD trajectory store (no {ROOT_ATTR!r} attribute)")
+    if marker.get("version") != FORMAT_VERSION:
+        raise StoreError(f"{label}: store format version {marker.get('version')}, this code reads {FORMAT_VERSION}")
+    return TrajectoryStore(root, label)
+
+
+def _create(target: Any, label: str, kwargs: dict[str, Any]) -> TrajectoryStore:
+    attrs = {ROOT_ATTR: {"format": FORMAT, "version": FORMAT_VERSION}}
+    try:
+        root = zarr.open_group(target, mode="a", attributes=attrs, **kwargs)
+    except OSError as e:
+        raise StoreError(f"cannot create the trajectory store {label}: {e}") from e
+    if ROOT_ATTR not in root.attrs:  # an empty group made by someone else
+        raise StoreError(f"{label} is a Zarr store but not an SFD trajectory store (no {ROOT_ATTR!r} attribute)")
+    return TrajectoryStore(root, label)
+
+
+def store_info(store: TrajectoryStore) -> list[dict[str, Any]]:
+    """One entry per key: key, description, chunk size, committed chunks/seeds and bytes on disk."""
+    from pipeline.diffusion.seeds import format_seeds
+
+    out = []
+    for key in store.keys():
+        k = store.key(key)
+        chunks = k.committed_chunks()
+        seeds = [s for c in chunks for s in k.chunk_seeds(c)]
+        out.append(
+            {
+                "key": key,
+                "description": k.description,
+                "chunk_size": k.chunk_size,
+                "compressor": k.info.get("compressor"),
+                "committed_chunks": len(chunks),
+                "committed_seeds": format_seeds(seeds) if seeds else "",
+                "num_seeds": len(seeds),
+                "size_bytes": k.size_bytes(),
+            }
+        )
+    return out
+
+
+def verify_store(store: TrajectoryStore, *, drop_bad: bool = False) -> tuple[int, list[ChunkProblem]]:
+    """Verify every committed chunk of every key; with drop_bad, uncommit bad chunks so they are regenerated."""
+    checked, problems = 0, []
+    for key in store.keys():
+        n, bad = store.key(key).verify()
+        checked += n
+        problems += bad
+        if drop_bad:
+            for p in bad:
+                store.key(key).delete_record(p.chunk)
+    return checked, problems
+
+
+def gc_store(store: TrajectoryStore, keep: list[str], *, dry_run: bool = False) -> list[str]:
+    """Delete every key not in ``keep`` (full keys or unambiguous prefixes); returns the deleted keys."""
+    if not keep:
+        raise StoreError("gc: name at least one key to keep (--keep KEY); refusing to delete every key")
+    kept = {store.resolve(k) for k in keep}
+    doomed = [k for k in store.keys() if k not in kept]
+    if not dry_run:
+        for k in doomed:
+            store.delete_key(k)
+    return doomed
