@@ -1,16 +1,17 @@
 # Two entry points on a fresh machine: `make repro` (install + run the pipeline) and `make test`.
+# pyproject.toml states compatible ranges (a user's own CUDA build of torch is kept); the default
+# environment is pinned by constraints.txt (`make lock` rewrites it from the current .venv).
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
-# torch 2.14.1 + torchvision 0.29.1 are the pair that imports together here (see README).
 STAMP := $(VENV)/.installed
 
-.PHONY: install repro test clean-venv
+.PHONY: install repro test lock clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,6 +24,9 @@ repro: install
 
 test: install
 	$(RUN) python -m pytest
+
+lock: install
+	$(PY) -m pip freeze --exclude-editable > constraints.txt
 
 clean-venv:
 	rm -rf $(VENV)

@@ -28,6 +28,25 @@ from pipeline.trajectories.store_cli import store_app  # noqa: E402
 
 app.add_typer(store_app, name="store")
 
+params_app = typer.Typer(help="Validate params files.", no_args_is_help=True)
+app.add_typer(params_app, name="params")
+
+
+@params_app.command("check")
+def params_check(
+    file: str = typer.Argument("params.yaml", help="params file to validate (default: params.yaml)"),
+) -> None:
+    """Validate a whole params file (every section, every cross-section rule) without running anything."""
+    from pipeline.config.params import load_params
+    from pipeline.core.param_checks import ParamError
+
+    try:
+        params = load_params(file)
+    except ParamError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"ok: {file} ({len(params.given)} sections)")
+
 
 @app.command()
 def sample(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.config.distill import DistillParams
 from pipeline.distill.sfd import run_distill_stage
 from stages.common import run, stage_params
 
@@ -23,14 +24,15 @@ def main(
     out: Path = typer.Option(..., help="distilled checkpoint directory (model.safetensors + model.json)"),
     state: Path = typer.Option(..., help="resumable state and last good checkpoint"),
     metrics: Path = typer.Option(..., help="summary: final loss per step index, epochs over the cache"),
-    loss_log: Path = typer.Option(..., help="training-loss log per step index"),
+    live: Path = typer.Option(..., help="DVCLive directory: loss per step index (x axis kimg), lr, final metrics"),
     cost: Path = typer.Option(..., help="cost record"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     loaded = stage_params(params)
     result = run_distill_stage(
-        loaded.resolved, section, store=store, teacher_ckpt=teacher_ckpt, out=out, state_dir=state,
-        metrics=metrics, loss_log=loss_log, cost_path=cost, progress=progress,
+        loaded.section(section, DistillParams), trajectories=loaded.trajectories_for(section), loss=loaded.loss, name=section,
+        store=store, teacher_ckpt=teacher_ckpt, out=out, state_dir=state,
+        metrics=metrics, live_dir=live, cost_path=cost, progress=progress,
     )  # fmt: skip
     final = ", ".join(f"{k}={v:.4g}" for k, v in result["final_loss"].items() if v is not None)
     typer.echo(

@@ -18,7 +18,9 @@ def main(
     grids: list[Path] = typer.Option(..., help="grid PNG directory of an evaluate stage (repeatable)"),
     merged_cost: Path = typer.Option(..., help="all stages' costs in one JSON"),
     out: Path = typer.Option(..., help="directory for report.md and its PNGs"),
-    loss_log: list[str] = typer.Option([], help="NAME=PATH training-loss log of a distill stage (repeatable)"),
+    loss_log: list[str] = typer.Option(
+        [], help="NAME=DIR: a distill stage's DVCLive directory (its --live), plotted per step index (repeatable)"
+    ),
 ) -> None:
     p = stage_params(params).report
     evaluations = merge_evaluations(evaluation)

@@ -20,6 +20,7 @@ def main(
     out: Path = typer.Option(..., help="checkpoint directory (model.safetensors + model.json)"),
     state: Path = typer.Option(..., help="resumable training state (kept across runs)"),
     metrics: Path = typer.Option(..., help="training summary (loss, steps, wall time)"),
+    live: Path = typer.Option(..., help="DVCLive directory: loss and lr per step, final metrics"),
     cost_out: Path = typer.Option(..., "--cost", help="cost record"),
 ) -> None:
     p = stage_params(params).teacher
@@ -32,7 +33,7 @@ def main(
     else:
         images, labels = load_split(data, "train")
         summary = train_teacher(p, images, labels, info["num_classes"], out, state_dir=state,
-                                data_description=description, cost=cost)
+                                data_description=description, cost=cost, live_dir=live)
         cost.extra["role"] = "teacher training (the trained network's passes are counted as student passes)"
     cost.write(cost_out)
     write_json(metrics, summary)

@@ -14,6 +14,7 @@ import typer
 from pipeline.core.cost import CostMeter
 from pipeline.core.devices import resolve_device
 from pipeline.core.files import write_json
+from pipeline.config.trajectories import TrajectoryParams
 from pipeline.trajectories.generation import parse_shard, run_trajectories_stage
 from stages.common import run, stage_params
 
@@ -35,8 +36,9 @@ def main(
     loaded = stage_params(params)
     meter = CostMeter(section, resolve_device(loaded.device))
     result, teacher_images = run_trajectories_stage(
-        loaded.resolved, section, out, teacher_ckpt=teacher_ckpt, seeds=seeds, shard=parse_shard(shard), progress=progress
-    )
+        loaded.section(section, TrajectoryParams), out, name=section, device=loaded.device, teacher_ckpt=teacher_ckpt,
+        seeds=seeds, shard=parse_shard(shard), progress=progress,
+    )  # fmt: skip
     meter.add_teacher_forward(teacher_images)
     meter.extra["trajectories_generated"] = result["trajectories_generated"]
     meter.write(cost)

@@ -37,7 +37,7 @@ from pipeline.evaluation.comparison import Cost, build_comparison, comparison_ro
 from pipeline.diffusion.denoisers import EDMPrecond
 from pipeline.diffusion.gmm import GaussianMixture
 from pipeline.networks.unet import build_network
-from pipeline.teachers.loader import load_network
+from pipeline.teachers.loader import load_teacher
 from pipeline.core.param_checks import ParamError
 from pipeline.evaluation.samples import sample_from_checkpoint
 from pipeline.diffusion.schedules import discrete_sigmas
@@ -213,7 +213,7 @@ def test_sfddm_round_lowers_its_loss_and_checkpoints_sample(tmp_path, gmm_data):
             images, _, spec = sample_from_checkpoint(tmp_path / root / f"nfe{t_prime}", "0-3")
             assert images.shape == (4, *SHAPE) and torch.isfinite(images).all()
             assert spec.nfe == t_prime and spec.solver == "euler"
-        control, _ = load_network(tmp_path / "control" / f"nfe{t_prime}")
+        control = load_teacher(tmp_path / "control" / f"nfe{t_prime}").model
         for a, b in zip(control.net.state_dict().values(), teacher.net.state_dict().values()):
             assert torch.equal(a, b)  # the control row is the teacher itself
     # the control row equals the teacher sampled by Euler on the student's grid
@@ -259,6 +259,100 @@ def test_vanilla_round_lowers_its_loss_and_checkpoint_samples(tmp_path, gmm, gmm
     images, _, spec = sample_from_checkpoint(tmp_path / "vanilla", "0-3")
     assert images.shape == (4, *SHAPE) and torch.isfinite(images).all()
     assert spec.nfe == 2 and spec.afs and spec.schedule.num_steps == 4
+
+
+# ---------------------------------------------------------------- resume (pipeline.training states)
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(monkeypatch, module, name: str, calls: int) -> None:
+    """Make ``module.name`` (a loss function) raise on its ``calls``-th call: a run killed mid-update."""
+    original, count = getattr(module, name), [0]
+
+    def wrapped(*args, **kwargs):
+        count[0] += 1
+        if count[0] == calls:
+            raise Crash(f"killed at call {calls}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def count_calls(monkeypatch, module, name: str) -> list[int]:
+    original, count = getattr(module, name), [0]
+
+    def wrapped(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return count
+
+
+def assert_same_checkpoints(a, b, names) -> None:
+    for n in names:
+        for f in ("model.safetensors", "model.json"):
+            assert (a / n / f).read_bytes() == (b / n / f).read_bytes(), (n, f)
+
+
+def test_pd_interrupted_inside_a_round_resumes_bit_exact(tmp_path, gmm_data, monkeypatch):
+    from pipeline.distill.baselines import progressive
+
+    params = PDParams(start_steps=4, updates_per_round=20, batch_size=8)  # rounds N=2, N=1; a state every 2 updates
+    run = lambda name, **kw: progressive_distillation(  # noqa: E731
+        tiny_model(0, perturb_output=True), tiny_config(), gmm_data, params, tmp_path / name, progress=False, **kw)
+    full = run("full")
+    with monkeypatch.context() as m:
+        crash_after(m, progressive, "pd_loss", 20 + 8)  # round 2, update 8: its last state is at 6
+        with pytest.raises(Crash):
+            run("cut", state_dir=tmp_path / "state")
+    assert json.loads((tmp_path / "state" / "nfe1" / "training_state.json").read_text())["counters"]["batch"] == 6
+    torch.manual_seed(1234)  # the global RNG comes back from the state
+    calls = count_calls(monkeypatch, progressive, "pd_loss")
+    resumed = run("cut", state_dir=tmp_path / "state")
+    assert calls[0] == 20 - 6  # round 1 was done, round 2 went on from update 6
+    assert_same_checkpoints(tmp_path / "full", tmp_path / "cut", ["nfe2", "nfe1"])
+    assert resumed["rounds"][1]["cumulative"]["teacher_forward_images"] == full["rounds"][1]["cumulative"]["teacher_forward_images"]
+
+
+def test_sfddm_interrupted_resumes_bit_exact(tmp_path, gmm_data, monkeypatch):
+    from pipeline.distill.baselines import sfddm
+
+    teacher = frozen(tiny_model(0, perturb_output=True))
+    params = SFDDMParams(teacher_steps=8, student_steps=[2, 4], updates=20, batch_size=8)
+    run = lambda name, **kw: sfddm_distillation(  # noqa: E731
+        teacher, tiny_config(), gmm_data, params, tmp_path / name, tmp_path / f"{name}_control", progress=False, **kw)
+    run("full")
+    with monkeypatch.context() as m:
+        crash_after(m, sfddm, "sfddm_loss", 20 + 7)  # second student, update 7
+        with pytest.raises(Crash):
+            run("cut", state_dir=tmp_path / "state")
+    calls = count_calls(monkeypatch, sfddm, "sfddm_loss")
+    run("cut", state_dir=tmp_path / "state")
+    assert calls[0] == 20 - 6
+    assert_same_checkpoints(tmp_path / "full", tmp_path / "cut", ["nfe2", "nfe4"])
+
+
+def test_vanilla_interrupted_resumes_bit_exact(tmp_path, gmm_data, monkeypatch):
+    from pipeline.distill.baselines import vanilla
+
+    params = VanillaParams(updates=20, batch_size=8)  # lr x 0.1 from update 10; a state every 2 updates
+    run = lambda name, **kw: vanilla_distillation(  # noqa: E731
+        tiny_model(0, perturb_output=True), tiny_config(), gmm_data, params, tmp_path / name / "nfe2", progress=False, **kw)
+    full = run("full", live_dir=tmp_path / "full_live")
+    with monkeypatch.context() as m:
+        crash_after(m, vanilla, "vanilla_loss", 13)
+        with pytest.raises(Crash):
+            run("cut", state_dir=tmp_path / "state", live_dir=tmp_path / "cut_live")
+    calls = count_calls(monkeypatch, vanilla, "vanilla_loss")
+    resumed = run("cut", state_dir=tmp_path / "state", live_dir=tmp_path / "cut_live")
+    assert calls[0] == 20 - 12
+    assert_same_checkpoints(tmp_path / "full", tmp_path / "cut", ["nfe2"])  # the summary in model.json too
+    assert resumed["teacher_images"] == full["teacher_images"] > 0
+    for f in ("metrics.json", "plots/metrics/loss.tsv", "plots/metrics/lr.tsv"):
+        assert (tmp_path / "full_live" / f).read_text() == (tmp_path / "cut_live" / f).read_text(), f
 
 
 # ---------------------------------------------------------------- comparison

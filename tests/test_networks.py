@@ -9,9 +9,8 @@ from pipeline.core.checkpoints import CheckpointError, save_checkpoint
 from pipeline.diffusion.denoisers import EDMPrecond
 from pipeline.core.hashing import hash_state_dict
 from pipeline.networks.unet import build_network, drop_labels
-from pipeline.teachers.loader import load_network, load_network_teacher
+from pipeline.teachers.loader import load_network, load_teacher
 from pipeline.core.param_checks import ParamError
-from pipeline.teachers.loader import load_teacher
 
 
 SHAPES = [  # (C, resolution, channel_mult, attn_resolutions)
@@ -106,10 +105,10 @@ def test_checkpoint_round_trip_is_safetensors(tmp_path):
     expected = EDMPrecond(net.eval(), 0.5)(x, sigma, lab)
     torch.testing.assert_close(model(x, sigma, lab), expected, rtol=0, atol=0)
 
-    teacher = load_network_teacher(tmp_path / "ckpt")
-    assert teacher.weights_hash == hash_state_dict(net.state_dict())
+    teacher = load_teacher(tmp_path / "ckpt")
+    assert teacher.weights_hash == hash_state_dict(net.state_dict()) == teacher.network_hash
     assert teacher.sample_shape == (1, 8, 8) and teacher.num_classes == 10
-    via_source = load_teacher("checkpoint", path=str(tmp_path / "ckpt"))
+    via_source = load_teacher("checkpoint", path=str(tmp_path / "ckpt"))  # the old form, still accepted
     assert via_source.weights_hash == teacher.weights_hash
 
 

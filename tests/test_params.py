@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.param_checks import ParamError
 from pipeline.config.params import load_params, parse_params
+from pipeline.config.trajectories import TrajectoryParams
+from pipeline.core.param_checks import ParamError
 
 
 def test_repository_params_file_is_valid():
@@ -23,8 +24,8 @@ def test_shared_keys_are_inherited_unless_a_section_sets_its_own():
     assert p.distill.seed == 3 and p.distill_v.seed == 7
     assert p.baseline_pd.seed == 7 and p.baseline_pd.device == "cpu"
     assert p.distill.threads == 2
-    assert p.resolved["distill_v"]["seed"] == 7
-    assert "seed" not in p.resolved["trajectories"]  # no such field: seeds are a range there
+    assert p.distill_v.seed == 7 and not hasattr(p, "resolved")  # the stages get typed sections, never raw dicts
+    assert "seed" not in TrajectoryParams.__dataclass_fields__  # no such field: seeds are a range there
 
 
 @pytest.mark.parametrize(
@@ -72,3 +73,132 @@ def test_threads_setting_is_applied():
     assert parse_params({"threads": 2}).apply_threads() == 2 == torch.get_num_threads()
     assert parse_params({"threads": 0}).apply_threads() == 2  # 0 leaves torch's setting as it is
     # (the conftest fixture restores one thread after the test)
+
+
+# ---- typed sections: one-line errors with the full key path ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"trajectories": {"schedule": {"t_min": -1}}}, "trajectories.schedule.t_min: must be > 0, got -1"),
+        ({"trajectories_v": {"schedule": {"num_steps": [4, 1]}}}, "trajectories_v.schedule.num_steps: must be >= 2, got 1"),
+        ({"distill_v": {"lr": True}}, "distill_v.lr: expected a number, got True"),
+        ({"distill": {"kimg": "5"}}, "distill.kimg: expected a number, got '5'"),
+        ({"baseline_pd": {"lr": True}}, "baseline_pd.lr: expected a number, got True"),
+        ({"evaluate": {"solvers": ["rk4"]}}, "evaluate.solvers[0]: got 'rk4'; allowed values: 'euler', 'heun', 'dpm2', "
+                                             "'ipndm', 'dpmpp', 'dpmpp2m', 'dpmpp3m'"),
+        ({"teacher": {"network": {"channel_mult": [1, 0]}}}, "teacher.network.channel_mult[1]: must be >= 1, got 0"),
+        ({"teacher": {"network": {"channel_mult": "12"}}}, "teacher.network.channel_mult: expected a list, got '12'"),
+        ({"distill": {"loss": "l3"}}, "distill.loss: got 'l3'; allowed values: 'l1', 'l2', 'pseudo_huber', 'lpips'"),
+        ({"trajectories": {"compressor": 5}}, "trajectories.compressor: got 5; allowed values: 'blosc-zstd', 'blosc-lz4', 'zstd', 'none'"),
+        ({"baseline_vanilla": {"schedule": {"num_steps": 2}}}, "baseline_vanilla.schedule.num_steps: with afs the student needs N >= 3, got 2"),
+        ({"teacher": {"device": "gpu"}}, "teacher.device: got 'gpu'; allowed values: 'auto', 'cpu', 'cuda', 'cuda:N'"),
+        ({"seed": 1.5}, "seed: expected an integer, got 1.5"),
+    ],
+)
+def test_a_bad_nested_value_is_one_line_naming_the_full_path(raw, message):
+    with pytest.raises(ParamError) as info:
+        parse_params(raw)
+    assert str(info.value) == message and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "raw, prefix",
+    [
+        ({"distill": {"kimgg": 1}}, "distill: unknown key(s) kimgg"),
+        ({"teacher": {"network": {"model_chanels": 8}}}, "teacher.network: unknown key(s) model_chanels"),
+        ({"trajectories": {"schedule": {"steps": 4}}}, "trajectories.schedule: unknown key(s) steps"),
+        ({"evaluate": {"schedule": {"num_steps": 4}}}, "evaluate.schedule: unknown key(s) num_steps"),  # N comes from nfes
+    ],
+)
+def test_unknown_keys_are_refused_with_the_known_ones(raw, prefix):
+    with pytest.raises(ParamError) as info:
+        parse_params(raw)
+    assert str(info.value).startswith(prefix + "; known keys: ")
+
+
+def test_ints_are_accepted_where_floats_are_expected():
+    p = parse_params({"distill": {"lr": 1, "kimg": 5}, "trajectories": {"schedule": {"t_max": 80}}})
+    assert p.distill.lr == 1.0 and isinstance(p.distill.kimg, float)
+    assert isinstance(p.trajectories.schedule["t_max"], float)
+
+
+def test_distill_sections_name_an_existing_trajectories_section():
+    with pytest.raises(ParamError, match=r"^distill_v.trajectories: got 'trajectories_x'; allowed values: 'trajectories', "
+                                         r"'trajectories_v', 'trajectories_stage2'$"):
+        parse_params({"distill_v": {"trajectories": "trajectories_x"}})
+    with pytest.raises(ParamError, match="distill.trajectories: got 'evaluate'"):
+        parse_params({"distill": {"trajectories": "evaluate"}})  # a section, but not a trajectories one
+
+
+def test_evaluation_seeds_are_disjoint_from_every_trajectories_section():
+    with pytest.raises(ParamError, match=r"^evaluate.seeds: '2000-2999' overlaps trajectories_v.seeds '0-2047' "
+                                         r"\(48 seed\(s\) in common, e.g. 2000\)"):
+        parse_params({"trajectories_v": {"seeds": "0-2047"}, "evaluate": {"seeds": "2000-2999"}})
+    parse_params({"trajectories_v": {"seeds": "0-1999"}, "evaluate": {"seeds": "2000-2999"}})
+
+
+@pytest.mark.parametrize("section", ["trajectories_stage2", "baseline_vanilla"])
+def test_max_order_only_where_the_solver_uses_it(section):
+    with pytest.raises(ParamError, match=rf"^{section}.max_order: only ipndm \(1-4\) and dpmpp \(1-3\) use max_order; "
+                                         r"for 'euler' leave it out or set 1, got 4$"):
+        parse_params({section: {"solver": "euler", "max_order": 4}})
+    assert parse_params({section: {"solver": "euler"}}).section(section).max_order == 1  # normalised, not the default 3
+    assert parse_params({section: {"solver": "heun", "max_order": 1}}).section(section).max_order == 1
+    assert parse_params({section: {"solver": "ipndm", "max_order": 4}}).section(section).max_order == 4
+    assert parse_params({section: {"solver": "dpmpp"}}).section(section).max_order == 3
+    with pytest.raises(ParamError, match=rf"^{section}.max_order: must lie in 1..3 for 'dpmpp', got 4$"):
+        parse_params({section: {"solver": "dpmpp", "max_order": 4}})
+
+
+def test_sections_by_type_for_the_stages():
+    p = parse_params({})
+    assert p.trajectories_for("distill_v") is p.trajectories  # the default distill_v reads `trajectories`
+    assert p.section("trajectories_v", TrajectoryParams) is p.trajectories_v
+    with pytest.raises(ParamError, match="distill: not a TrajectoryParams section; allowed values: 'trajectories'"):
+        p.section("distill", TrajectoryParams)
+    with pytest.raises(ParamError, match="no section 'nope'"):
+        p.section("nope")
+
+
+# Store keys of the repository's params.yaml, computed with the code before the params model was typed
+# (teacher hash "0" * 32): a change here means every cached trajectory would be regenerated.
+STORE_KEYS = {
+    ("trajectories", 10): ["e16ab43438e5c3c48f83384358e73ef6"],
+    ("trajectories", 0): ["455f1860e7e1551871ed14eed5a3f3c6"],
+    ("trajectories_v", 10): ["e16ab43438e5c3c48f83384358e73ef6", "a8113b2b2574ff943b978b6a962248f7",
+                             "516d406d7b02c2c4064cd0e90e67b096", "86ab9173fd2ff73ff3695196450ede37"],
+    ("trajectories_v", 0): ["455f1860e7e1551871ed14eed5a3f3c6", "e8ef79579c5af3808d04c90f92101519",
+                            "0bb6a4cbc6f0e18cacb78ed0c34b3b7d", "9638084e7e7a597bb34bb20412a7efbe"],
+    ("trajectories_stage2", 10): ["0848a9ec90775c60fbada86f547a1b17"],
+    ("trajectories_stage2", 0): ["098e6f6df64d98718a5c608ea764b041"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "presets/cifar10.yaml"])
+def test_store_keys_of_the_default_params_are_unchanged(path):
+    p = load_params(Path(__file__).parents[1] / path)
+    for (name, num_classes), keys in STORE_KEYS.items():
+        shape = (1, 8, 8) if num_classes else (3, 32, 32)
+        specs = p.section(name).specs(teacher_hash="0" * 32, num_classes=num_classes, sample_shape=shape)
+        assert [s.key for s in specs] == keys, (name, num_classes)
+
+
+def test_params_check_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    root = Path(__file__).parents[1]
+    ok = runner.invoke(app, ["params", "check", str(root / "params.yaml")])
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.strip() == f"ok: {root / 'params.yaml'} (14 sections)"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"trajectories": {"schedule": {"t_min": -1}}}))
+    result = runner.invoke(app, ["params", "check", str(bad)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: trajectories.schedule.t_min: must be > 0, got -1"]
+    missing = runner.invoke(app, ["params", "check", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output

@@ -26,8 +26,12 @@ def inputs(tmp_path):
     grids.mkdir()
     for name in ("teacher_nfe35", "sfd_nfe2"):
         Image.fromarray((np.random.default_rng(0).random((16, 16)) * 255).astype(np.uint8)).save(grids / f"{name}.png")
-    log = tmp_path / "loss.csv"
-    log.write_text("batch,kimg,lr,N4/step1,N5/step1\n1,0.1,1e-4,3.0,\n2,0.2,1e-4,2.5,2.0\n")
+    log = tmp_path / "live"  # a distill stage's DVCLive directory (pipeline.training.live)
+    (log / "plots" / "metrics" / "loss" / "N4").mkdir(parents=True)
+    (log / "plots" / "metrics" / "loss" / "N5").mkdir()
+    (log / "plots" / "metrics" / "kimg.tsv").write_text("step\tkimg\n1\t0.1\n2\t0.2\n")
+    (log / "plots" / "metrics" / "loss" / "N4" / "step1.tsv").write_text("step\tstep1\n1\t3.0\n2\t2.5\n")
+    (log / "plots" / "metrics" / "loss" / "N5" / "step1.tsv").write_text("step\tstep1\n2\t2.0\n")
     return tmp_path, log
 
 
@@ -53,12 +57,12 @@ def test_loss_log_and_entry_parsing(tmp_path, inputs):
     _, log = inputs
     curves = read_loss_log(log)
     assert curves["N4/step1"] == ([0.1, 0.2], [3.0, 2.5])
-    assert curves["N5/step1"] == ([0.2], [2.0])  # empty cell: not drawn in that window
+    assert curves["N5/step1"] == ([0.2], [2.0])  # no row: not drawn in that window
     assert split_entry("sfd-v/nfe12") == ("sfd-v", 12)
     with pytest.raises(ValueError):
         split_entry("sfd")
-    bad = tmp_path / "bad.csv"
-    bad.write_text("batch,loss\n1,2\n")
+    bad = tmp_path / "bad"
+    bad.mkdir()
     with pytest.raises(ParamError, match="kimg"):
         read_loss_log(bad)
     with pytest.raises(ParamError, match="report.panels"):

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
+from pipeline.config.params import parse_params
 from pipeline.core.checkpoints import load_checkpoint
 from pipeline.distill.sfd import NonFiniteLossError, run_distill_stage
-from pipeline.distill.student import load_student
+from pipeline.teachers.loader import load_student
 from pipeline.trajectories.generation import run_trajectories_stage
 from pipeline.trajectories.reader import TrajectoryDataset
 from pipeline.trajectories.store import KeyMismatchError, open_store
@@ -40,16 +41,19 @@ def make_params(**distill) -> dict:
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("store") / "trajectories.zarr"
     params = make_params()
-    run_trajectories_stage(params, "trajectories", path, progress=False)
-    run_trajectories_stage(params, "trajectories_v", path, progress=False)
+    p = parse_params(params)
+    run_trajectories_stage(p.trajectories, path, name="trajectories", progress=False)
+    run_trajectories_stage(p.trajectories_v, path, name="trajectories_v", progress=False)
     return path
 
 
 def distill(params, store, tmp_path, section="distill", name="run", **kwargs):
+    p = parse_params(params)  # as stages/distill.py: the whole file validated, the typed sections passed on
     return run_distill_stage(
-        params, section, store=store, teacher_ckpt=None, out=tmp_path / name / "student",
+        p.section(section), trajectories=p.trajectories_for(section), loss=p.loss, name=section,
+        store=store, teacher_ckpt=None, out=tmp_path / name / "student",
         state_dir=tmp_path / name / "state", metrics=tmp_path / name / "metrics.json",
-        loss_log=tmp_path / name / "loss.csv", cost_path=tmp_path / name / "cost.json", progress=False, **kwargs,
+        live_dir=tmp_path / name / "live", cost_path=tmp_path / name / "cost.json", progress=False, **kwargs,
     )  # fmt: skip
 
 
@@ -61,7 +65,7 @@ def rollout_loss(student, store, num_steps: int = 4) -> float:
     b = next(iter(ds))
     t = student.sampler.schedule.t_steps().tolist()
     x, total = b.x_T, 0.0
-    d = student.denoiser()
+    d = student.sampling_denoiser()
     with torch.no_grad():
         for n in range(num_steps - 1):
             eps = x / math.sqrt(1 + t[0] ** 2) if n == 0 else (x - d(x, torch.full((len(x),), t[n]), b.labels)) / t[n]
@@ -78,10 +82,14 @@ def test_student_loss_falls(store, tmp_path):
     result = distill(params, store, tmp_path)
     after = rollout_loss(load_student(result["checkpoint"]), store)
     assert after < 0.75 * before, (before, after)  # measured: 12.2 -> 7.7
-    log = (tmp_path / "run" / "loss.csv").read_text().splitlines()
-    assert log[0] == "batch,kimg,lr,step2,step3" and len(log) == 1 + 32
-    first, last = (sum(float(v) for v in row.split(",")[3:]) for row in (log[1], log[-1]))
+    live = tmp_path / "run" / "live"  # DVCLive: one row per log window (0.016 kimg), x axis kimg
+    log = json.loads((live / "plots" / "custom" / "loss.json").read_text())
+    assert list(log[0]) == ["step", "kimg", "lr", "step2", "step3"] and len(log) == 32 and log[-1]["kimg"] == 0.512
+    assert (live / "plots" / "metrics" / "loss" / "step2.tsv").read_text().splitlines()[:2] == ["step\tstep2", f"1\t{log[0]['step2']}"]
+    first, last = (row["step2"] + row["step3"] for row in (log[0], log[-1]))
     assert last < first
+    summary = json.loads((live / "metrics.json").read_text())
+    assert summary["final"]["final_loss"] == result["final_loss"] and summary["final"]["kimg"] == 0.512
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["loss_used"] == "l1" and metrics["epochs_over_cache_max"] == pytest.approx(512 / 64)
     assert set(metrics["final_loss"]) == {"step2", "step3"}
@@ -140,7 +148,7 @@ def test_resume_equals_uninterrupted(store, tmp_path):
     full = distill(params, store, tmp_path, name="full")
     assert distill(params, store, tmp_path, name="cut", stop_after_batches=5) == {"interrupted_at_batch": 5}
     _, meta = load_checkpoint(tmp_path / "cut" / "state", name="training_state")
-    assert meta["batch"] == 4  # the run resumes from the last checkpoint, before the interruption
+    assert meta["counters"]["batch"] == 4  # the run resumes from the last checkpoint, before the interruption
     resumed = distill(params, store, tmp_path, name="cut")
     a, _ = load_checkpoint(tmp_path / "full" / "student")
     b, _ = load_checkpoint(tmp_path / "cut" / "student")
@@ -148,7 +156,11 @@ def test_resume_equals_uninterrupted(store, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert resumed["final_loss"] == full["final_loss"] and resumed["optimizer_steps"] == full["optimizer_steps"]
-    assert (tmp_path / "full" / "loss.csv").read_text() == (tmp_path / "cut" / "loss.csv").read_text()
+    live = {d: sorted(f.relative_to(tmp_path / d / "live") for f in (tmp_path / d / "live").rglob("*") if f.is_file())
+            for d in ("full", "cut")}
+    assert live["full"] == live["cut"] and len(live["full"]) == 6  # metrics.json, loss plot, kimg, lr, step2, step3
+    for f in live["full"]:  # the resumed run replays the rows logged before the interruption
+        assert (tmp_path / "full" / "live" / f).read_bytes() == (tmp_path / "cut" / "live" / f).read_bytes(), f
 
 
 def test_stale_store_key_is_refused(store, tmp_path):
@@ -173,7 +185,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(store, tmp_path, mo
     with pytest.raises(NonFiniteLossError, match=r"nan.*last good checkpoint .*batch 4"):
         distill(make_params(), store, tmp_path)
     tensors, meta = load_checkpoint(tmp_path / "run" / "state", name="training_state")
-    assert meta["batch"] == 4 and all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("net."))
+    assert meta["counters"]["batch"] == 4 and all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("net."))
     student = load_student(tmp_path / "run" / "state")  # the last good checkpoint samples
     assert student.config["provenance"]["kimg_done"] == pytest.approx(0.064)
     assert not (tmp_path / "run" / "student").exists()
@@ -211,10 +223,12 @@ def test_stage2_from_a_distilled_student(store, tmp_path):
     }  # fmt: skip
     params["distill_stage2"] = {"trajectories": "trajectories_stage2", "lr": 5e-4, "kimg": 0.032, "batch_size": 16,
                                 "lpips_last_step": True, "loss": "l1", "device": "cpu"}  # fmt: skip
-    summary, images = run_trajectories_stage(params, "trajectories_stage2", store, teacher_ckpt=stage1, progress=False)
+    p = parse_params(params)
+    summary, images = run_trajectories_stage(p.trajectories_stage2, store, name="trajectories_stage2", teacher_ckpt=stage1,
+                                             progress=False)  # fmt: skip
     assert images == 32 * 5  # the stage-1 model's own N=7 AFS sampler: 5 NFE per trajectory
-    result = run_distill_stage(params, "distill_stage2", store=store, teacher_ckpt=stage1, out=tmp_path / "s2",
-                               state_dir=None, progress=False)  # fmt: skip
+    result = run_distill_stage(p.distill_stage2, trajectories=p.trajectories_stage2, loss=p.loss, name="distill_stage2",
+                               store=store, teacher_ckpt=stage1, out=tmp_path / "s2", state_dir=None, progress=False)  # fmt: skip
     assert result["loss_used"].startswith("l1 (no lpips_weights given")
     assert result["optimizer_steps"] == 2 and result["nfe"] == {"3": 1}
     student = load_student(tmp_path / "s2")

@@ -11,7 +11,8 @@ from pipeline.diffusion.sampling import generate
 from pipeline.evaluation.samples import sample_from_checkpoint
 from pipeline.diffusion.schedules import Schedule
 from pipeline.diffusion.seeds import seed_labels
-from pipeline.distill.student import load_student, sampler_section, save_student, student_config, student_from_checkpoint
+from pipeline.distill.student import sampler_section, save_student, student_config, student_from_checkpoint
+from pipeline.teachers.loader import load_student, load_teacher
 
 ARCH = {"img_resolution": 8, "in_channels": 1, "label_dim": 3, "model_channels": 8, "channel_mult": [1, 2],
         "num_blocks": 1, "attn_resolutions": [4]}  # fmt: skip
@@ -39,9 +40,7 @@ def inputs(n=4):
 
 @pytest.mark.parametrize("step_condition", [False, True])
 def test_student_starts_equal_to_the_teacher(teacher_ckpt, step_condition):
-    from pipeline.teachers.loader import load_network
-
-    teacher, _ = load_network(teacher_ckpt)
+    teacher = load_teacher(teacher_ckpt).denoiser
     init = student_from_checkpoint(teacher_ckpt, step_condition=step_condition)
     assert init.model.net.step_condition == step_condition
     x, sigma, labels = inputs()
@@ -111,3 +110,16 @@ def test_guidance_uses_the_distilled_network_on_both_branches(teacher_ckpt, tmp_
 def test_load_student_refuses_a_teacher(teacher_ckpt):
     with pytest.raises(CheckpointError, match="no sampler section"):
         load_student(teacher_ckpt)
+
+
+def test_one_student_config_for_sfd_and_the_baselines(teacher_ckpt):
+    from pipeline.distill.baselines import common
+    from pipeline.teachers.loader import load_teacher
+
+    assert common.student_config is student_config
+    sampler, prov = sampler_section(Schedule(num_steps=4), afs=True), {"kind": "x"}
+    init = student_from_checkpoint(teacher_ckpt)
+    teacher_config = load_teacher(teacher_ckpt).config  # the baselines pass the teacher's model.json
+    a, b = student_config(init.config, sampler, prov), student_config(teacher_config, sampler, prov)
+    assert set(a) == set(b) == {"network", "sigma_data", "data", "sampler", "provenance"}
+    assert a == b  # the teacher's own provenance and sampler: None are not carried over

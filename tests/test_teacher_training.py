@@ -61,7 +61,7 @@ def test_deterministic_and_resume_equals_uninterrupted(digits, tmp_path):
     # interrupted after 3 steps (the saved state), then resumed to 6
     train_teacher(params(steps=3), images, labels, 10, tmp_path / "part", state_dir=tmp_path / "s", progress=False)
     state_meta = json.loads((tmp_path / "s" / "training_state.json").read_text())
-    assert state_meta["step"] == 3
+    assert state_meta["counters"]["batch"] == 3
     train_teacher(params(steps=6), images, labels, 10, tmp_path / "resumed", state_dir=tmp_path / "s", progress=False)
     assert hash_state_dict(load_checkpoint(tmp_path / "resumed")[0]) == hash_state_dict(full)
     # a different configuration does not resume from that state

@@ -11,17 +11,14 @@ import pytest
 import torch
 import yaml
 
+from pipeline.config.params import parse_params
 from pipeline.core.param_checks import ParamError
 from pipeline.diffusion.schedules import Schedule, student_indices
 from pipeline.diffusion.seeds import seed_labels, seed_noise
 from pipeline.diffusion.solvers import solve
-from pipeline.teachers.loader import gmm_teacher
-from pipeline.trajectories.generation import (
-    bind_num_steps,
-    bound_teacher_hash,
-    parse_shard,
-    run_trajectories_stage,
-)
+from pipeline.diffusion.denoisers import bind_num_steps
+from pipeline.teachers.loader import bound_teacher_hash, gmm_teacher
+from pipeline.trajectories.generation import parse_shard, run_trajectories_stage
 from pipeline.trajectories.spec import TrajectoryParams
 from pipeline.trajectories.store import open_store
 
@@ -36,9 +33,15 @@ def params(**section) -> dict:
     return {"seed": 0, "device": "cpu", "trajectories": base}
 
 
+def run_stage(raw: dict, name: str, out, **kwargs):
+    """The stage as stages/trajectories.py runs it: the whole file validated, the typed section passed on."""
+    p = parse_params(raw)
+    return run_trajectories_stage(p.section(name), out, name=name, device=p.device, **kwargs)
+
+
 def test_stage_keys_per_num_steps_and_targets_equal_solver(tmp_path):
     out = tmp_path / "traj.zarr"
-    summary, images = run_trajectories_stage(params(), "trajectories", out, progress=False)
+    summary, images = run_stage(params(), "trajectories", out, progress=False)
     assert [k["description"]["schedule"]["num_steps"] for k in summary["keys"]] == [3, 4]
     assert summary["chunks_generated"] == 4 and summary["trajectories_generated"] == 32
     assert images == 16 * 8 + 16 * 12  # (M+1)(N-1) NFE per trajectory for N = 3 and N = 4
@@ -55,7 +58,7 @@ def test_stage_keys_per_num_steps_and_targets_equal_solver(tmp_path):
     torch.testing.assert_close(torch.from_numpy(chunk["states"]), torch.stack(states, 1), rtol=0, atol=0)
     torch.testing.assert_close(torch.from_numpy(chunk["x_T"]), x_T, rtol=0, atol=0)
     assert student_indices(4, 3)[1:] == [4, 8, 12] and spec.num_targets == 3
-    again, images = run_trajectories_stage(params(), "trajectories", out, seeds="0-23", progress=False)
+    again, images = run_stage(params(), "trajectories", out, seeds="0-23", progress=False)
     assert (again["chunks_reused"], again["chunks_generated"]) == (4, 2)
 
 
@@ -64,7 +67,7 @@ def test_stage2_style_euler_afs_section(tmp_path):
                "schedule": {"kind": "polynomial", "num_steps": 3, "t_min": 0.006, "t_max": 80.0, "rho": 7.0}}  # fmt: skip
     p = params(**section)
     p["trajectories_stage2"] = p.pop("trajectories")
-    summary, images = run_trajectories_stage(p, "trajectories_stage2", tmp_path / "s2.zarr", progress=False)
+    summary, images = run_stage(p, "trajectories_stage2", tmp_path / "s2.zarr", progress=False)
     d = summary["keys"][0]["description"]
     assert d["solver"] == {"name": "euler", "max_order": 1, "lower_order_final": True, "afs": True} and d["M"] == 2
     assert images == 16 * 5  # 7 fine timestamps, 6 Euler steps, AFS saves the first call
@@ -89,13 +92,13 @@ def test_stage_cli_writes_summary_cost_and_refuses_bad_seeds(tmp_path):
 def test_bad_params_are_refused_before_writing(tmp_path):
     out = tmp_path / "t.zarr"
     with pytest.raises(ParamError, match="trajectories.solver: got 'rk4'"):
-        run_trajectories_stage(params(solver="rk4"), "trajectories", out, progress=False)
+        run_stage(params(solver="rk4"), "trajectories", out, progress=False)
     with pytest.raises(ParamError, match="unknown key"):
-        run_trajectories_stage(params(chunks=8), "trajectories", out, progress=False)
+        run_stage(params(chunks=8), "trajectories", out, progress=False)
     with pytest.raises(ParamError, match="max_order"):
         TrajectoryParams.from_dict({"solver": "dpmpp", "max_order": 4})
     with pytest.raises(ParamError, match="no teacher given"):
-        run_trajectories_stage(params(teacher=None), "trajectories", out, progress=False)
+        run_stage(params(teacher=None), "trajectories", out, progress=False)
     with pytest.raises(ParamError, match="shard"):
         parse_shard("2/2")
     assert not out.exists()
@@ -131,8 +134,8 @@ def test_distilled_step_conditioned_checkpoint_as_teacher(tmp_path):
     section = {"solver": "euler", "max_order": 1, "M": 2, "afs": True, "seeds": "0-7", "chunk_size": 8,
                "schedule": {"kind": "polynomial", "num_steps": 3, "t_min": 0.006, "t_max": 80.0, "rho": 7.0}}  # fmt: skip
     p = {"device": "cpu", "trajectories_stage2": section}
-    summary, images = run_trajectories_stage(p, "trajectories_stage2", tmp_path / "s2.zarr",
-                                             teacher_ckpt=tmp_path / "sfd_n7", progress=False)  # fmt: skip
+    summary, images = run_stage(p, "trajectories_stage2", tmp_path / "s2.zarr",
+                                teacher_ckpt=tmp_path / "sfd_n7", progress=False)  # fmt: skip
     d = summary["keys"][0]["description"]
     from pipeline.core.hashing import hash_state_dict
 

@@ -1,89 +1,111 @@
-"""params.yaml, loaded once and validated: shared keys (seed, device, loss) and one section per stage.
+"""params.yaml, loaded once and validated: shared keys (seed, device, loss, threads) and one section per stage.
 
-Each section is parsed by its own dataclass's ``from_dict``, which names the offending key and
-the allowed values. Sections that have their own ``seed`` or ``device`` field inherit the
-shared top-level value unless they set one (``threads`` likewise). docs/params.md documents every key.
+Each section is a typed pydantic dataclass (pipeline/config/{data,teacher,trajectories,distill,baselines,
+evaluation}.py); a bad value is refused in one line that names the full key path and the allowed values.
+Sections that have their own ``seed``, ``device`` or ``threads`` field inherit the shared top-level value
+unless they set one. Cross-section rules run here too: every distill section names an existing
+trajectories section, and the evaluation seeds are disjoint from every trajectories section's seeds.
+docs/params.md documents every key.
 """
 
 from __future__ import annotations
 
-import inspect
-import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from pipeline.core.param_checks import ParamError, check_choice, check_int
+from pipeline.config.baselines import PDParams, SFDDMParams, VanillaParams
+from pipeline.config.data import DataParams
+from pipeline.config.distill import LOSSES, DistillParams, LossName
+from pipeline.config.evaluation import EvalParams, FeatureNetParams, ReportParams
+from pipeline.config.fields import Device, NonNegativeInt
+from pipeline.config.teacher import TeacherParams
+from pipeline.config.trajectories import TrajectoryParams
+from pipeline.config.validation import Section, section, validate_section
+from pipeline.core.param_checks import ParamError
+from pipeline.diffusion.seeds import parse_seeds
 
-LOSSES = ("l1", "l2", "pseudo_huber", "lpips")
+__all__ = ["LOSSES", "SECTIONS", "Params", "load_params", "parse_params"]
+
 SHARED_KEYS = ("seed", "device", "loss", "threads")
 INHERITED = ("seed", "device", "threads")  # shared keys a section inherits when it has the field
+SECTIONS: dict[str, type[Section]] = {
+    "data": DataParams,
+    "feature_net": FeatureNetParams,
+    "teacher": TeacherParams,
+    "trajectories": TrajectoryParams,
+    "trajectories_v": TrajectoryParams,
+    "distill": DistillParams,
+    "distill_v": DistillParams,
+    "trajectories_stage2": TrajectoryParams,
+    "distill_stage2": DistillParams,
+    "baseline_pd": PDParams,
+    "baseline_sfddm": SFDDMParams,
+    "baseline_vanilla": VanillaParams,
+    "evaluate": EvalParams,
+    "report": ReportParams,
+}  # params.yaml key -> section class
+TRAJECTORY_SECTIONS = tuple(k for k, v in SECTIONS.items() if v is TrajectoryParams)
+DISTILL_SECTIONS = tuple(k for k, v in SECTIONS.items() if v is DistillParams)
+
+S = TypeVar("S")
 
 
-def _section_classes() -> dict[str, type]:
-    """Section name -> dataclass with ``from_dict(d)`` or ``from_dict(d, section=name)``."""
-    from pipeline.distill.baselines.progressive import PDParams
-    from pipeline.distill.baselines.sfddm import SFDDMParams
-    from pipeline.distill.baselines.vanilla import VanillaParams
-    from pipeline.data.datasets import DataParams
-    from pipeline.evaluation.evaluate import EvalParams
-    from pipeline.evaluation.feature_net import FeatureNetParams
-    from pipeline.evaluation.report import ReportParams
-    from pipeline.distill.sfd import DistillParams
-    from pipeline.teachers.training import TeacherParams
-    from pipeline.trajectories.spec import TrajectoryParams
+@section("params")
+class SharedParams(Section):
+    """The top-level keys every stage shares."""
 
-    return {
-        "data": DataParams,
-        "feature_net": FeatureNetParams,
-        "teacher": TeacherParams,
-        "trajectories": TrajectoryParams,
-        "trajectories_v": TrajectoryParams,
-        "distill": DistillParams,
-        "distill_v": DistillParams,
-        "trajectories_stage2": TrajectoryParams,
-        "distill_stage2": DistillParams,
-        "baseline_pd": PDParams,
-        "baseline_sfddm": SFDDMParams,
-        "baseline_vanilla": VanillaParams,
-        "evaluate": EvalParams,
-        "report": ReportParams,
-    }
-
-
-def _parse_section(cls: type, name: str, d: dict[str, Any]) -> Any:
-    if "section" in inspect.signature(cls.from_dict).parameters:
-        return cls.from_dict(d, section=name)
-    return cls.from_dict(d)
+    seed: NonNegativeInt = 0
+    device: Device = "auto"  # auto | cpu | cuda | cuda:N
+    loss: LossName = "l1"  # the SFD stages' distillation loss unless a section sets its own
+    threads: NonNegativeInt = 1  # torch CPU threads per stage (0 = torch's default)
 
 
 class Params:
-    """Validated parameters: ``p.seed``, ``p.device``, ``p.loss``, ``p.threads`` and ``p.<section>`` objects.
+    """Validated parameters: ``p.seed``, ``p.device``, ``p.loss``, ``p.threads`` and one typed object per section
+    (``p.distill``, ``p.section("distill_v")``, ...). ``p.given`` names the sections the file sets."""
 
-    ``p.resolved`` is the raw mapping with the shared keys filled into every section that has
-    such a field, for the stages that take the whole file (trajectories, distill).
-    """
+    data: DataParams
+    feature_net: FeatureNetParams
+    teacher: TeacherParams
+    trajectories: TrajectoryParams
+    trajectories_v: TrajectoryParams
+    distill: DistillParams
+    distill_v: DistillParams
+    trajectories_stage2: TrajectoryParams
+    distill_stage2: DistillParams
+    baseline_pd: PDParams
+    baseline_sfddm: SFDDMParams
+    baseline_vanilla: VanillaParams
+    evaluate: EvalParams
+    report: ReportParams
 
-    def __init__(self, raw: dict[str, Any], sections: dict[str, Any], resolved: dict[str, Any]) -> None:
+    def __init__(self, raw: dict[str, Any], shared: SharedParams, sections: dict[str, Any]) -> None:
         self.raw = raw
-        self.resolved = resolved
-        self.seed: int = raw.get("seed", 0)
-        self.device: str = raw.get("device", "auto")
-        self.loss: str = raw.get("loss", "l1")
-        self.threads: int = raw.get("threads", 1)
+        self.seed: int = shared.seed
+        self.device: str = shared.device
+        self.loss: str = shared.loss
+        self.threads: int = shared.threads
+        self.given = tuple(k for k in sections if k in raw)
         self._sections = sections
+        for name, value in sections.items():
+            setattr(self, name, value)
 
-    def __getattr__(self, name: str) -> Any:
-        sections = self.__dict__.get("_sections", {})
-        if name in sections:
-            return sections[name]
-        raise AttributeError(f"params has no section {name!r}")
-
-    def section(self, name: str) -> Any:
+    def section(self, name: str, kind: type[S] | None = None) -> S | Any:
+        """The section ``name``; with ``kind``, refuse a section of another type (e.g. --section distill for
+        the trajectories stage)."""
         if name not in self._sections:
             raise ParamError(f"params: no section {name!r}; sections: {', '.join(sorted(self._sections))}")
-        return self._sections[name]
+        value = self._sections[name]
+        if kind is not None and not isinstance(value, kind):
+            allowed = [k for k, v in self._sections.items() if isinstance(v, kind)]
+            raise ParamError(f"{name}: not a {kind.__name__} section; allowed values: {', '.join(map(repr, allowed))}")
+        return value
+
+    def trajectories_for(self, name: str) -> TrajectoryParams:
+        """The trajectories section that feeds distill section ``name`` (its ``trajectories`` key)."""
+        return self.section(self.section(name, DistillParams).trajectories, TrajectoryParams)
 
     def apply_threads(self) -> int:
         """Set torch's CPU thread count from ``threads`` (0 leaves torch's default); returns the count in use."""
@@ -94,37 +116,50 @@ class Params:
         return torch.get_num_threads()
 
 
-def _with_shared(section: dict[str, Any], fields: Any, raw: dict[str, Any]) -> dict[str, Any]:
+def _with_shared(section: dict[str, Any], cls: type, raw: dict[str, Any]) -> dict[str, Any]:
     out = dict(section)
     for key in INHERITED:
-        if key in raw and key not in out and key in fields:
+        if key in raw and key not in out and key in cls.__dataclass_fields__:  # type: ignore[attr-defined]
             out[key] = raw[key]
     return out
 
 
+def check_cross_sections(sections: dict[str, Any]) -> None:
+    """Rules between sections: distill -> an existing trajectories section; evaluation seeds never trained on."""
+    for name in DISTILL_SECTIONS:
+        ref = sections[name].trajectories
+        if ref not in TRAJECTORY_SECTIONS:
+            raise ParamError(
+                f"{name}.trajectories: got {ref!r}; allowed values: {', '.join(map(repr, TRAJECTORY_SECTIONS))}"
+            )
+    evaluation = set(parse_seeds(sections["evaluate"].seeds))
+    for name in TRAJECTORY_SECTIONS:
+        common = evaluation.intersection(parse_seeds(sections[name].seeds))
+        if common:
+            raise ParamError(
+                f"evaluate.seeds: {sections['evaluate'].seeds!r} overlaps {name}.seeds {sections[name].seeds!r} "
+                f"({len(common)} seed(s) in common, e.g. {min(common)}); evaluation seeds must never be trained on"
+            )
+
+
 def parse_params(raw: dict[str, Any]) -> Params:
+    """Validate a whole params mapping (every section, every cross-section rule) into a :class:`Params`."""
     if not isinstance(raw, dict):
         raise ParamError("params: the file must hold a mapping of sections")
-    classes = _section_classes()
-    unknown = sorted(set(raw) - set(classes) - set(SHARED_KEYS))
+    unknown = sorted(map(str, set(raw) - set(SECTIONS) - set(SHARED_KEYS)))
     if unknown:
         raise ParamError(
-            f"params: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted([*SHARED_KEYS, *classes]))}"
+            f"params: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted([*SHARED_KEYS, *SECTIONS]))}"
         )
-    check_int("seed", raw.get("seed", 0), minimum=0)
-    check_int("threads", raw.get("threads", 1), minimum=0)
-    device = raw.get("device", "auto")
-    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
-        raise ParamError(f"device: got {device!r}; allowed values: 'auto', 'cpu', 'cuda', 'cuda:N'")
-    check_choice("loss", raw.get("loss", "l1"), LOSSES)
-    sections, resolved = {}, {k: raw[k] for k in SHARED_KEYS if k in raw}
-    for name, cls in classes.items():
-        section = raw.get(name) or {}
-        if not isinstance(section, dict):
-            raise ParamError(f"{name}: expected a mapping of keys, got {section!r}")
-        resolved[name] = _with_shared(section, cls.__dataclass_fields__, raw)
-        sections[name] = _parse_section(cls, name, resolved[name])
-    return Params(raw, sections, resolved)
+    shared = validate_section(SharedParams, {k: raw[k] for k in SHARED_KEYS if k in raw}, "")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        given = raw.get(name) or {}
+        if not isinstance(given, dict):
+            raise ParamError(f"{name}: expected a mapping of keys, got {given!r}")
+        sections[name] = validate_section(cls, _with_shared(given, cls, raw), name)
+    check_cross_sections(sections)
+    return Params(raw, shared, sections)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.core.images import to_uint8, to_unit_range  # noqa: F401  (part of this module's API)
-from pipeline.core.param_checks import ParamError, PipelineError, check_choice, check_int, check_keys, check_positive
+from pipeline.config.data import DATASETS, DataParams  # noqa: F401  (DataParams: re-exported for the data stage)
+from pipeline.core.param_checks import PipelineError, check_choice
 
-DATASETS = ("digits", "images")
 SPLITS = ("train", "held_out")
 IMAGE_EXTENSIONS = (".png",)
 IGNORED_NAMES = ("dataset.json",)
@@ -34,30 +34,6 @@ IGNORED_NAMES = ("dataset.json",)
 
 class DataError(PipelineError, ValueError):
     """Image data that cannot be used; the message names the offending file."""
-
-
-@dataclass(frozen=True)
-class DataParams:
-    dataset: str = "digits"  # "digits" (bundled) or "images" (a folder or zip of PNGs at `path`)
-    path: str | None = None  # the folder or zip for dataset="images"
-    num_classes: int | None = None  # labels must lie in [0, num_classes); None = max label + 1
-    held_out_fraction: float = 0.2
-    split_seed: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DataParams":
-        check_keys("data", d, [f for f in cls.__dataclass_fields__])
-        p = cls(**d)
-        check_choice("data.dataset", p.dataset, DATASETS)
-        if p.dataset == "images" and not p.path:
-            raise ParamError("data.path: dataset 'images' needs the path of a folder or zip of PNG images")
-        if p.num_classes is not None:
-            check_int("data.num_classes", p.num_classes, minimum=1)
-        check_positive("data.held_out_fraction", p.held_out_fraction)
-        if not 0 < p.held_out_fraction < 1:
-            raise ParamError(f"data.held_out_fraction: must lie in (0, 1), got {p.held_out_fraction}")
-        check_int("data.split_seed", p.split_seed, minimum=0)
-        return p
 
 
 def load_digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:

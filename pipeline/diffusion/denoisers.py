@@ -1,4 +1,4 @@
-"""Denoisers D(x, sigma, labels=None) -> x0: EDM preconditioning and classifier-free guidance."""
+"""Denoisers D(x, sigma, labels=None) -> x0: EDM preconditioning, the step-condition binder, guidance."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-Denoiser = Callable[..., torch.Tensor]
+Denoiser = Callable[..., torch.Tensor]  # D(x, sigma, labels=None, **net_kwargs) -> x0; the one definition
 
 
 class EDMPrecond(nn.Module):
@@ -43,6 +43,31 @@ class EDMPrecond(nn.Module):
             out, features = out
         d = c_skip * x + c_out * out.to(x.dtype)
         return d if features is None else (d, features)
+
+
+class StepBound(nn.Module):
+    """A step-conditioned (SFD-v) denoiser with its number of timestamps N bound: D(x, sigma, labels) -> x0.
+
+    The wrapped denoiser gets ``num_steps`` as an int64 [B] net kwarg filled with N. A module (the
+    wrapped EDMPrecond is its submodule, so ``.to()`` / ``.eval()`` reach it); a plain callable works too.
+    """
+
+    def __init__(self, denoiser: Denoiser, num_steps: int) -> None:
+        super().__init__()
+        self.wrapped = denoiser
+        self.num_steps = int(num_steps)
+
+    def forward(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        steps = torch.full((x.shape[0],), self.num_steps, dtype=torch.int64, device=x.device)
+        return self.wrapped(x, sigma, labels, num_steps=steps, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"num_steps={self.num_steps}"
+
+
+def bind_num_steps(denoiser: Denoiser, num_steps: int | None) -> Denoiser:
+    """The one step-condition binder: ``denoiser`` called with N = ``num_steps`` (None: unchanged)."""
+    return denoiser if num_steps is None else StepBound(denoiser, num_steps)
 
 
 def guided(denoiser: Denoiser, scale: float) -> Denoiser:

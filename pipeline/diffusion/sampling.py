@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.diffusion.denoisers import Denoiser, guided
+from pipeline.diffusion.denoisers import Denoiser, bind_num_steps, guided
 from pipeline.core.param_checks import ParamError, check_choice, check_int
 from pipeline.diffusion.schedules import Schedule
 from pipeline.diffusion.seeds import parse_seeds, seed_labels, seed_noise
@@ -62,6 +62,11 @@ class SamplerSpec:
     def nfe(self) -> int:
         n = self.schedule.num_steps + int(self.append_zero)
         return solver_nfe(self.solver, n, afs=self.afs, ends_at_zero=self.append_zero)
+
+    @property
+    def bound_num_steps(self) -> int | None:
+        """The N a step-conditioned (SFD-v) network is called with: the schedule's; None without a step condition."""
+        return None if self.step_condition is None else self.schedule.num_steps
 
     @property
     def network_calls(self) -> int:
@@ -134,16 +139,8 @@ def resolve_sampler(
 
 
 def make_denoiser(model: Denoiser, spec: SamplerSpec) -> Denoiser:
-    """The model as D(x, sigma, labels) with the step condition bound and guidance applied."""
-    base = model
-    if spec.step_condition is not None:
-        n = spec.schedule.num_steps
-
-        def base(x: torch.Tensor, sigma, labels=None, **kwargs) -> torch.Tensor:
-            steps = torch.full((x.shape[0],), n, dtype=torch.int64, device=x.device)
-            return model(x, sigma, labels, num_steps=steps, **kwargs)
-
-    return guided(base, spec.guidance)
+    """The model as D(x, sigma, labels) with the step condition bound (at the schedule's N) and guidance applied."""
+    return guided(bind_num_steps(model, spec.bound_num_steps), spec.guidance)
 
 
 @torch.no_grad()

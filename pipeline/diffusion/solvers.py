@@ -9,17 +9,17 @@ section 3: d_i = (x_i - D_i) / t_i, Delta_i = t_{i+1} - t_i, lambda = -ln t, h =
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
 from pipeline.core.param_checks import ParamError, check_choice, check_int
+from pipeline.diffusion.denoisers import Denoiser
 
 SolverName = Literal["euler", "heun", "dpm2", "ipndm", "dpmpp"]
 SOLVERS = ("euler", "heun", "dpm2", "ipndm", "dpmpp")
 MAX_ORDER = {"ipndm": 4, "dpmpp": 3}
-Denoiser = Callable[..., torch.Tensor]
 
 # iPNDM: Adams-Bashforth weights for d_i, d_{i-1}, ... (order k uses the first k)
 IPNDM_COEFFS = {

@@ -22,11 +22,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.config.distill import LOSSES, LPIPS_NETS
 from pipeline.core.param_checks import ParamError, PipelineError, check_choice
 
-LOSSES = ("l1", "l2", "pseudo_huber", "lpips")
 PSEUDO_HUBER_C = 0.00054  # c = 0.00054 sqrt(dim) (Song & Dhariwal 2023, as used by SFD)
-LPIPS_NETS = ("alex", "vgg")
 LPIPS_MIN_SIZE = 64  # AlexNet's stride-4 first layer and max-pools leave 1 pixel at 32; 64 keeps some layout
 TORCHVISION_WEIGHTS = {
     "alex": "alexnet-owt-7be5be79.pth",

@@ -14,18 +14,17 @@ budget (in kimg of trajectories) is spent. SFD-v draws one N per batch from the 
 its section (one key per N) and conditions the network on N. Stage 2 is the same loop with the
 stage-1 model as teacher (Euler, M = 2, AFS) and L1 + LPIPS on the last step.
 
-Training is resumable: model, optimizer, the N-draw generator, the global torch RNG, the number of
-batches done and the rows consumed from each key are saved every ``checkpoint_every_kimg``, so an
-interrupted run resumes and ends exactly where an uninterrupted one would. A non-finite loss stops
-the run before the optimizer step, leaving the last checkpoint untouched.
+Training runs in pipeline.training's loop and is resumable: model, optimizer, the N-draw generator,
+the global torch RNG, the number of batches done and the rows consumed from each key are saved
+every ``checkpoint_every_kimg`` (pipeline.training.state), so an interrupted run resumes and ends
+exactly where an uninterrupted one would. A non-finite loss stops the run before the optimizer
+step, leaving the last checkpoint untouched. The loss per step index (x axis kimg) and the lr go to
+a DVCLive directory (pipeline.training.live).
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import math
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,92 +33,24 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline.core.checkpoints import has_checkpoint, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
+from pipeline.core.checkpoints import save_checkpoint
 from pipeline.core.cost import CostMeter
 from pipeline.diffusion.denoisers import EDMPrecond
 from pipeline.core.hashing import hash_description, hash_state_dict
-from pipeline.distill.losses import LOSSES, LPIPS_NETS, Loss, check_loss_name, make_loss
-from pipeline.core.param_checks import ParamError, PipelineError, check_choice, check_int, check_keys, check_positive
+from pipeline.config.distill import DistillParams
+from pipeline.config.trajectories import TrajectoryParams
+from pipeline.distill.losses import Loss, check_loss_name, make_loss
+from pipeline.core.param_checks import ParamError
 from pipeline.diffusion.schedules import Schedule
 from pipeline.diffusion.solvers import afs_epsilon
 from pipeline.trajectories.reader import TrajectoryBatch, TrajectoryDataset
+from pipeline.training.live import LiveLog
+from pipeline.training.loop import NonFiniteLossError, TrainingLoop, optimizer_step
+from pipeline.training.optim import adam
+from pipeline.training.state import STATE_NAME, TrainingState
 
-STATE_NAME = "training_state"
 RECENT = 50  # batches per step index averaged into the final loss
-
-
-class NonFiniteLossError(PipelineError, FloatingPointError):
-    """A loss was NaN or inf; the run stopped before the optimizer step."""
-
-
-@dataclass(frozen=True)
-class DistillParams:
-    """One distillation section of params.yaml (``distill``, ``distill_v``, ``distill_stage2``)."""
-
-    trajectories: str = "trajectories"  # params section whose store keys (one per N) feed this stage
-    loss: str | None = None  # l1 | l2 | pseudo_huber | lpips; None = the top-level `loss` param
-    afs: bool = True  # analytical first step for the student (training and sampling)
-    step_condition: bool = False  # SFD-v: condition on N, one model for every N of the trajectory section
-    lr: float = 5e-5
-    lr_decay: float = 0.1  # lr multiplier once lr_decay_at of the budget is spent
-    lr_decay_at: float = 0.5
-    kimg: float = 20.0  # budget in thousands of trajectories
-    batch_size: int = 128
-    checkpoint_every_kimg: float = 5.0
-    log_every_kimg: float = 0.5  # loss log (CSV) resolution
-    lpips_weights: str | None = None  # local file of torchvision's backbone weights (alexnet-owt-7be5be79.pth)
-    lpips_net: str = "alex"
-    lpips_last_step: bool = False  # add LPIPS to the last step's loss when lpips_weights is given (stage 2)
-    lpips_weight: float = 1.0
-    guidance: float = 1.0  # default guidance scale written into the checkpoint's sampler
-    student_network: dict[str, Any] | None = None  # architecture for a teacher without a network (gmm)
-    seed: int = 0  # new step-condition layers, reader shuffling, N draws
-    prefetch: int = 2  # chunks decoded ahead per trajectory key
-    device: str = "auto"
-    threads: int = 1  # torch CPU threads (0 = torch's default); small nets on a shared CPU run fastest on 1
-
-    RUN_ONLY = ("checkpoint_every_kimg", "log_every_kimg", "prefetch", "device", "threads")  # not part of the training key
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, section: str = "distill") -> "DistillParams":
-        d = dict(d or {})
-        check_keys(section, d, [f for f in cls.__dataclass_fields__])
-        for key in ("lr", "lr_decay", "lr_decay_at", "kimg", "checkpoint_every_kimg", "log_every_kimg", "lpips_weight", "guidance"):
-            if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
-                d[key] = float(d[key])
-        p = cls(**d)
-        if not isinstance(p.trajectories, str) or not p.trajectories:
-            raise ParamError(f"{section}.trajectories: expected the name of a trajectories params section")
-        if p.loss is not None:
-            check_choice(f"{section}.loss", p.loss, LOSSES)
-        for key in ("afs", "step_condition", "lpips_last_step"):
-            if not isinstance(getattr(p, key), bool):
-                raise ParamError(f"{section}.{key}: expected true or false, got {getattr(p, key)!r}")
-        for key in ("lr", "kimg", "checkpoint_every_kimg", "log_every_kimg", "lpips_weight", "guidance", "lr_decay"):
-            check_positive(f"{section}.{key}", getattr(p, key))
-        if not 0 <= p.lr_decay_at <= 1:
-            raise ParamError(f"{section}.lr_decay_at: must lie in [0, 1], got {p.lr_decay_at}")
-        check_int(f"{section}.batch_size", p.batch_size, minimum=1)
-        check_int(f"{section}.seed", p.seed, minimum=0)
-        check_int(f"{section}.prefetch", p.prefetch, minimum=1)
-        check_int(f"{section}.threads", p.threads, minimum=0)
-        check_choice(f"{section}.lpips_net", p.lpips_net, LPIPS_NETS)
-        if p.lpips_weights is not None and not isinstance(p.lpips_weights, str):
-            raise ParamError(f"{section}.lpips_weights: expected a file path or null, got {p.lpips_weights!r}")
-        if p.student_network is not None and not isinstance(p.student_network, dict):
-            raise ParamError(f"{section}.student_network: expected a mapping of architecture keys or null")
-        return p
-
-    def total_batches(self) -> int:
-        return max(1, math.ceil(self.kimg * 1000 / self.batch_size))
-
-    def every_batches(self, kimg: float) -> int:
-        return max(1, round(kimg * 1000 / self.batch_size))
-
-    def lr_at(self, batch: int) -> float:
-        """lr, times lr_decay once lr_decay_at of the budget (in trajectories) has been used."""
-        decayed = batch * self.batch_size >= self.lr_decay_at * self.kimg * 1000
-        return self.lr * (self.lr_decay if decayed else 1.0)
+__all__ = ["NonFiniteLossError", "STATE_NAME"]  # re-exported from pipeline.training (with the functions below)
 
 
 @dataclass
@@ -220,38 +151,10 @@ def sfd_batch(
         loss = loss_fn(x_hat, y[:, n])
         if last_step_extra is not None and n == num_steps - 2:
             loss = loss + last_step_extra(x_hat, y[:, n])
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"the loss of student step {n + 1} (N={num_steps}) is {value}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        value = optimizer_step(optimizer, loss, what=f"the loss of student step {n + 1} (N={num_steps})")
         out.append((n + 1, value))
         x = x_hat.detach()
     return out
-
-
-def _save_state(
-    run: DistillRun,
-    model: EDMPrecond,
-    optimizer: torch.optim.Optimizer,
-    draw: torch.Generator,
-    meta: dict[str, Any],
-) -> None:
-    assert run.state_dir is not None
-    net_state = model.net.state_dict()
-    opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
-    tensors = {
-        **{f"net.{k}": v for k, v in net_state.items()},
-        **opt_tensors,
-        "draw_rng": draw.get_state().clone(),
-        "torch_rng": torch.get_rng_state().clone(),
-    }
-    save_checkpoint(run.state_dir, tensors, {**meta, "optimizer": opt_meta, "cost": run.cost.to_dict()}, name=STATE_NAME)
-    config = dict(run.checkpoint_config)
-    config["provenance"] = {**config.get("provenance", {}), "weights_hash": hash_state_dict(net_state),
-                            "kimg_done": meta["batch"] * meta["batch_size"] / 1000}
-    save_checkpoint(run.state_dir, net_state, config)  # a usable student: `sfd sample --ckpt STATE_DIR`
 
 
 def distill(
@@ -264,133 +167,82 @@ def distill(
     last_step_extra: Loss | None = None,
     progress: bool = True,
     stop_after_batches: int | None = None,  # simulate an interruption after this many batches (tests)
+    live: LiveLog | None = None,  # DVCLive: loss per step index and lr per log window
+    name: str = "distill",
 ) -> dict[str, Any]:
     """Train ``model`` in place by the SFD loop; returns the training summary (see module docstring)."""
     if not sources:
         raise ParamError("distill: no trajectory keys to learn from")
     device = next(model.parameters()).device
     model.train().requires_grad_(True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    optimizer = adam(model, params.lr)
     draw = torch.Generator().manual_seed(params.seed)
     torch.manual_seed(params.seed)
     keys = step_losses_keys([s.schedule for s in sources], params.afs)
-    batch, rows = 0, [0] * len(sources)
-    optimizer_steps = 0
-    log: list[dict[str, Any]] = []
-    recent: dict[str, deque] = {k: deque(maxlen=RECENT) for k in keys}
-    window: dict[str, list[float]] = {k: [] for k in keys}
-    total = params.total_batches()
-    saved_at: int | None = None
-
-    if run.state_dir is not None and has_checkpoint(run.state_dir, name=STATE_NAME):
-        tensors, meta = load_checkpoint(run.state_dir, name=STATE_NAME)
-        if meta.get("training_key") == run.training_key:
-            model.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-            optimizer_from_tensors(optimizer, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer"])
-            draw.set_state(tensors["draw_rng"])
-            torch.set_rng_state(tensors["torch_rng"])
-            batch, rows, optimizer_steps = int(meta["batch"]), list(meta["rows"]), int(meta["optimizer_steps"])
-            log = list(meta["log"])
-            for k, values in meta["recent"].items():
-                recent[k].extend(values)
-            window = {k: list(meta["window"].get(k, [])) for k in keys}
-            run.cost.restore(meta.get("cost", {}))
-            saved_at = batch
-            tqdm.write(f"distill: resuming from {run.state_dir} at batch {batch}/{total} ({batch * params.batch_size / 1000:g} kimg)")
-        else:
-            tqdm.write(f"distill: ignoring the training state in {run.state_dir} (different params, teacher or trajectories)")
-
-    def meta_now() -> dict[str, Any]:
-        return {
-            "training_key": run.training_key, "batch": batch, "batch_size": params.batch_size, "rows": rows,
-            "optimizer_steps": optimizer_steps, "log": log, "recent": {k: list(v) for k, v in recent.items()},
-            "window": window,
-        }  # fmt: skip
-
-    every_ckpt = params.every_batches(params.checkpoint_every_kimg)
-    every_log = params.every_batches(params.log_every_kimg)
-    streams: dict[int, Iterator[TrajectoryBatch]] = {}
     multi = len(sources) > 1
-    bar = tqdm(total=total, initial=batch, desc="distill", unit="batch", disable=not progress, mininterval=1.0)
+    state = None
+    if run.state_dir is not None:
+        state = TrainingState(run.state_dir, run.training_key, modules={"net": model.net},
+                              optimizers={"optimizer": optimizer}, generators={"draw": draw})
+
+    def save_usable(loop: TrainingLoop) -> None:  # a usable student next to the state: `sfd sample --ckpt STATE_DIR`
+        net_state = model.net.state_dict()
+        config = dict(run.checkpoint_config)
+        config["provenance"] = {**config.get("provenance", {}), "weights_hash": hash_state_dict(net_state),
+                                "kimg_done": loop.kimg()}
+        save_checkpoint(run.state_dir, net_state, config)
+
+    loop = TrainingLoop(
+        name, params.total_batches(), optimizers=[optimizer], lr=params.lr_at, state=state,
+        checkpoint_every=params.every_batches(params.checkpoint_every_kimg), on_save=save_usable,
+        counters={"rows": [0] * len(sources), "optimizer_steps": 0}, keys=keys, keep=max(100, RECENT),
+        log_every=params.every_batches(params.log_every_kimg), images_per_batch=params.batch_size, live=live,
+        cost=run.cost, hint="lower `lr`, or check the trajectories with `sfd store verify`", progress=progress,
+    )  # fmt: skip
+    streams: dict[int, Iterator[TrajectoryBatch]] = {}
+
+    def step(_: int) -> list[tuple[str, float]]:
+        i = int(torch.randint(len(sources), (1,), generator=draw)) if multi else 0
+        if i not in streams:
+            streams[i] = batch_stream(sources[i], params.batch_size, loop.counters["rows"][i])
+        b = next(streams[i])
+        step_values = sfd_batch(
+            model, optimizer, b, sources[i].schedule.t_steps(), loss_fn,
+            afs=params.afs, last_step_extra=last_step_extra, device=device,
+        )  # fmt: skip
+        n_imgs = len(b.seeds)
+        run.cost.add_student_forward(n_imgs * len(step_values))
+        run.cost.add_student_backward(n_imgs * len(step_values))
+        loop.counters["optimizer_steps"] += len(step_values)
+        loop.counters["rows"][i] += n_imgs
+        prefix = f"N{sources[i].schedule.num_steps}/" if multi else ""
+        return [(f"{prefix}step{n}", v) for n, v in step_values]
+
     try:
-        while batch < total:
-            if stop_after_batches is not None and batch >= stop_after_batches:
-                return {"interrupted_at_batch": batch}
-            i = int(torch.randint(len(sources), (1,), generator=draw)) if multi else 0
-            if i not in streams:
-                streams[i] = batch_stream(sources[i], params.batch_size, rows[i])
-            b = next(streams[i])
-            for g in optimizer.param_groups:
-                g["lr"] = params.lr_at(batch)
-            try:
-                step_values = sfd_batch(
-                    model, optimizer, b, sources[i].schedule.t_steps(), loss_fn,
-                    afs=params.afs, last_step_extra=last_step_extra, device=device,
-                )  # fmt: skip
-            except NonFiniteLossError as e:
-                where = (
-                    f"the last good checkpoint is {run.state_dir} (batch {saved_at}, "
-                    f"{saved_at * params.batch_size / 1000:g} kimg)" if run.state_dir is not None and saved_at is not None
-                    else "no checkpoint was written yet"
-                )
-                raise NonFiniteLossError(
-                    f"distill: stopped at batch {batch} ({batch * params.batch_size / 1000:g} kimg): {e}; the optimizer "
-                    f"step was not taken and {where}. Lower `lr`, or check the trajectories with `sfd store verify`"
-                ) from None
-            n_imgs = len(b.seeds)
-            run.cost.add_student_forward(n_imgs * len(step_values))
-            run.cost.add_student_backward(n_imgs * len(step_values))
-            optimizer_steps += len(step_values)
-            rows[i] += n_imgs
-            batch += 1
-            prefix = f"N{sources[i].schedule.num_steps}/" if multi else ""
-            for n, v in step_values:
-                recent[f"{prefix}step{n}"].append(v)
-                window[f"{prefix}step{n}"].append(v)
-            if batch % every_log == 0 or batch == total:
-                row: dict[str, Any] = {"batch": batch, "kimg": batch * params.batch_size / 1000, "lr": params.lr_at(batch - 1)}
-                row.update({k: (sum(v) / len(v) if v else None) for k, v in window.items()})
-                log.append(row)
-                window = {k: [] for k in keys}
-                bar.set_postfix({k.replace("step", "s"): f"{v:.4g}" for k, v in row.items() if k in keys and v is not None})
-            bar.update(1)
-            if run.state_dir is not None and (batch % every_ckpt == 0 or batch == total):
-                _save_state(run, model, optimizer, draw, meta_now())
-                saved_at = batch
+        finished = loop.run(step, stop_after=stop_after_batches)
     finally:
-        bar.close()
         for s in streams.values():
             s.close()  # stops the reader's prefetch thread
+    if not finished:
+        return {"interrupted_at_batch": loop.batch}
     model.eval().requires_grad_(False)
+    batch, rows = loop.batch, loop.counters["rows"]
     trajectories = batch * params.batch_size
     per_key_rows = {s.key: r for s, r in zip(sources, rows)}
     epochs = {s.key: r / s.cache_size for s, r in zip(sources, rows)}
     return {
         "batches": batch,
         "kimg": trajectories / 1000,
-        "optimizer_steps": optimizer_steps,
-        "final_loss": {k: (sum(v) / len(v) if v else None) for k, v in recent.items()},
+        "optimizer_steps": loop.counters["optimizer_steps"],
+        "final_loss": {k: loop.mean_last(k, RECENT) for k in keys},
         "rows_per_key": per_key_rows,
         "epochs_over_cache": epochs,
         "epochs_over_cache_max": max(epochs.values()),
         "cache_trajectories": {s.key: s.cache_size for s in sources},
         "regime": "cached trajectories reused across epochs (the authors draw fresh noise for every batch)"
         if max(epochs.values()) > 1 else "each cached trajectory used at most once (fresh-noise regime)",
-        "log": log,
+        "log": loop.log,
     }
-
-
-def write_loss_log(path: str | Path, log: Sequence[dict[str, Any]]) -> Path:
-    """The training-loss log as CSV: batch, kimg, lr, one column per step index (empty = not drawn)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["batch", "kimg", "lr"] + sorted({k for row in log for k in row} - {"batch", "kimg", "lr"})
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        for row in log:
-            w.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
-    return path
 
 
 def resolve_loss_name(params: DistillParams, top_level: Any) -> str:
@@ -434,15 +286,17 @@ def _open_sources(
 
 
 def run_distill_stage(
-    all_params: dict[str, Any],  # the whole params.yaml
-    section: str,  # distill | distill_v | distill_stage2
+    params: DistillParams,  # the validated section: Params.section(name)
     *,
+    trajectories: TrajectoryParams,  # the section it names: Params.trajectories_for(name)
+    loss: str = "l1",  # the top-level `loss` param (Params.loss), used when the section sets none
+    name: str = "distill",  # the section's name: distill | distill_v | distill_stage2
     store: str | Path,
     teacher_ckpt: str | Path | None,  # the trajectories' teacher, also the student's initialisation
     out: str | Path,  # the distilled checkpoint directory
     state_dir: str | Path | None,  # resumable state (and the last good checkpoint); None: no resume
     metrics: str | Path | None = None,
-    loss_log: str | Path | None = None,
+    live_dir: str | Path | None = None,  # DVCLive directory: loss per step index (x axis kimg), lr, final metrics
     cost_path: str | Path | None = None,
     progress: bool = True,
     stop_after_batches: int | None = None,  # tests: simulate an interruption
@@ -452,15 +306,13 @@ def run_distill_stage(
     from pipeline.diffusion.seeds import parse_seeds
     from pipeline.distill.student import sampler_section, save_student, student_config, student_from_checkpoint, student_from_scratch
     from pipeline.trajectories.generation import load_trajectory_teacher
-    from pipeline.trajectories.spec import TrajectoryParams
 
-    if section not in all_params:
-        raise ParamError(f"{section}: no such section in params (keys: {', '.join(DistillParams.__dataclass_fields__)})")
-    p = DistillParams.from_dict(all_params[section], section=section)
-    loss_name = resolve_loss_name(p, all_params.get("loss"))
-    if p.trajectories not in all_params:
-        raise ParamError(f"{section}.trajectories: there is no params section {p.trajectories!r}")
-    traj = TrajectoryParams.from_dict(all_params[p.trajectories] or {}, section=p.trajectories)
+    section, p, traj = name, params, trajectories
+    if not isinstance(p, DistillParams):
+        raise ParamError(f"{section}: expected a distill section (DistillParams), got {type(p).__name__}")
+    if not isinstance(traj, TrajectoryParams):
+        raise ParamError(f"{section}.trajectories: expected a trajectories section (TrajectoryParams), got {type(traj).__name__}")
+    loss_name = resolve_loss_name(p, loss)
     device = resolve_device(p.device)
     if device.type == "cpu" and p.threads > 0:
         torch.set_num_threads(p.threads)  # measured: 30 s on 1 thread vs 233 s on 2 for the default, on a busy 2-core CPU
@@ -541,14 +393,15 @@ def run_distill_stage(
     cost = CostMeter(section, device)
     run = DistillRun(Path(state_dir) if state_dir is not None else None, key, config, cost)
 
+    live = LiveLog(live_dir) if live_dir is not None else None
     summary = distill(
         model, sources, p, run, loss_fn=loss_fn, last_step_extra=last_step_extra, progress=progress,
-        stop_after_batches=stop_after_batches,
+        stop_after_batches=stop_after_batches, live=live, name=section,
     )  # fmt: skip
     if "interrupted_at_batch" in summary:
         return summary
     save_student(out, model, config)
-    log = summary.pop("log")
+    summary.pop("log")
     result = {
         "section": section,
         "loss": loss_name,
@@ -563,8 +416,9 @@ def run_distill_stage(
         path = Path(metrics)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
-    if loss_log is not None:
-        write_loss_log(loss_log, log)
+    if live is not None:
+        live.log_final({k: result[k] for k in ("final_loss", "kimg", "optimizer_steps", "epochs_over_cache_max")})
+        live.flush()
     cost.extra.update({"trajectories_seen": summary["batches"] * p.batch_size, "optimizer_steps": summary["optimizer_steps"],
                        "epochs_over_cache": summary["epochs_over_cache_max"],
                        "note": "teacher forward passes are the trajectories stage's (metrics/cost/<trajectories section>.json)"})
@@ -574,5 +428,7 @@ def run_distill_stage(
 
 
 def _is_distilled(ckpt: str | Path) -> bool:
-    path = Path(ckpt) / "model.json"
-    return path.is_file() and json.loads(path.read_text()).get("sampler") is not None
+    """Whether the teacher checkpoint is a distilled student (stage 2); the loader decides."""
+    from pipeline.teachers.loader import is_distilled_checkpoint
+
+    return is_distilled_checkpoint(ckpt)

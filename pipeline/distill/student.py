@@ -6,7 +6,8 @@
 - The exact Gaussian-mixture teacher has no network to copy: a student network is then built
   fresh from an architecture given in params (tests and toy runs).
 - A distilled checkpoint is the network plus a ``"sampler"`` section (solver euler, schedule,
-  AFS, step condition, guidance), so ``sfd sample --ckpt PATH`` needs no other option.
+  AFS, step condition, guidance), so ``sfd sample --ckpt PATH`` needs no other option. It is
+  loaded by pipeline.teachers.loader (``load_student`` / ``load_teacher``).
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from typing import Any
 
 import torch
 
-from pipeline.core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.core.checkpoints import CheckpointError, save_checkpoint
 from pipeline.diffusion.denoisers import EDMPrecond
 from pipeline.core.hashing import hash_state_dict
 from pipeline.networks.unet import build_network, network_config
 from pipeline.core.param_checks import ParamError
-from pipeline.diffusion.sampling import SamplerSpec, make_denoiser, resolve_sampler
 from pipeline.diffusion.schedules import Schedule
+from pipeline.teachers.loader import load_teacher
 
 STEP_CONDITION_PREFIXES = ("map_steps.", "steps_layer0.", "steps_layer1.")
 
@@ -54,9 +55,8 @@ def student_from_checkpoint(
             f"teacher checkpoint {teacher_ckpt} does not exist (the student starts as a copy of it; "
             "train the teacher with `dvc repro teacher`)"
         )
-    tensors, config = load_checkpoint(teacher_ckpt)
-    if "network" not in config:
-        raise CheckpointError(f"{teacher_ckpt}/model.json has no 'network' section; it is not a network checkpoint")
+    teacher = load_teacher(teacher_ckpt)  # before the seed: building its network draws from the global RNG
+    config, tensors = teacher.config, teacher.model.net.state_dict()
     arch = network_config(**config["network"])
     if step_condition and not arch["step_condition"]:
         arch = {**arch, "step_condition": True}
@@ -123,8 +123,17 @@ def sampler_section(
 
 
 def student_config(base: dict[str, Any], sampler: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
-    """The distilled checkpoint's JSON (checkpoint convention: network, sigma_data, data, sampler, provenance)."""
-    return {**copy.deepcopy(base), "sampler": sampler, "provenance": provenance}
+    """The distilled checkpoint's JSON (checkpoint convention: network, sigma_data, data, sampler, provenance).
+
+    ``base``: a :class:`StudentInit` config or the teacher checkpoint's model.json (the baselines keep
+    the teacher's architecture); only its network, sigma_data and data are kept."""
+    return {
+        "network": copy.deepcopy(base["network"]),
+        "sigma_data": float(base.get("sigma_data", 0.5)),
+        "data": copy.deepcopy(base.get("data", {})),
+        "sampler": sampler,
+        "provenance": provenance,
+    }
 
 
 def save_student(directory: str | Path, model: EDMPrecond, config: dict[str, Any]) -> Path:
@@ -133,33 +142,3 @@ def save_student(directory: str | Path, model: EDMPrecond, config: dict[str, Any
     config = {**config, "provenance": {**config.get("provenance", {}), "weights_hash": hash_state_dict(state)}}
     return save_checkpoint(directory, state, config)
 
-
-@dataclass
-class Student:
-    """A loaded distilled checkpoint: the network, its config and its sampler."""
-
-    model: EDMPrecond
-    config: dict[str, Any]
-    sampler: SamplerSpec
-
-    def denoiser(self, spec: SamplerSpec | None = None):
-        """D(x, sigma, labels) with the step condition bound and guidance applied (pipeline.diffusion.sampling)."""
-        return make_denoiser(self.model, spec or self.sampler)
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return tuple(self.config["data"]["sample_shape"])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.config["data"].get("num_classes", 0))
-
-
-def load_student(path: str | Path, device: torch.device | str = "cpu", **overrides: Any) -> Student:
-    """A distilled checkpoint with its own sampler (``overrides`` as in pipeline.diffusion.sampling.resolve_sampler)."""
-    from pipeline.teachers.loader import load_network
-
-    model, config = load_network(path, device)
-    if config.get("sampler") is None:
-        raise CheckpointError(f"{path}/model.json has no sampler section: it is a teacher, not a distilled student")
-    return Student(model, config, resolve_sampler(config["sampler"], **overrides))

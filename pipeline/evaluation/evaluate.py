@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,75 +24,14 @@ from tqdm import tqdm
 
 from pipeline.core.cost import CostMeter
 from pipeline.diffusion.denoisers import Denoiser
-from pipeline.evaluation.fidelity import FEATURE_SPACES, FeatureSpace, classifier_space, feature_space, fidelity_metrics, label_accuracy, reference_features
-from pipeline.core.param_checks import ParamError, check_choice, check_int, check_keys, check_positive
+from pipeline.config.evaluation import EvalParams
+from pipeline.evaluation.fidelity import FeatureSpace, classifier_space, feature_space, fidelity_metrics, label_accuracy, reference_features
+from pipeline.core.param_checks import ParamError
 from pipeline.core.images import save_grid
-from pipeline.diffusion.sampling import SOLVER_NAMES, SamplerSpec, generate, make_denoiser, resolve_sampler, resolve_solver
-from pipeline.diffusion.schedules import Schedule
+from pipeline.diffusion.sampling import SamplerSpec, generate, make_denoiser
 from pipeline.diffusion.seeds import parse_seeds, seed_labels
 from pipeline.diffusion.solvers import CountingDenoiser, num_steps_for_nfe
-
-
-@dataclass(frozen=True)
-class EvalParams:
-    seeds: str = "1000000-1001999"  # evaluation seeds; keep disjoint from every training seed range
-    grid_seeds: int = 64  # the first this-many evaluation seeds go into each grid PNG
-    batch_size: int = 1000
-    solvers: list[str] = field(default_factory=lambda: ["euler", "ipndm", "dpmpp3m"])
-    nfes: list[int] = field(default_factory=lambda: [2, 3, 4, 5])
-    schedule: dict[str, Any] = field(default_factory=lambda: {"kind": "polynomial", "t_min": 0.006, "t_max": 80.0, "rho": 7.0})
-    reference: dict[str, Any] = field(
-        default_factory=lambda: {"solver": "heun", "num_steps": 18, "t_min": 0.002, "t_max": 80.0, "rho": 7.0,
-                                 "append_zero": True}
-    )  # the teacher's reference sampler (EDM: 35 NFE)
-    guidance: float = 1.0  # classifier-free guidance for the teacher entries
-    features: str = "classifier"  # "classifier" (feature_net) or "inception" (local weights file)
-    inception_weights: str | None = None  # path of torch-fidelity's pt_inception-2015-12-05-6726825d.pth
-    reference_split: str = "train"
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    cache_dir: str = ".cache/fidelity"  # reference features, keyed by extractor weights hash
-    device: str = "auto"
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EvalParams":
-        check_keys("evaluate", d, [f for f in cls.__dataclass_fields__])
-        p = cls(**d)
-        parse_seeds(p.seeds)
-        check_int("evaluate.grid_seeds", p.grid_seeds, minimum=0)
-        check_int("evaluate.batch_size", p.batch_size, minimum=1)
-        for s in p.solvers:
-            check_choice("evaluate.solvers[]", s, list(SOLVER_NAMES))
-        for k in p.nfes:
-            check_int("evaluate.nfes[]", k, minimum=1)
-        Schedule.from_dict({**p.schedule, "num_steps": 4}, section="evaluate.schedule")
-        ref = dict(p.reference)
-        check_keys("evaluate.reference", ref, ("solver", "num_steps", "t_min", "t_max", "rho", "kind", "append_zero"))
-        check_choice("evaluate.reference.solver", ref.get("solver"), list(SOLVER_NAMES))
-        check_positive("evaluate.guidance", p.guidance)
-        check_choice("evaluate.features", p.features, FEATURE_SPACES)
-        check_choice("evaluate.reference_split", p.reference_split, ("train", "held_out"))
-        check_int("evaluate.kid_subsets", p.kid_subsets, minimum=1)
-        check_int("evaluate.kid_subset_size", p.kid_subset_size, minimum=2)
-        return p
-
-    def reference_spec(self) -> SamplerSpec:
-        ref = dict(self.reference)
-        solver, order = resolve_solver(ref.pop("solver"))
-        append_zero = bool(ref.pop("append_zero", False))
-        sched = Schedule.from_dict({"kind": "polynomial", **ref}, section="evaluate.reference")
-        return SamplerSpec(solver, order, sched, guidance=self.guidance, append_zero=append_zero)
-
-    def solver_specs(self) -> dict[str, SamplerSpec]:
-        """{"<solver>/nfe<k>": spec} for the training-free solvers on the student schedule."""
-        out = {}
-        for name in self.solvers:
-            solver, order = resolve_solver(name)
-            for k in self.nfes:
-                n = num_steps_for_nfe(solver, k)
-                sched = Schedule.from_dict({**self.schedule, "num_steps": n}, section="evaluate.schedule")
-                out[f"{name}/nfe{k}"] = SamplerSpec(solver, order, sched, guidance=self.guidance)
-        return out
+from pipeline.teachers.loader import load_teacher
 
 
 @dataclass
@@ -123,23 +62,19 @@ def student_entries(name: str, ckpt_dir: str | Path, device: str | torch.device)
     """Entries of a distilled checkpoint: its own sampler, at every supported N when step-conditioned.
 
     A directory of ``nfe<k>/`` checkpoints gives one entry per checkpoint."""
-    from pipeline.teachers.loader import load_network
-
     dirs = student_dirs(ckpt_dir)
     if len(dirs) > 1 or dirs[0] != Path(ckpt_dir):
         return [e for d in dirs for e in student_entries(name, d, device)]
-    model, config = load_network(ckpt_dir, device)
-    section = config.get("sampler")
-    if section is None:
+    student = load_teacher(Path(ckpt_dir), device)
+    if not student.is_distilled:
         raise ParamError(f"--student {name}={ckpt_dir}: the checkpoint has no sampler section (is it a teacher?)")
-    data = config["data"]
-    base = resolve_sampler(section)
+    base = student.sampler
     ns = base.step_condition or (base.schedule.num_steps,)
     entries = []
     for n in ns:
-        spec = resolve_sampler(section, num_steps=n) if base.step_condition else base
-        entries.append(Entry(f"{name}/nfe{spec.nfe}", model, spec, tuple(data["sample_shape"]),
-                             int(data.get("num_classes", 0)), is_student=True))
+        spec = student.sampler_spec(num_steps=n) if base.step_condition else base
+        entries.append(Entry(f"{name}/nfe{spec.nfe}", student.model, spec, student.sample_shape,
+                             student.num_classes, is_student=True))
     return entries
 
 
@@ -210,8 +145,6 @@ def run_evaluation(
     ``reference_and_solvers`` is false), then the distilled students."""
     from pipeline.data.datasets import load_split
     from pipeline.core.devices import resolve_device
-    from pipeline.teachers.loader import load_network
-
     device = resolve_device(params.device)
     seeds = parse_seeds(params.seeds)
     space = feature_space(params.features, feature_net=feature_net_dir, inception_weights=params.inception_weights, device=device)
@@ -219,8 +152,8 @@ def run_evaluation(
     ref_images, _ = load_split(data_dir, params.reference_split)
     reference = reference_features(space, ref_images, params.cache_dir)
 
-    teacher, config = load_network(teacher_dir, device)
-    shape, k = tuple(config["data"]["sample_shape"]), int(config["data"].get("num_classes", 0))
+    loaded = load_teacher(Path(teacher_dir), device)
+    teacher, shape, k = loaded.model, loaded.sample_shape, loaded.num_classes
     ref_spec = params.reference_spec()
     entries = []
     if reference_and_solvers:

@@ -7,7 +7,7 @@ label they were generated for). Trained with cross-entropy and Adam, determinist
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from pipeline.core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.core.hashing import hash_state_dict
-from pipeline.core.param_checks import ParamError, check_int, check_keys, check_positive
+from pipeline.config.evaluation import FeatureNetParams
+from pipeline.core.param_checks import ParamError
 
 
 class Classifier(nn.Module):
@@ -41,31 +42,6 @@ class Classifier(nn.Module):
         h = self.body(x).mean(dim=(2, 3))
         features = F.relu(self.fc(h))
         return features, self.head(self.dropout(features))
-
-
-@dataclass(frozen=True)
-class FeatureNetParams:
-    channels: int = 32
-    feature_dim: int = 128
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 2e-3
-    shift_augment: int = 1  # random translations of up to this many pixels
-    min_accuracy: float = 0.95  # the stage fails below this held-out accuracy
-    seed: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FeatureNetParams":
-        check_keys("feature_net", d, [f for f in cls.__dataclass_fields__])
-        p = cls(**d)
-        for key in ("channels", "feature_dim", "epochs", "batch_size"):
-            check_int(f"feature_net.{key}", getattr(p, key), minimum=1)
-        check_int("feature_net.shift_augment", p.shift_augment, minimum=0)
-        check_int("feature_net.seed", p.seed, minimum=0)
-        check_positive("feature_net.lr", p.lr)
-        if not 0 <= p.min_accuracy <= 1:
-            raise ParamError(f"feature_net.min_accuracy: must lie in [0, 1], got {p.min_accuracy}")
-        return p
 
 
 def _shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:

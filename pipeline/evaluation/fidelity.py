@@ -30,6 +30,7 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
+from pipeline.config.evaluation import FEATURE_SPACES
 from pipeline.core.images import to_uint8
 from pipeline.core.hashing import hash_bytes, hash_file
 from pipeline.core.param_checks import PipelineError, check_choice
@@ -37,7 +38,6 @@ from pipeline.core.param_checks import PipelineError, check_choice
 CLASSIFIER_EXTRACTOR = "sfd-classifier"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # torch-fidelity's released weights
-FEATURE_SPACES = ("classifier", "inception")
 
 
 class InceptionWeightsMissing(PipelineError, FileNotFoundError):

@@ -3,7 +3,7 @@
 Everything is rendered offline (matplotlib, Agg): ``reports/report.md`` links PNG files that sit
 next to it. Inputs are the files the other stages wrote: ``metrics/eval.json`` (flat map
 ``"<sampler>/nfe<k>" -> metrics``), ``metrics/cost/*.json`` (one per stage), the distillation
-loss logs (CSV: ``batch,kimg,lr,step1,step2,...``) and the grid PNGs of the evaluation stage.
+loss logs (the DVCLive directories of the distill stages) and the grid PNGs of the evaluation stage.
 """
 
 from __future__ import annotations
@@ -11,34 +11,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.cost import load_cost_records
-from pipeline.core.param_checks import ParamError, check_keys
+from pipeline.config.evaluation import ENTRY, ReportParams  # noqa: F401  (ENTRY: re-exported)
+from pipeline.core.param_checks import ParamError
 
-ENTRY = re.compile(r"^(?P<sampler>.+)/nfe(?P<nfe>\d+)$")  # evaluation keys "<sampler>/nfe<k>"
 METRIC_COLUMNS = ("fid", "kid", "precision", "recall", "label_accuracy")
-
-
-@dataclass(frozen=True)
-class ReportParams:
-    panels: list[str] = field(
-        default_factory=lambda: ["teacher/nfe35", "dpmpp3m/nfe2", "sfd/nfe2", "sfd-stage2/nfe1"]
-    )  # grids shown side by side (same seeds), in this order; missing entries are skipped with a note
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ReportParams":
-        check_keys("report", d, cls.__dataclass_fields__)
-        p = cls(**d)
-        for name in p.panels:
-            if not isinstance(name, str) or not ENTRY.match(name):
-                raise ParamError(f"report.panels: {name!r} is not an evaluation key like 'sfd/nfe2'")
-        return p
 
 
 def split_entry(key: str) -> tuple[str, int]:
@@ -101,24 +83,40 @@ def cost_table(costs: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def read_loss_log(path: Path) -> dict[str, tuple[list[float], list[float]]]:
-    """The distill stages' CSV (batch, kimg, lr, one column per step index) -> {column: (kimg, loss)}.
-
-    Empty cells (a step index not drawn in that window, e.g. SFD-v's other N) are skipped.
-    """
-    curves: dict[str, tuple[list[float], list[float]]] = {}
+def _read_tsv(path: Path) -> dict[int, float]:
+    """A DVCLive metric history (columns step, <name>) -> {step: value}; 'nan'/'inf' rows are skipped."""
     with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = [c for c in (reader.fieldnames or []) if c not in ("batch", "kimg", "lr")]
-        if "kimg" not in (reader.fieldnames or []) or not columns:
-            raise ParamError(f"loss log {path}: expected a 'kimg' column and one loss column per step index, "
-                             f"found {reader.fieldnames}")
-        for row in reader:
-            for c in columns:
-                if row[c] not in ("", None):
-                    kimg, loss = curves.setdefault(c, ([], []))
-                    kimg.append(float(row["kimg"]))
-                    loss.append(float(row[c]))
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader, None)
+        if not header or header[0] != "step" or len(header) != 2:
+            raise ParamError(f"loss log {path}: expected DVCLive's columns 'step' and the metric, found {header}")
+        out = {}
+        for step, value in reader:
+            if math.isfinite(float(value)):
+                out[int(step)] = float(value)
+        return out
+
+
+def read_loss_log(live_dir: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """A distill stage's DVCLive directory -> {step index: (kimg, loss)}.
+
+    Reads ``plots/metrics/loss/<key>.tsv`` (one per step index, e.g. ``step2`` or ``N4/step2``) and
+    ``plots/metrics/kimg.tsv`` (the x axis), joined on DVCLive's step; a step index not drawn in a
+    log window (SFD-v's other N) has no row there.
+    """
+    metrics = Path(live_dir) / "plots" / "metrics"
+    kimg_file, loss_dir = metrics / "kimg.tsv", metrics / "loss"
+    files = sorted(loss_dir.rglob("*.tsv")) if loss_dir.is_dir() else []
+    if not kimg_file.is_file() or not files:
+        raise ParamError(f"loss log {live_dir}: expected a DVCLive directory with plots/metrics/kimg.tsv and "
+                         f"plots/metrics/loss/<step index>.tsv (written by the distill stages' --live)")
+    kimg = _read_tsv(kimg_file)
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    for f in files:
+        points = [(kimg[step], v) for step, v in _read_tsv(f).items() if step in kimg]
+        if points:
+            xs, ys = zip(*points)
+            curves[f.relative_to(loss_dir).with_suffix("").as_posix()] = (list(xs), list(ys))
     return curves
 
 

@@ -11,8 +11,9 @@ import torch
 
 from pipeline.core.images import save_grid, save_pngs
 from pipeline.core.param_checks import ParamError
-from pipeline.diffusion.sampling import SamplerSpec, generate, make_denoiser, resolve_labels, resolve_sampler
+from pipeline.diffusion.sampling import SamplerSpec, generate, resolve_labels
 from pipeline.diffusion.seeds import parse_seeds
+from pipeline.teachers.loader import Teacher, load_teacher
 
 
 def sample_from_checkpoint(
@@ -26,14 +27,27 @@ def sample_from_checkpoint(
     **overrides: Any,  # solver, max_order, num_steps, schedule, afs, guidance (None = from the checkpoint)
 ) -> tuple[torch.Tensor, torch.Tensor | None, SamplerSpec]:
     """(images, labels, sampler) for the seeds, using the checkpoint's sampler section unless overridden."""
-    from pipeline.teachers.loader import load_network
+    teacher = load_teacher(Path(ckpt), device)
+    return sample_teacher(teacher, seeds, labels=labels, batch_size=batch_size, device=device, progress=progress,
+                          **overrides)
 
-    model, config = load_network(ckpt, device)
-    spec = resolve_sampler(config.get("sampler"), **overrides)
+
+def sample_teacher(
+    teacher: Teacher,
+    seeds: str | Sequence[int],
+    *,
+    labels: str | int | Sequence[int] | None = None,
+    batch_size: int = 500,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    **overrides: Any,  # solver, max_order, num_steps, schedule, afs, guidance (None = its own sampler)
+) -> tuple[torch.Tensor, torch.Tensor | None, SamplerSpec]:
+    """(images, labels, sampler) of a loaded teacher or student: its own sampler (a teacher: the default)
+    unless overridden."""
+    spec = teacher.sampler_spec(**overrides)
     seed_list = parse_seeds(seeds) if isinstance(seeds, (str, int)) else list(seeds)
-    data = config.get("data", {})
-    lab = resolve_labels(labels, seed_list, int(data.get("num_classes", 0)))
-    images = generate(make_denoiser(model, spec), seed_list, data["sample_shape"], spec, labels=lab,
+    lab = resolve_labels(labels, seed_list, teacher.num_classes)
+    images = generate(teacher.sampling_denoiser(spec), seed_list, teacher.sample_shape, spec, labels=lab,
                       batch_size=batch_size, device=device, progress=progress)
     return images, lab, spec
 
@@ -51,23 +65,18 @@ def sample_command(
 ) -> dict[str, Any]:
     """``sfd sample``: write one PNG per seed, ``grid.png`` and ``sampler.json`` into ``out``."""
     from pipeline.core.devices import resolve_device
-    from pipeline.teachers.loader import load_teacher
+    from pipeline.teachers.loader import TEACHER_SOURCES
 
     dev = resolve_device(device)
     seed_list = parse_seeds(seeds)
     if (ckpt is None) == (teacher is None):
         raise ParamError("sample: give exactly one of --ckpt PATH or --teacher gmm")
-    if ckpt is not None:
-        images, lab, spec = sample_from_checkpoint(ckpt, seed_list, labels=labels, batch_size=batch_size,
-                                                   device=dev, progress=True, **overrides)
-        source = str(ckpt)
-    else:
-        t = load_teacher(teacher, device=dev)
-        spec = resolve_sampler(None, **overrides)
-        lab = resolve_labels(labels, seed_list, t.num_classes)
-        images = generate(make_denoiser(t.denoiser, spec), seed_list, t.sample_shape, spec, labels=lab,
-                          batch_size=batch_size, device=dev, progress=True)
-        source = teacher
+    if teacher is not None and (teacher == "checkpoint" or teacher not in TEACHER_SOURCES):
+        raise ParamError(f"--teacher: got {teacher!r}; built-in teachers: 'gmm' (a checkpoint directory goes in --ckpt)")
+    loaded = load_teacher(Path(ckpt) if ckpt is not None else teacher, dev)
+    images, lab, spec = sample_teacher(loaded, seed_list, labels=labels, batch_size=batch_size, device=dev,
+                                       progress=True, **overrides)
+    source = str(ckpt) if ckpt is not None else teacher
     out = Path(out)
     save_pngs(images, seed_list, out)
     save_grid(out / "grid.png", images[:256])

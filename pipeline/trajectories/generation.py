@@ -12,7 +12,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +20,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.diffusion.denoisers import guided
-from pipeline.core.hashing import hash_description
+from pipeline.diffusion.denoisers import Denoiser, guided
 from pipeline.core.param_checks import ParamError, check_int
 from pipeline.diffusion.schedules import student_indices
 from pipeline.diffusion.seeds import seed_labels, seed_noise
 from pipeline.diffusion.solvers import CountingDenoiser, solve
-from pipeline.trajectories.spec import TrajectorySpec
+from pipeline.teachers.loader import TEACHER_SOURCES, Teacher, load_teacher
+from pipeline.trajectories.spec import TrajectoryParams, TrajectorySpec
 from pipeline.trajectories.store import TrajectoryKey, check_store_location, make_compressors, open_store
-
-Denoiser = Callable[..., torch.Tensor]
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -53,23 +51,6 @@ def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
 def shard_from_env() -> tuple[int, int]:
     """(RANK, WORLD_SIZE) under torchrun, else (0, 1)."""
     return check_shard((int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))))
-
-
-def bind_num_steps(denoiser: Denoiser, num_steps: int) -> Denoiser:
-    """A step-conditioned (SFD-v) network called with its number of timestamps N as a [B] net kwarg."""
-
-    def d_bound(x: torch.Tensor, sigma, labels=None, **kwargs) -> torch.Tensor:
-        n = torch.full((x.shape[0],), num_steps, dtype=torch.int64, device=x.device)
-        return denoiser(x, sigma, labels, num_steps=n, **kwargs)
-
-    return d_bound
-
-
-def bound_teacher_hash(weights_hash: str, num_steps: int | None) -> str:
-    """Teacher hash including a bound step condition (distilled SFD-v teachers); plain hash otherwise."""
-    if num_steps is None:
-        return weights_hash
-    return hash_description({"weights_hash": weights_hash, "num_steps": int(num_steps)})
 
 
 def teacher_trajectories(
@@ -132,7 +113,7 @@ class _ChunkWriter:
 
 
 def generate_trajectories(
-    teacher: Any,  # a pipeline.teachers.loader.Teacher or a denoiser D(x, sigma, labels)
+    teacher: Teacher | Denoiser,  # a loaded teacher or a denoiser D(x, sigma, labels)
     spec: TrajectorySpec,
     seeds: Sequence[int],
     store_path: str | Path,
@@ -156,7 +137,7 @@ def generate_trajectories(
         raise ParamError("seeds: expected non-negative integers")
     make_compressors(compressor)  # validates the name before anything is written
     check_store_location(store_path)
-    denoiser = getattr(teacher, "denoiser", teacher)
+    denoiser = teacher.denoiser if isinstance(teacher, Teacher) else teacher
     if spec.guidance != 1.0:
         denoiser = guided(denoiser, spec.guidance)
     counting = CountingDenoiser(denoiser)
@@ -219,23 +200,15 @@ def load_trajectory_teacher(
     teacher_ckpt: str | Path | None,
     *,
     device: torch.device | str = "cpu",
-) -> tuple[Any, Denoiser, str]:
-    """(Teacher, denoiser to run, teacher hash for the spec).
+) -> tuple[Teacher, Denoiser, str]:
+    """(Teacher, denoiser to run, teacher hash for the spec): the checkpoint ``teacher_ckpt``, else the
+    params' ``teacher: {source: gmm, ...}`` (or ``{source: checkpoint, path: ...}``), through load_teacher.
 
-    A distilled checkpoint whose sampler has a step_condition (SFD-v) is called with the
-    sampler's num_steps bound as a net kwarg, and that N enters the teacher hash.
+    A distilled checkpoint whose sampler has a step_condition (SFD-v) comes with the sampler's N
+    bound and that N in its hash (pipeline.teachers.loader).
     """
-    import json
-
-    from pipeline.teachers.loader import load_teacher
-
     if teacher_ckpt is not None:
-        teacher = load_teacher("checkpoint", device=device, path=str(teacher_ckpt))
-        config_path = Path(teacher_ckpt) / "model.json"
-        sampler = json.loads(config_path.read_text()).get("sampler") if config_path.is_file() else None
-        if sampler and sampler.get("step_condition"):
-            n = int(sampler["schedule"]["num_steps"])
-            return teacher, bind_num_steps(teacher.denoiser, n), bound_teacher_hash(teacher.weights_hash, n)
+        teacher = load_teacher(Path(teacher_ckpt), device=device)
         return teacher, teacher.denoiser, teacher.weights_hash
     if not params_teacher:
         raise ParamError(
@@ -246,34 +219,40 @@ def load_trajectory_teacher(
     source = options.pop("source", None)
     if source is None:
         raise ParamError("teacher.source: missing; allowed values: 'gmm', 'checkpoint'")
-    if "sample_shape" in options:
-        options["sample_shape"] = tuple(options["sample_shape"])
-    teacher = load_teacher(source, device=device, **options)
+    if source not in TEACHER_SOURCES:
+        raise ParamError(f"teacher.source: got {source!r}; allowed values: {', '.join(map(repr, TEACHER_SOURCES))}")
+    if source == "checkpoint":
+        path = options.pop("path", None)
+        if path is None:
+            raise ParamError("teacher.path: the 'checkpoint' teacher source needs the checkpoint directory path")
+        teacher = load_teacher(Path(path), device=device, **options)
+    else:
+        teacher = load_teacher(source, device=device, **options)
     return teacher, teacher.denoiser, teacher.weights_hash
 
 
 def run_trajectories_stage(
-    params: dict[str, Any],  # the whole params.yaml
-    section: str,
+    params: TrajectoryParams,  # the validated section: Params.section(name)
     out: str | Path,
     *,
+    name: str = "trajectories",  # the section's name: trajectories | trajectories_v | trajectories_stage2
+    device: str = "auto",  # the top-level `device` param (Params.device)
     teacher_ckpt: str | Path | None = None,
-    seeds: str | None = None,  # overrides params[section].seeds
+    seeds: str | None = None,  # overrides the section's seeds
     shard: tuple[int, int] | None = None,  # None: torchrun's RANK/WORLD_SIZE, else (0, 1)
     progress: bool = True,
 ) -> tuple[dict[str, Any], int]:
     """The `trajectories` stage: every key of the section, only uncommitted chunks; (summary, teacher images)."""
     from pipeline.core.devices import resolve_device
     from pipeline.diffusion.seeds import format_seeds, parse_seeds
-    from pipeline.trajectories.spec import TrajectoryParams
     from pipeline.trajectories.store import StoreError
 
-    if section not in params:
-        raise ParamError(f"{section}: no such section in params (expected keys: {', '.join(TrajectoryParams.KEYS)})")
-    p = TrajectoryParams.from_dict(params[section] or {}, section=section)
+    section, p = name, params
+    if not isinstance(p, TrajectoryParams):
+        raise ParamError(f"{section}: expected a trajectories section (TrajectoryParams), got {type(p).__name__}")
     seed_list = parse_seeds(seeds if seeds is not None else p.seeds)
     shard = check_shard(shard) if shard is not None else shard_from_env()
-    device = resolve_device(str(params.get("device", "auto")))
+    device = resolve_device(device)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     check_store_location(out)  # before the teacher is loaded; writes nothing

@@ -6,13 +6,13 @@
 
 This module holds what they share: the training data, the student checkpoints (the common JSON
 convention with a ``"sampler"`` section, so pipeline.diffusion.sampling and the evaluation stage read
-them) and small optimiser helpers.
+them) and the training key of their resumable states. The optimiser helpers and the training loop
+are pipeline.training's.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from pipeline.diffusion.denoisers import EDMPrecond
-from pipeline.core.hashing import hash_state_dict
+from pipeline.core.hashing import hash_description, hash_state_dict
 from pipeline.core.param_checks import ParamError, check_int, check_positive
-from pipeline.distill.student import sampler_section, save_student  # noqa: F401  (re-exported for the baselines)
+from pipeline.distill.student import sampler_section, save_student, student_config  # noqa: F401  (re-exported for the baselines)
+from pipeline.teachers.loader import load_teacher
+from pipeline.training.optim import adam, frozen, set_lr, trainable_copy  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -55,34 +57,28 @@ def load_training_data(data_dir: str | Path, *, conditional: bool) -> TrainingDa
     return TrainingData(images.float(), labels if conditional else None)
 
 
-def student_config(teacher_config: dict[str, Any], sampler: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
-    """Checkpoint JSON of a distilled student with the teacher's architecture."""
-    return {
-        "network": teacher_config["network"],
-        "sigma_data": float(teacher_config.get("sigma_data", 0.5)),
-        "data": teacher_config["data"],
-        "sampler": sampler,
-        "provenance": provenance,
-    }
+def baseline_training_key(kind: str, params: Any, data: TrainingData, teacher: Any, student: nn.Module,
+                          generator: torch.Generator, **identity: Any) -> str:
+    """What a baseline's saved training state must match to be resumed: its params (less ``device``), the
+    training data, the teacher's and the student's initial weights, the data generator's state at the start."""
+    def weights(m: Any) -> str:
+        return hash_state_dict(m.state_dict()) if isinstance(m, nn.Module) else f"{type(m).__module__}.{type(m).__qualname__}"
+
+    labels = {} if data.labels is None else {"labels": data.labels}
+    return hash_description({
+        "kind": kind,
+        "params": {k: v for k, v in asdict(params).items() if k != "device"},
+        "data": hash_state_dict({"images": data.images, **labels}),
+        "teacher": weights(teacher),
+        "student_init": weights(student),
+        "generator": hash_state_dict({"state": generator.get_state()}),
+        **identity,
+    })
 
 
-def trainable_copy(model: EDMPrecond) -> EDMPrecond:
-    """A deep copy in train mode with gradients on (the student starts as a copy of its teacher)."""
-    return copy.deepcopy(model).train().requires_grad_(True)
-
-
-def frozen(model: nn.Module) -> nn.Module:
-    return model.eval().requires_grad_(False)
-
-
-def adam(model: nn.Module, lr: float) -> torch.optim.Adam:
-    """Adam with betas (0.9, 0.999), no weight decay (as every baseline's reference code)."""
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def checkpoint_every(updates: int) -> int:
+    """Updates between a baseline's training states: ten per training run (or round, or student)."""
+    return max(1, updates // 10)
 
 
 def check_common(section: str, *, batch_size: int, lr: float, seed: int, updates: int, updates_key: str = "updates") -> None:
@@ -92,24 +88,17 @@ def check_common(section: str, *, batch_size: int, lr: float, seed: int, updates
     check_int(f"{section}.{updates_key}", updates, minimum=1)
 
 
-def check_finite(loss: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{where}: the loss is {float(loss)}; lower the learning rate")
-
-
 def load_baseline_inputs(
     teacher_dir: str | Path, data_dir: str | Path, device: torch.device | str
 ) -> tuple[EDMPrecond, dict[str, Any], TrainingData, dict[str, Any]]:
     """(teacher model, its checkpoint config, training data, provenance) for a baseline stage."""
-    from pipeline.teachers.loader import load_network
-
-    teacher, config = load_network(teacher_dir, device)
-    conditional = int(config.get("data", {}).get("num_classes", 0)) > 0
+    teacher = load_teacher(Path(teacher_dir), device)
+    conditional = teacher.num_classes > 0
     data = load_training_data(data_dir, conditional=conditional)
     provenance = {
         "teacher": str(teacher_dir),
-        "teacher_weights_hash": hash_state_dict(teacher.net.state_dict()),
+        "teacher_weights_hash": teacher.network_hash,
         "data": str(data_dir),
         "conditional": conditional,
     }
-    return teacher, config, data, provenance
+    return teacher.model, teacher.config, data, provenance

@@ -12,87 +12,36 @@ DDIM is exactly Euler on the PF-ODE, so a round with N student steps reads:
 Rounds halve N from ``start_steps`` (the original teacher's Euler steps) to ``final_steps``; each
 student starts as a copy of the current teacher, trains with Adam whose learning rate decays
 linearly to 0 within the round, gradient-norm clipping, no EMA, and becomes the next teacher.
-Every round's student is saved with an Euler sampler on its own grid (NFE = N).
+Every round's student is saved with an Euler sampler on its own grid (NFE = N). With a ``state_dir``
+each round keeps a resumable training state in ``<state_dir>/nfe<N>`` (pipeline.training), so an
+interrupted run resumes inside its round and ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from pipeline.distill.baselines.common import (
     TrainingData,
-    adam,
-    check_common,
-    check_finite,
-    frozen,
+    baseline_training_key,
+    checkpoint_every,
     sampler_section,
     save_student,
-    set_lr,
     student_config,
-    trainable_copy,
 )
+from pipeline.training.live import LiveLog
+from pipeline.training.loop import TrainingLoop, optimizer_step
+from pipeline.training.optim import adam, frozen, trainable_copy
+from pipeline.training.state import TrainingState
 from pipeline.core.cost import CostMeter
-from pipeline.diffusion.denoisers import EDMPrecond
-from pipeline.core.param_checks import ParamError, check_choice, check_int, check_keys, check_positive
-from pipeline.diffusion.schedules import Schedule, time_steps
-
-Denoiser = Callable[..., torch.Tensor]
-Weighting = Literal["truncated_snr", "snr_plus_one"]
-WEIGHTINGS = ("truncated_snr", "snr_plus_one")
-
-
-@dataclass(frozen=True)
-class PDParams:
-    start_steps: int = 64  # Euler steps of the original teacher's sampler; round 1's student gets start/2
-    final_steps: int = 1  # the last round's student steps (NFE)
-    updates_per_round: int = 60
-    batch_size: int = 64
-    lr: float = 2e-4  # at the start of each round, decaying linearly to 0 (official: 5e-5, 50k updates)
-    weighting: Weighting = "truncated_snr"
-    grad_clip: float = 1.0  # max gradient norm
-    t_min: float = 0.006
-    t_max: float = 80.0
-    rho: float = 7.0
-    seed: int = 0
-    device: str = "auto"
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], *, section: str = "baseline_pd") -> "PDParams":
-        check_keys(section, d, cls.__dataclass_fields__)
-        d = {k: float(v) if k in ("t_min", "t_max", "rho", "lr", "grad_clip") and isinstance(v, int) else v for k, v in d.items()}
-        p = cls(**d)
-        check_int(f"{section}.final_steps", p.final_steps, minimum=1)
-        check_int(f"{section}.start_steps", p.start_steps, minimum=2 * p.final_steps)
-        ratio = p.start_steps // p.final_steps
-        if p.start_steps % p.final_steps or ratio & (ratio - 1):
-            raise ParamError(
-                f"{section}.start_steps: must be final_steps times a power of two (rounds halve N), "
-                f"got start_steps={p.start_steps}, final_steps={p.final_steps}"
-            )
-        check_common(section, batch_size=p.batch_size, lr=p.lr, seed=p.seed, updates=p.updates_per_round,
-                     updates_key="updates_per_round")
-        check_choice(f"{section}.weighting", p.weighting, WEIGHTINGS)
-        check_positive(f"{section}.grad_clip", p.grad_clip)
-        Schedule("polynomial", 2, p.t_min, p.t_max, p.rho)  # validates the range
-        return p
-
-    def round_steps(self) -> list[int]:
-        """Student steps N of each round: start/2, start/4, ..., final."""
-        out, n = [], self.start_steps
-        while n > self.final_steps:
-            n //= 2
-            out.append(n)
-        return out
-
-    def student_schedule(self, num_steps: int) -> Schedule:
-        """The N-step student grid: N + 1 polynomial timestamps."""
-        return Schedule("polynomial", num_steps + 1, self.t_min, self.t_max, self.rho)
+from pipeline.diffusion.denoisers import Denoiser, EDMPrecond
+from pipeline.diffusion.schedules import time_steps
+from pipeline.config.baselines import WEIGHTINGS, PDParams, Weighting  # noqa: F401  (re-exported)
 
 
 def deterministic(summary: dict[str, Any]) -> dict[str, Any]:
@@ -177,37 +126,44 @@ def pd_round(
     device: torch.device | str = "cpu",
     cost: CostMeter | None = None,
     progress: bool = True,
+    state_dir: str | Path | None = None,  # resumable training state of this round; None = no resume
+    live: LiveLog | None = None,
 ) -> dict[str, Any]:
     """One round: train ``student`` (in place) to do in N Euler steps what ``teacher`` does in 2N."""
     grid = teacher_grid(student_steps, params.t_min, params.t_max, params.rho)
     optimizer = adam(student, params.lr)
     student.train()
-    losses: list[float] = []
-    bar = tqdm(range(params.updates_per_round), desc=f"pd N={student_steps}", unit="upd", disable=not progress,
-               mininterval=2.0, leave=False)
-    for u in bar:
-        set_lr(optimizer, params.lr * (1 - u / params.updates_per_round))
+    state = None
+    if state_dir is not None:
+        key = baseline_training_key("progressive_distillation", params, data, teacher, student, generator,
+                                    student_steps=student_steps)
+        state = TrainingState(state_dir, key, modules={"student": student}, optimizers={"optimizer": optimizer},
+                              generators={"data": generator})
+
+    def step(u: int) -> list[tuple[str, float]]:
         y, labels = data.draw(params.batch_size, generator, device)
         loss = pd_loss(student, teacher, y, labels, grid, generator, params.weighting)
-        check_finite(loss, f"progressive distillation, round N={student_steps}, update {u}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), params.grad_clip)
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        value = optimizer_step(optimizer, loss, what=f"the loss of update {u}", clip=(student.parameters(), params.grad_clip))
         if cost is not None:
             cost.add_teacher_forward(2 * params.batch_size)
             cost.add_student_forward(params.batch_size)
             cost.add_student_backward(params.batch_size)
-        if u % 10 == 9:
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4g}")
-    window = max(1, min(10, len(losses) // 4))
+        return [("loss", value)]
+
+    loop = TrainingLoop(
+        f"pd N={student_steps}", params.updates_per_round, unit="upd", optimizers=[optimizer],
+        lr=lambda u: params.lr * (1 - u / params.updates_per_round), state=state,
+        checkpoint_every=checkpoint_every(params.updates_per_round), keys=["loss"], cost=cost, live=live,
+        live_prefix=f"nfe{student_steps}/", progress=progress, leave=False,
+    )  # fmt: skip
+    loop.run(step)
+    window = max(1, min(10, loop.count["loss"] // 4))
     return {
         "student_steps": student_steps,
         "teacher_steps": 2 * student_steps,
-        "updates": len(losses),
-        "loss_first": sum(losses[:window]) / window,
-        "loss_last": sum(losses[-window:]) / window,
+        "updates": loop.count["loss"],
+        "loss_first": loop.mean_first("loss", window),
+        "loss_last": loop.mean_last("loss", window),
     }
 
 
@@ -222,6 +178,8 @@ def progressive_distillation(
     cost: CostMeter | None = None,
     progress: bool = True,
     provenance: dict[str, Any] | None = None,
+    state_dir: str | Path | None = None,  # resumable states, one per round: <state_dir>/nfe<N>; None = no resume
+    live_dir: str | Path | None = None,  # DVCLive directory: loss and lr per update of each round (nfe<N>/...)
 ) -> dict[str, Any]:
     """All rounds; writes ``out_dir/nfe<N>`` per round and returns a summary with each round's cumulative cost."""
     out_dir = Path(out_dir)
@@ -230,10 +188,12 @@ def progressive_distillation(
     generator = torch.Generator().manual_seed(params.seed)
     current: EDMPrecond = frozen(teacher)
     rounds = []
+    live = LiveLog(live_dir) if live_dir is not None else None
     for n in tqdm(params.round_steps(), desc="progressive distillation", unit="round", disable=not progress):
         student = trainable_copy(current)
         summary = pd_round(student, current, data, n, params, generator=generator, device=device, cost=cost,
-                           progress=progress)
+                           progress=progress, state_dir=None if state_dir is None else Path(state_dir) / f"nfe{n}",
+                           live=live)
         summary["cumulative"] = {k: v for k, v in cost.to_dict().items()
                                  if k in ("wall_seconds", "teacher_forward_images", "student_forward_images",
                                           "student_backward_images", "forward_equivalents")}
@@ -250,5 +210,9 @@ def progressive_distillation(
     # what PD had spent when its NFE-k student existed (rounds run from many steps to few)
     cost.extra["cumulative_by_nfe"] = {str(r["student_steps"]): r["cumulative"] for r in rounds}
     cost.extra["start_steps"] = params.start_steps
+    if live is not None:
+        live.log_final({f"nfe{r['student_steps']}": {k: r[k] for k in ("loss_first", "loss_last")} for r in rounds}
+                       | {"forward_equivalents": cost.forward_equivalents()})
+        live.flush()
     return {"start_steps": params.start_steps, "rounds": rounds, "wall_seconds": round(cost.wall_seconds, 2),
             "forward_equivalents": cost.forward_equivalents(), "nfes": [r["student_steps"] for r in rounds]}

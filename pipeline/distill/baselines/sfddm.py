@@ -13,82 +13,37 @@ o the denoiser output D (the EDM counterpart of the network output) and h the fe
 before the network's output layer; the student has the teacher's architecture and, as in the
 public code, starts from random weights (``init: teacher`` copies the teacher instead; then L = 0
 at the start). Its realistic ceiling is the teacher itself sampled with the same T' Euler steps:
-that training-free control row is saved next to every student.
+that training-free control row is saved next to every student. With a ``state_dir`` each student
+keeps a resumable training state in ``<state_dir>/nfe<T'>`` (pipeline.training).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from pipeline.distill.baselines.common import (
     TrainingData,
-    adam,
-    check_common,
-    check_finite,
-    frozen,
+    baseline_training_key,
+    checkpoint_every,
     sampler_section,
     save_student,
     student_config,
-    trainable_copy,
 )
+from pipeline.training.live import LiveLog
+from pipeline.training.loop import TrainingLoop, optimizer_step
+from pipeline.training.optim import adam, frozen, trainable_copy
+from pipeline.training.state import TrainingState
 from pipeline.core.cost import CostMeter
 from pipeline.diffusion.denoisers import EDMPrecond
 from pipeline.networks.unet import build_network
-from pipeline.core.param_checks import ParamError, check_choice, check_int, check_keys, check_positive
-from pipeline.diffusion.schedules import Schedule, time_steps
-
-Init = Literal["random", "teacher"]
-INITS = ("random", "teacher")
-
-
-@dataclass(frozen=True)
-class SFDDMParams:
-    teacher_steps: int = 1024  # T: the teacher's fine grid
-    student_steps: list[int] = field(default_factory=lambda: [2])  # T' values, one student each (NFE = T')
-    init: Init = "random"  # the public code's random initialisation, or a copy of the teacher
-    feature_weight: float = 1.0  # w_h on mean|h_S - h_T|
-    updates: int = 150  # per student
-    batch_size: int = 64
-    lr: float = 2e-4  # public code: Adam 2e-4, batch 50, ~10 epochs of CIFAR-10
-    t_min: float = 0.006
-    t_max: float = 80.0
-    rho: float = 7.0
-    seed: int = 0
-    device: str = "auto"
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], *, section: str = "baseline_sfddm") -> "SFDDMParams":
-        check_keys(section, d, cls.__dataclass_fields__)
-        d = {k: float(v) if k in ("t_min", "t_max", "rho", "lr", "feature_weight") and isinstance(v, int) else v
-             for k, v in d.items()}
-        p = cls(**d)
-        check_int(f"{section}.teacher_steps", p.teacher_steps, minimum=1)
-        if not isinstance(p.student_steps, list) or not p.student_steps:
-            raise ParamError(f"{section}.student_steps: expected a non-empty list of step counts T', got {p.student_steps!r}")
-        for t in p.student_steps:
-            check_int(f"{section}.student_steps[]", t, minimum=1, maximum=p.teacher_steps)
-            if p.teacher_steps % t:
-                raise ParamError(f"{section}.student_steps: T'={t} must divide teacher_steps T={p.teacher_steps} (phi(t') = (T/T') t')")
-        if len(set(p.student_steps)) != len(p.student_steps):
-            raise ParamError(f"{section}.student_steps: {p.student_steps} lists a value twice")
-        check_choice(f"{section}.init", p.init, INITS)
-        check_positive(f"{section}.feature_weight", p.feature_weight, allow_zero=True)
-        check_common(section, batch_size=p.batch_size, lr=p.lr, seed=p.seed, updates=p.updates)
-        Schedule("polynomial", 2, p.t_min, p.t_max, p.rho)
-        return p
-
-    def teacher_sigmas(self) -> torch.Tensor:
-        return time_steps("polynomial", self.teacher_steps + 1, self.t_min, self.t_max, self.rho)
-
-    def student_schedule(self, student_steps: int) -> Schedule:
-        """The student's grid as a Schedule (T' + 1 timestamps); equals teacher_sigmas()[phi] (nested polynomial grids)."""
-        return Schedule("polynomial", student_steps + 1, self.t_min, self.t_max, self.rho)
+from pipeline.core.param_checks import ParamError, check_int
+from pipeline.config.baselines import INITS, Init, SFDDMParams  # noqa: F401  (re-exported)
 
 
 def index_map(student_steps: int, teacher_steps: int) -> list[int]:
@@ -148,30 +103,38 @@ def train_sfddm_student(
     device: torch.device | str = "cpu",
     cost: CostMeter | None = None,
     progress: bool = True,
+    state_dir: str | Path | None = None,  # resumable training state of this student; None = no resume
+    live: LiveLog | None = None,
 ) -> dict[str, Any]:
     """Train one T'-step student in place; returns its loss summary."""
     sigmas = student_sigmas(params.teacher_sigmas(), student_steps)
     optimizer = adam(student, params.lr)
     student.train()
-    losses: list[float] = []
-    bar = tqdm(range(params.updates), desc=f"sfddm T'={student_steps}", unit="upd", disable=not progress, mininterval=2.0)
-    for u in bar:
+    state = None
+    if state_dir is not None:
+        key = baseline_training_key("sfddm", params, data, teacher, student, generator, student_steps=student_steps)
+        state = TrainingState(state_dir, key, modules={"student": student}, optimizers={"optimizer": optimizer},
+                              generators={"data": generator})
+
+    def step(u: int) -> list[tuple[str, float]]:
         y, labels = data.draw(params.batch_size, generator, device)
         loss = sfddm_loss(student, teacher, y, labels, sigmas, generator, params.feature_weight)
-        check_finite(loss, f"SFDDM T'={student_steps}, update {u}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        value = optimizer_step(optimizer, loss, what=f"the loss of update {u}")
         if cost is not None:
             cost.add_teacher_forward(params.batch_size)
             cost.add_student_forward(params.batch_size)
             cost.add_student_backward(params.batch_size)
-        if u % 10 == 9:
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4g}")
-    window = max(1, min(10, len(losses) // 4))
-    return {"student_steps": student_steps, "updates": len(losses),
-            "loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window}
+        return [("loss", value)]
+
+    loop = TrainingLoop(
+        f"sfddm T'={student_steps}", params.updates, unit="upd", optimizers=[optimizer], lr=lambda u: params.lr,
+        state=state, checkpoint_every=checkpoint_every(params.updates), keys=["loss"], cost=cost, live=live,
+        live_prefix=f"nfe{student_steps}/", progress=progress,
+    )  # fmt: skip
+    loop.run(step)
+    window = max(1, min(10, loop.count["loss"] // 4))
+    return {"student_steps": student_steps, "updates": loop.count["loss"],
+            "loss_first": loop.mean_first("loss", window), "loss_last": loop.mean_last("loss", window)}
 
 
 def init_student(teacher: EDMPrecond, teacher_config: dict[str, Any], init: str, seed: int) -> EDMPrecond:
@@ -195,16 +158,20 @@ def sfddm_distillation(
     cost: CostMeter | None = None,
     progress: bool = True,
     provenance: dict[str, Any] | None = None,
+    state_dir: str | Path | None = None,  # resumable states, one per student: <state_dir>/nfe<T'>; None = no resume
+    live_dir: str | Path | None = None,  # DVCLive directory: loss and lr per update of each student (nfe<T'>/...)
 ) -> dict[str, Any]:
     """One student per T' into ``out_dir/nfe<T'>``, and the control row (teacher, same T' Euler steps) into ``control_dir/nfe<T'>``."""
     cost = cost or CostMeter("baseline_sfddm", device)
     teacher = frozen(teacher)
     generator = torch.Generator().manual_seed(params.seed)
     students = []
+    live = LiveLog(live_dir) if live_dir is not None else None
     for k, t_prime in enumerate(params.student_steps):
         student = init_student(teacher, teacher_config, params.init, params.seed + k)
         summary = train_sfddm_student(student, teacher, data, t_prime, params, generator=generator, device=device,
-                                      cost=cost, progress=progress)
+                                      cost=cost, progress=progress, live=live,
+                                      state_dir=None if state_dir is None else Path(state_dir) / f"nfe{t_prime}")
         sampler = sampler_section(params.student_schedule(t_prime), afs=False)
         prov = {"params": asdict(params), "index_map": index_map(t_prime, params.teacher_steps), **(provenance or {})}
         save_student(Path(out_dir) / f"nfe{t_prime}", student,
@@ -216,5 +183,9 @@ def sfddm_distillation(
         tqdm.write(f"sfddm: T'={t_prime}: loss {summary['loss_first']:.4g} -> {summary['loss_last']:.4g}")
     cost.extra["init"] = params.init
     cost.extra["teacher_steps"] = params.teacher_steps
+    if live is not None:
+        live.log_final({f"nfe{r['student_steps']}": {k: r[k] for k in ("loss_first", "loss_last")} for r in students}
+                       | {"forward_equivalents": cost.forward_equivalents()})
+        live.flush()
     return {"teacher_steps": params.teacher_steps, "init": params.init, "students": students,
             "wall_seconds": round(cost.wall_seconds, 2), "forward_equivalents": cost.forward_equivalents()}

@@ -10,13 +10,12 @@ The paper writes n ~ U{0..N-1}, x_{n+1} ~ N(x_0, t_{n+1}^2 I) with time running 
 it is the same set of N - 1 intervals. With AFS the first interval has no network call, hence
 nothing to learn, and n_0 = 1. The student never sees its own states (the difference to SFD's
 on-the-fly rollout). The student starts as a copy of the teacher; Adam, lr x 0.1 at half the
-budget, as SFD's stage 1.
+budget, as SFD's stage 1. Resumable from a ``state_dir`` (pipeline.training).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,62 +24,23 @@ from tqdm import tqdm
 
 from pipeline.distill.baselines.common import (
     TrainingData,
-    adam,
-    check_common,
-    check_finite,
-    frozen,
+    baseline_training_key,
+    checkpoint_every,
     sampler_section,
     save_student,
-    set_lr,
     student_config,
-    trainable_copy,
 )
+from pipeline.training.live import LiveLog
+from pipeline.training.loop import TrainingLoop, optimizer_step
+from pipeline.training.optim import adam, frozen, trainable_copy
+from pipeline.training.state import TrainingState
 from pipeline.core.cost import CostMeter
-from pipeline.diffusion.denoisers import EDMPrecond
+from pipeline.diffusion.denoisers import Denoiser, EDMPrecond
 from pipeline.distill.losses import l1_loss, l2_loss
-from pipeline.core.param_checks import ParamError, check_choice, check_int, check_keys
-from pipeline.diffusion.schedules import Schedule
-from pipeline.diffusion.solvers import MAX_ORDER, SOLVERS, CountingDenoiser, solve
+from pipeline.config.baselines import VanillaParams
+from pipeline.diffusion.solvers import CountingDenoiser, solve
 
-Denoiser = Callable[..., torch.Tensor]
 VANILLA_LOSSES = {"l1": l1_loss, "l2": l2_loss}
-
-
-@dataclass(frozen=True)
-class VanillaParams:
-    schedule: dict[str, Any] = field(
-        default_factory=lambda: {"kind": "polynomial", "num_steps": 4, "t_min": 0.006, "t_max": 80.0, "rho": 7.0}
-    )  # the student's N timestamps (N = 4 + AFS: NFE 2, as SFD's default)
-    afs: bool = True
-    solver: str = "dpmpp"  # the teacher solver over the K = M + 1 sub-steps (SFD's default teacher)
-    max_order: int = 3
-    M: int = 3
-    loss: str = "l1"
-    updates: int = 150
-    batch_size: int = 64
-    lr: float = 5e-5  # x 0.1 once half the updates are done
-    seed: int = 0
-    device: str = "auto"
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], *, section: str = "baseline_vanilla") -> "VanillaParams":
-        check_keys(section, d, cls.__dataclass_fields__)
-        d = {k: float(v) if k == "lr" and isinstance(v, int) else v for k, v in d.items()}
-        p = cls(**d)
-        sched = Schedule.from_dict(p.schedule, section=f"{section}.schedule")
-        if not isinstance(p.afs, bool):
-            raise ParamError(f"{section}.afs: expected true or false, got {p.afs!r}")
-        if sched.num_steps < (3 if p.afs else 2):
-            raise ParamError(f"{section}.schedule.num_steps: with afs the student needs N >= 3, got {sched.num_steps}")
-        check_choice(f"{section}.solver", p.solver, SOLVERS)
-        check_int(f"{section}.max_order", p.max_order, minimum=1, maximum=MAX_ORDER.get(p.solver, 1))
-        check_int(f"{section}.M", p.M, minimum=0)
-        check_choice(f"{section}.loss", p.loss, tuple(VANILLA_LOSSES))
-        check_common(section, batch_size=p.batch_size, lr=p.lr, seed=p.seed, updates=p.updates)
-        return p
-
-    def student_schedule(self) -> Schedule:
-        return Schedule.from_dict(self.schedule)
 
 
 @torch.no_grad()
@@ -147,33 +107,42 @@ def train_vanilla(
     device: torch.device | str = "cpu",
     cost: CostMeter | None = None,
     progress: bool = True,
+    state_dir: str | Path | None = None,  # resumable training state; None = no resume
+    live: LiveLog | None = None,
 ) -> dict[str, Any]:
     """Train ``student`` in place; returns its loss summary."""
     counter = CountingDenoiser(teacher)
     fine = params.student_schedule().fine(params.M)
     optimizer = adam(student, params.lr)
     student.train()
-    losses: list[float] = []
-    bar = tqdm(range(params.updates), desc="vanilla", unit="upd", disable=not progress, mininterval=2.0)
-    for u in bar:
-        set_lr(optimizer, params.lr * (0.1 if u >= params.updates / 2 else 1.0))
+    state = None
+    if state_dir is not None:
+        key = baseline_training_key("vanilla", params, data, teacher, student, generator)
+        state = TrainingState(state_dir, key, modules={"student": student}, optimizers={"optimizer": optimizer},
+                              generators={"data": generator})
+
+    def step(u: int) -> list[tuple[str, float]]:
         y, labels = data.draw(params.batch_size, generator, device)
         before = counter.images
         loss = vanilla_loss(student, counter, y, labels, params, generator, fine)
-        check_finite(loss, f"vanilla trajectory distillation, update {u}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        value = optimizer_step(optimizer, loss, what=f"the loss of update {u}")
+        loop.counters["teacher_images"] += counter.images - before
         if cost is not None:
             cost.add_teacher_forward(counter.images - before)
             cost.add_student_forward(params.batch_size)
             cost.add_student_backward(params.batch_size)
-        if u % 10 == 9:
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4g}")
-    window = max(1, min(10, len(losses) // 4))
-    return {"updates": len(losses), "loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window,
-            "teacher_images": counter.images}
+        return [("loss", value)]
+
+    loop = TrainingLoop(
+        "vanilla", params.updates, unit="upd", optimizers=[optimizer],
+        lr=lambda u: params.lr * (0.1 if u >= params.updates / 2 else 1.0), state=state,
+        checkpoint_every=checkpoint_every(params.updates), counters={"teacher_images": 0}, keys=["loss"], cost=cost,
+        live=live, progress=progress,
+    )  # fmt: skip
+    loop.run(step)
+    window = max(1, min(10, loop.count["loss"] // 4))
+    return {"updates": loop.count["loss"], "loss_first": loop.mean_first("loss", window),
+            "loss_last": loop.mean_last("loss", window), "teacher_images": loop.counters["teacher_images"]}
 
 
 def vanilla_distillation(
@@ -187,6 +156,8 @@ def vanilla_distillation(
     cost: CostMeter | None = None,
     progress: bool = True,
     provenance: dict[str, Any] | None = None,
+    state_dir: str | Path | None = None,  # resumable training state; None = no resume
+    live_dir: str | Path | None = None,  # DVCLive directory: loss and lr per update
 ) -> dict[str, Any]:
     """Train the student (a copy of the teacher) and save it with its Euler (+ AFS) sampler in ``out_dir``."""
     cost = cost or CostMeter("baseline_vanilla", device)
@@ -194,8 +165,12 @@ def vanilla_distillation(
     torch.manual_seed(params.seed)
     generator = torch.Generator().manual_seed(params.seed)
     student = trainable_copy(teacher)
+    live = LiveLog(live_dir) if live_dir is not None else None
     summary = train_vanilla(student, teacher, data, params, generator=generator, device=device, cost=cost,
-                            progress=progress)
+                            progress=progress, state_dir=state_dir, live=live)
+    if live is not None:
+        live.log_final({k: summary[k] for k in ("loss_first", "loss_last")} | {"forward_equivalents": cost.forward_equivalents()})
+        live.flush()
     sampler = sampler_section(params.student_schedule(), afs=params.afs)
     save_student(out_dir, student, student_config(
         teacher_config, sampler,

@@ -1,0 +1,246 @@
+"""One training-loop skeleton for the teacher, SFD (stage 1, SFD-v, stage 2) and the baselines.
+
+The unit is a *batch*: ``step_fn(batch_index)`` draws its data, takes one or several optimizer
+steps (SFD: one per student step) through :func:`optimizer_step`, and returns the loss of each
+step taken as ``[(key, value), ...]``. Around it the loop does, per batch:
+
+    lr <- lr(batch) on every optimizer;  losses <- step_fn(batch);  batch += 1;
+    loss statistics (first and last values per key); a log row every ``log_every`` batches (the
+    mean of each key over the window, the lr, kimg) to the progress bar and DVCLive; the training
+    state every ``checkpoint_every`` batches and at the end.
+
+Before the loop it resumes from a saved state with the same training key (models, optimizers, RNG
+states, counters, statistics, log rows, cost), so an interrupted run ends bit-identical to an
+uninterrupted one. A NaN/inf loss stops the run before its optimizer step
+(:class:`NonFiniteLossError`, naming the batch and the last good state).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm import tqdm
+
+from pipeline.core.param_checks import PipelineError
+from pipeline.training.optim import set_lr
+from pipeline.training.state import TrainingState
+
+if TYPE_CHECKING:
+    from pipeline.core.cost import CostMeter
+    from pipeline.training.live import LiveLog
+
+StepLosses = Sequence[tuple[str, float]]
+
+
+class NonFiniteLossError(PipelineError, FloatingPointError):
+    """A loss was NaN or inf; the run stopped before the optimizer step."""
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    *,
+    what: str = "the loss",
+    clip: tuple[Any, float] | None = None,  # (parameters, max gradient norm)
+) -> float:
+    """Check the loss is finite, then zero_grad, backward, (clip,) step; returns the loss value."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"{what} is {value}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip[0], clip[1])
+    optimizer.step()
+    return value
+
+
+class TrainingLoop:
+    """Budget, lr schedule, resume, periodic state, NaN/inf stop, statistics, logging, progress bar."""
+
+    def __init__(
+        self,
+        name: str,  # progress-bar label and message prefix
+        total: int,  # batches in the budget
+        *,
+        unit: str = "batch",
+        optimizers: Sequence[torch.optim.Optimizer] = (),
+        lr: Callable[[int], float] | None = None,  # lr of batch b (0-based), set on every optimizer before it
+        state: TrainingState | None = None,  # None: no resume, no periodic state
+        checkpoint_every: int | None = None,  # batches between states (None: only at the end)
+        on_save: Callable[["TrainingLoop"], None] | None = None,  # after each state save (SFD: a usable checkpoint)
+        accept: Callable[[dict[str, Any]], bool] | None = None,  # may a saved state's counters be resumed?
+        counters: Mapping[str, Any] | None = None,  # extra counters saved with the state (rows read, ...)
+        keys: Sequence[str] = (),  # loss keys known in advance (a log row names every one, None if not drawn)
+        keep: int = 100,  # first and last values kept per key (summaries average windows of at most this)
+        log_every: int = 1,
+        images_per_batch: int | None = None,  # gives log rows a kimg column (the x axis of the loss plot)
+        live: "LiveLog | None" = None,
+        live_prefix: str = "",
+        cost: "CostMeter | None" = None,  # saved and restored with the state
+        hint: str = "lower the learning rate",  # advice after a non-finite loss
+        progress: bool = True,
+        leave: bool = True,
+    ) -> None:
+        self.name, self.total, self.unit = name, int(total), unit
+        self.optimizers, self.lr = list(optimizers), lr
+        self.state, self.checkpoint_every, self.on_save, self.accept = state, checkpoint_every, on_save, accept
+        self.counters: dict[str, Any] = dict(counters or {})
+        self.keys = list(keys)
+        self.keep, self.log_every = keep, max(1, int(log_every))
+        self.images_per_batch = images_per_batch
+        self.live, self.live_prefix, self.cost = live, live_prefix, cost
+        self.hint, self.progress, self.leave = hint, progress, leave
+        self.batch = 0
+        self.first: dict[str, list[float]] = {k: [] for k in self.keys}
+        self.recent: dict[str, deque[float]] = {k: deque(maxlen=keep) for k in self.keys}
+        self.count: dict[str, int] = {k: 0 for k in self.keys}
+        self.window: dict[str, list[float]] = {k: [] for k in self.keys}
+        self.log: list[dict[str, Any]] = []
+        self.saved_at: int | None = None
+        self.resumed = False
+        self._last_lr: float | None = None
+
+    # ------------------------------------------------------------------ statistics
+
+    def mean_first(self, key: str, n: int) -> float | None:
+        v = self.first.get(key, [])[:n]
+        return sum(v) / len(v) if v else None
+
+    def mean_last(self, key: str, n: int) -> float | None:
+        v = list(self.recent.get(key, ()))[-n:]
+        return sum(v) / len(v) if v else None
+
+    def kimg(self, batch: int | None = None) -> float | None:
+        if self.images_per_batch is None:
+            return None
+        return (self.batch if batch is None else batch) * self.images_per_batch / 1000
+
+    def _where(self, batch: int) -> str:
+        k = self.kimg(batch)
+        return f"{self.unit} {batch}" + (f", {k:g} kimg" if k is not None else "")
+
+    def _add(self, key: str, value: float) -> None:
+        if key not in self.count:
+            self.keys.append(key)
+            self.first[key], self.recent[key], self.count[key], self.window[key] = [], deque(maxlen=self.keep), 0, []
+        if len(self.first[key]) < self.keep:
+            self.first[key].append(value)
+        self.recent[key].append(value)
+        self.count[key] += 1
+        self.window[key].append(value)
+
+    # ------------------------------------------------------------------ state
+
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "first": self.first, "recent": {k: list(v) for k, v in self.recent.items()}, "count": self.count,
+            "window": self.window, "log": self.log, "cost": self.cost.to_dict() if self.cost is not None else None,
+        }  # fmt: skip
+
+    def resume(self) -> bool:
+        """Load a matching saved state (see module docstring); False when there is none to resume."""
+        if self.state is None or self.resumed:
+            return self.resumed
+        saved = self.state.peek()
+        if saved is None:
+            return False
+        restored = self.state.load(accept=lambda c: int(c.get("batch", 0)) <= self.total and (self.accept is None or self.accept(c)))
+        if restored is None:
+            tqdm.write(f"{self.name}: ignoring the training state in {self.state.directory} "
+                       "(different params, data or initialisation, an older format, or more done than this budget)")
+            return False
+        c, m = restored.counters, restored.metadata
+        self.batch = int(c.pop("batch"))
+        self.counters.update(c)
+        for k in m.get("first", {}):
+            if k not in self.count:
+                self.keys.append(k)
+        self.first = {k: list(m.get("first", {}).get(k, [])) for k in self.keys}
+        self.recent = {k: deque(m.get("recent", {}).get(k, []), maxlen=self.keep) for k in self.keys}
+        self.count = {k: int(m.get("count", {}).get(k, 0)) for k in self.keys}
+        self.window = {k: list(m.get("window", {}).get(k, [])) for k in self.keys}
+        self.log = list(m.get("log", []))
+        if self.cost is not None and m.get("cost"):
+            self.cost.restore(m["cost"])
+        self.saved_at, self.resumed = self.batch, True
+        if self.batch < self.total:
+            tqdm.write(f"{self.name}: resuming from {self.state.directory} at {self._where(self.batch)} of {self.total}")
+        return True
+
+    def save(self) -> None:
+        if self.state is None:
+            return
+        self.state.save({"batch": self.batch, **self.counters}, self._metadata())
+        self.saved_at = self.batch
+        if self.on_save is not None:
+            self.on_save(self)
+        self._flush_live()
+
+    def _flush_live(self) -> None:
+        if self.live is not None:
+            self.live.log_table(self.log, x="kimg" if self.images_per_batch else "step", prefix=self.live_prefix,
+                                title=f"{self.name} loss")
+            self.live.flush()
+
+    # ------------------------------------------------------------------ the loop
+
+    def _row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"step": self.batch}
+        if self.images_per_batch is not None:
+            row["kimg"] = self.kimg()
+        row["lr"] = self._last_lr
+        row.update({k: (sum(v) / len(v) if v else None) for k, v in self.window.items()})
+        return row
+
+    def run(self, step_fn: Callable[[int], StepLosses], *, stop_after: int | None = None) -> bool:
+        """Resume, then train to ``total`` batches; False when stopped at ``stop_after`` batches (tests)."""
+        self.resume()
+        if self.live is not None:
+            for row in self.log:  # a resumed run rewrites the rows logged before the interruption
+                self.live.log_row(row, step=row["step"], prefix=self.live_prefix)
+        bar = tqdm(total=self.total, initial=self.batch, desc=self.name, unit=self.unit, disable=not self.progress,
+                   mininterval=1.0, leave=self.leave)
+        try:
+            while self.batch < self.total:
+                if stop_after is not None and self.batch >= stop_after:
+                    return False
+                if self.lr is not None:
+                    self._last_lr = self.lr(self.batch)
+                    for optimizer in self.optimizers:
+                        set_lr(optimizer, self._last_lr)
+                try:
+                    losses = step_fn(self.batch)
+                except NonFiniteLossError as e:
+                    where = (
+                        f"the last good checkpoint is {self.state.directory} ({self._where(self.saved_at)})"
+                        if self.state is not None and self.saved_at is not None else "no checkpoint was written yet"
+                    )
+                    raise NonFiniteLossError(
+                        f"{self.name}: stopped at {self._where(self.batch)}: {e}; the optimizer step was not taken "
+                        f"and {where}. {self.hint[:1].upper()}{self.hint[1:]}"
+                    ) from None
+                self.batch += 1
+                for key, value in losses:
+                    self._add(key, value)
+                if self.batch % self.log_every == 0 or self.batch == self.total:
+                    row = self._row()
+                    self.log.append(row)
+                    self.window = {k: [] for k in self.keys}
+                    if self.live is not None:
+                        self.live.log_row(row, step=self.batch, prefix=self.live_prefix)
+                    bar.set_postfix({k.replace("step", "s"): f"{v:.4g}" for k, v in row.items()
+                                     if k in self.count and v is not None}, refresh=False)
+                bar.update(1)
+                if self.state is not None and (
+                    self.batch == self.total or (self.checkpoint_every and self.batch % self.checkpoint_every == 0)
+                ):
+                    self.save()
+        finally:
+            bar.close()
+        self._flush_live()
+        return True

@@ -1,0 +1,65 @@
+"""DVC stages ``baseline_pd``, ``baseline_sfddm``, ``baseline_vanilla``: the baselines on SFD's teacher.
+
+``--method`` picks the params section ``baseline_<method>`` and its trainer: progressive
+distillation (one checkpoint per round, ``<out>/nfe<N>``), SFDDM (one student per T',
+``<out>/nfe<T'>``, and the training-free control rows in ``--control-out``) or vanilla trajectory
+distillation (``<out>``). Resumable from ``--state``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.core.cost import CostMeter
+from pipeline.core.devices import resolve_device
+from pipeline.core.files import write_json
+from pipeline.distill.baselines.common import load_baseline_inputs
+from pipeline.distill.baselines.progressive import progressive_distillation
+from pipeline.distill.baselines.sfddm import sfddm_distillation
+from pipeline.distill.baselines.vanilla import vanilla_distillation
+from stages.common import fail, run, stage_params
+
+
+class Method(str, Enum):
+    pd = "pd"
+    sfddm = "sfddm"
+    vanilla = "vanilla"
+
+
+def main(
+    method: Method = typer.Option(..., help="pd | sfddm | vanilla: reads the params section baseline_<method>"),
+    params: Path = typer.Option(..., help="params file"),
+    teacher: Path = typer.Option(..., help="teacher checkpoint directory"),
+    data: Path = typer.Option(..., help="dataset directory written by the data stage"),
+    out: Path = typer.Option(..., help="student checkpoint(s): <out> (vanilla) or <out>/nfe<N> (pd, sfddm)"),
+    metrics: Path = typer.Option(..., help="losses and cumulative cost (JSON)"),
+    cost_out: Path = typer.Option(..., "--cost", help="cost record"),
+    state: Path = typer.Option(..., help="resumable training state(s), kept across runs"),
+    live: Path = typer.Option(..., help="DVCLive directory: loss and lr per update, final metrics"),
+    control_out: Optional[Path] = typer.Option(None, help="sfddm only: the teacher with the same T' Euler steps, <dir>/nfe<T'>"),
+) -> None:
+    name = f"baseline_{method.value}"
+    if (method is Method.sfddm) != (control_out is not None):
+        fail("--control-out is required with --method sfddm and only allowed with it")
+    p = stage_params(params).section(name)
+    device = resolve_device(p.device)
+    model, config, train, provenance = load_baseline_inputs(teacher, data, device)
+    cost = CostMeter(name, device)
+    common = dict(device=device, cost=cost, provenance=provenance, state_dir=state, live_dir=live)
+    if method is Method.pd:
+        summary = progressive_distillation(model, config, train, p, out, **common)
+    elif method is Method.sfddm:
+        summary = sfddm_distillation(model, config, train, p, out, control_out, **common)
+    else:
+        summary = vanilla_distillation(model, config, train, p, out, **common)
+    cost.write(cost_out)
+    write_json(metrics, summary)
+    typer.echo(f"{name}: -> {out} ({summary['wall_seconds']} s)")
+
+
+if __name__ == "__main__":
+    run(main)
