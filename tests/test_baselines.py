@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from pipeline.distill.baselines.common import TrainingData, frozen
+from pipeline.distill.baselines.common import TrainingData
+from pipeline.training.optim import frozen
 from pipeline.distill.baselines.progressive import (
     PDParams,
     pd_loss,

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.datasets import DataError, DataParams, load_image_folder, load_split, prepare_dataset
+from pipeline.config.data import DataParams
+from pipeline.data.datasets import DataError, load_image_folder, load_split, prepare_dataset
 from pipeline.core.param_checks import ParamError
 
 

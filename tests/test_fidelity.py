@@ -10,7 +10,8 @@ import torch
 import torch_fidelity
 
 from pipeline.core.checkpoints import save_checkpoint
-from pipeline.data.datasets import DataParams, load_split, prepare_dataset
+from pipeline.config.data import DataParams
+from pipeline.data.datasets import load_split, prepare_dataset
 from pipeline.evaluation.evaluate import EvalParams, parse_student_args, run_evaluation
 from pipeline.evaluation.feature_net import FeatureNetParams, train_feature_net
 from pipeline.evaluation.fidelity import (

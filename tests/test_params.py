@@ -8,6 +8,7 @@ import yaml
 from pipeline.config.params import load_params, parse_params
 from pipeline.config.trajectories import TrajectoryParams
 from pipeline.core.param_checks import ParamError
+from pipeline.trajectories.spec import trajectory_specs
 
 
 def test_repository_params_file_is_valid():
@@ -181,7 +182,7 @@ def test_store_keys_of_the_default_params_are_unchanged(path):
     p = load_params(Path(__file__).parents[1] / path)
     for (name, num_classes), keys in STORE_KEYS.items():
         shape = (1, 8, 8) if num_classes else (3, 32, 32)
-        specs = p.section(name).specs(teacher_hash="0" * 32, num_classes=num_classes, sample_shape=shape)
+        specs = trajectory_specs(p.section(name), teacher_hash="0" * 32, num_classes=num_classes, sample_shape=shape)
         assert [s.key for s in specs] == keys, (name, num_classes)
 
 

@@ -10,7 +10,8 @@ import torch
 
 from pipeline.config.params import parse_params
 from pipeline.core.checkpoints import load_checkpoint
-from pipeline.distill.sfd import NonFiniteLossError, run_distill_stage
+from pipeline.distill.sfd import run_distill_stage
+from pipeline.training.loop import NonFiniteLossError
 from pipeline.teachers.loader import load_student
 from pipeline.trajectories.generation import run_trajectories_stage
 from pipeline.trajectories.reader import TrajectoryDataset

@@ -113,10 +113,10 @@ def test_load_student_refuses_a_teacher(teacher_ckpt):
 
 
 def test_one_student_config_for_sfd_and_the_baselines(teacher_ckpt):
-    from pipeline.distill.baselines import common
+    from pipeline.distill.baselines import progressive, sfddm, vanilla
     from pipeline.teachers.loader import load_teacher
 
-    assert common.student_config is student_config
+    assert progressive.student_config is sfddm.student_config is vanilla.student_config is student_config
     sampler, prov = sampler_section(Schedule(num_steps=4), afs=True), {"kind": "x"}
     init = student_from_checkpoint(teacher_ckpt)
     teacher_config = load_teacher(teacher_ckpt).config  # the baselines pass the teacher's model.json

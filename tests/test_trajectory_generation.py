@@ -19,7 +19,7 @@ from pipeline.diffusion.solvers import solve
 from pipeline.diffusion.denoisers import bind_num_steps
 from pipeline.teachers.loader import bound_teacher_hash, gmm_teacher
 from pipeline.trajectories.generation import parse_shard, run_trajectories_stage
-from pipeline.trajectories.spec import TrajectoryParams
+from pipeline.config.trajectories import TrajectoryParams
 from pipeline.trajectories.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,15 +1,11 @@
-"""The trajectories sections (``trajectories``, ``trajectories_v``, ``trajectories_stage2``) and the spec
-they give per student schedule: everything (but the seed) a cached teacher trajectory depends on.
+"""The trajectories sections (``trajectories``, ``trajectories_v``, ``trajectories_stage2``).
 
-The teacher states at the student timestamps t_1..t_{N-1} (sfd-method.md section 4) are a
-function of (teacher weights, solver and its options, M, student schedule, compute dtype, seed,
-label) and never of the student. A :class:`TrajectorySpec` holds everything but the seed; its
-``key`` (xxh3-128 of the canonical description) names the store group holding those states.
+Each gives one trajectory spec per student schedule (pipeline.trajectories.spec.trajectory_specs).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Literal
 
 from pydantic import model_validator
@@ -19,112 +15,15 @@ from pipeline.config.fields import (
     resolve_max_order,
 )  # fmt: skip
 from pipeline.config.validation import Section, fix, section
-from pipeline.core.hashing import hash_description
-from pipeline.core.param_checks import ParamError, check_choice, check_int, check_positive
+from pipeline.core.param_checks import ParamError, check_int
 from pipeline.diffusion.schedules import Schedule
-from pipeline.diffusion.solvers import MAX_ORDER, SOLVERS
 
-SPEC_VERSION = 1  # bump when the meaning of a stored trajectory changes
 COMPUTE_DTYPES = ("float32", "float64")
 STORAGE_DTYPES = ("float32", "float16")
 LABEL_POLICIES = ("none", "uniform_per_seed")
 COMPRESSORS = ("blosc-zstd", "blosc-lz4", "zstd", "none")
 
 LabelPolicy = Literal["none", "uniform_per_seed"]
-
-
-@dataclass(frozen=True)
-class TrajectorySpec:
-    """Everything (but the seed) that the stored states x_T, y_1..y_{N-1} and labels depend on."""
-
-    teacher_hash: str  # content hash of the teacher (weights + any bound condition)
-    schedule: Schedule  # the student schedule; the teacher runs on schedule.fine(M)
-    solver: str = "dpmpp"
-    max_order: int = 3
-    lower_order_final: bool = True
-    afs: bool = False
-    M: int = 3  # teacher steps inserted between two student timestamps
-    compute_dtype: str = "float32"
-    storage_dtype: str = "float32"
-    label_policy: LabelPolicy = "none"
-    num_classes: int = 0
-    sample_shape: tuple[int, ...] = (3, 32, 32)
-    guidance: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.teacher_hash, str) or not self.teacher_hash:
-            raise ParamError(f"teacher_hash: expected a non-empty string, got {self.teacher_hash!r}")
-        if not isinstance(self.schedule, Schedule):
-            raise ParamError(f"schedule: expected a pipeline.diffusion.schedules.Schedule, got {type(self.schedule).__name__}")
-        check_choice("solver", self.solver, SOLVERS)
-        check_int("max_order", self.max_order, minimum=1, maximum=MAX_ORDER.get(self.solver, 4))
-        check_int("M", self.M, minimum=0)
-        check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
-        check_choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
-        check_choice("label_policy", self.label_policy, LABEL_POLICIES)
-        check_int("num_classes", self.num_classes, minimum=0)
-        if self.label_policy == "uniform_per_seed" and self.num_classes < 1:
-            raise ParamError("label_policy: 'uniform_per_seed' needs num_classes >= 1 (the teacher is unconditional)")
-        check_positive("guidance", self.guidance)
-        if self.schedule.num_steps < 2:
-            raise ParamError(f"schedule.num_steps: must be >= 2, got {self.schedule.num_steps}")
-        object.__setattr__(self, "sample_shape", tuple(int(s) for s in self.sample_shape))
-        if not self.sample_shape or any(s < 1 for s in self.sample_shape):
-            raise ParamError(f"sample_shape: expected positive sizes, got {self.sample_shape}")
-
-    @property
-    def num_targets(self) -> int:
-        """Number of stored teacher states per seed: t_1..t_{N-1}."""
-        return self.schedule.num_steps - 1
-
-    @property
-    def labelled(self) -> bool:
-        return self.label_policy != "none"
-
-    def description(self) -> dict[str, Any]:
-        """Readable, JSON-serialisable description; equal descriptions mean interchangeable states."""
-        return {
-            "spec_version": SPEC_VERSION,
-            "teacher_hash": self.teacher_hash,
-            "solver": {
-                "name": self.solver,
-                "max_order": self.max_order,
-                "lower_order_final": self.lower_order_final,
-                "afs": self.afs,
-            },
-            "M": self.M,
-            "schedule": self.schedule.to_dict(),
-            "compute_dtype": self.compute_dtype,
-            "storage_dtype": self.storage_dtype,
-            "labels": {"policy": self.label_policy, "num_classes": self.num_classes},
-            "sample_shape": list(self.sample_shape),
-            "guidance": float(self.guidance),
-        }
-
-    @property
-    def key(self) -> str:
-        return hash_description(self.description())
-
-    @classmethod
-    def from_description(cls, d: dict[str, Any]) -> "TrajectorySpec":
-        """Inverse of :meth:`description` (used to rebuild a spec from a store's attributes)."""
-        if d.get("spec_version") != SPEC_VERSION:
-            raise ParamError(f"spec_version: this code reads version {SPEC_VERSION}, the store has {d.get('spec_version')!r}")
-        return cls(
-            teacher_hash=d["teacher_hash"],
-            schedule=Schedule.from_dict(d["schedule"]),
-            solver=d["solver"]["name"],
-            max_order=d["solver"]["max_order"],
-            lower_order_final=d["solver"]["lower_order_final"],
-            afs=d["solver"]["afs"],
-            M=d["M"],
-            compute_dtype=d["compute_dtype"],
-            storage_dtype=d["storage_dtype"],
-            label_policy=d["labels"]["policy"],
-            num_classes=d["labels"]["num_classes"],
-            sample_shape=tuple(d["sample_shape"]),
-            guidance=d["guidance"],
-        )
 
 
 @section("trajectories", frozen=False)
@@ -175,24 +74,3 @@ class TrajectoryParams(Section):
             return "uniform_per_seed" if num_classes > 0 else "none"
         return self.label_policy
 
-    def specs(self, *, teacher_hash: str, num_classes: int, sample_shape: tuple[int, ...]) -> list[TrajectorySpec]:
-        """The trajectory specs (one per schedule) for a teacher; readers build the same to find their key."""
-        policy = self.resolve_label_policy(num_classes)
-        return [
-            TrajectorySpec(
-                teacher_hash=teacher_hash,
-                schedule=s,
-                solver=self.solver,
-                max_order=self.max_order,  # type: ignore[arg-type]  (an int once validated)
-                lower_order_final=self.lower_order_final,
-                afs=self.afs,
-                M=self.M,
-                compute_dtype=self.compute_dtype,
-                storage_dtype=self.storage_dtype,
-                label_policy=policy,  # type: ignore[arg-type]
-                num_classes=num_classes if policy != "none" else 0,
-                sample_shape=tuple(sample_shape),
-                guidance=self.guidance,
-            )
-            for s in self.schedules()
-        ]

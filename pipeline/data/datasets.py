@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.core.images import to_uint8, to_unit_range  # noqa: F401  (part of this module's API)
-from pipeline.config.data import DATASETS, DataParams  # noqa: F401  (DataParams: re-exported for the data stage)
+from pipeline.core.images import to_unit_range
+from pipeline.config.data import DataParams
 from pipeline.core.param_checks import PipelineError, check_choice
 
 SPLITS = ("train", "held_out")

@@ -9,21 +9,17 @@ unless the caller picks something else.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from pipeline.diffusion.denoisers import Denoiser, bind_num_steps, guided
 from pipeline.core.param_checks import ParamError, check_choice, check_int
 from pipeline.diffusion.schedules import Schedule
-from pipeline.diffusion.seeds import parse_seeds, seed_labels, seed_noise
+from pipeline.diffusion.seeds import seed_labels, seed_noise
 from pipeline.diffusion.solvers import SOLVERS, solve, solver_nfe
 
 # evaluation / CLI names -> (solver, max_order)

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from pipeline.core.checkpoints import save_checkpoint
 from pipeline.core.cost import CostMeter
@@ -44,13 +43,13 @@ from pipeline.core.param_checks import ParamError
 from pipeline.diffusion.schedules import Schedule
 from pipeline.diffusion.solvers import afs_epsilon
 from pipeline.trajectories.reader import TrajectoryBatch, TrajectoryDataset
+from pipeline.trajectories.spec import trajectory_specs
 from pipeline.training.live import LiveLog
-from pipeline.training.loop import NonFiniteLossError, TrainingLoop, optimizer_step
+from pipeline.training.loop import TrainingLoop, optimizer_step
 from pipeline.training.optim import adam
-from pipeline.training.state import STATE_NAME, TrainingState
+from pipeline.training.state import TrainingState
 
 RECENT = 50  # batches per step index averaged into the final loss
-__all__ = ["NonFiniteLossError", "STATE_NAME"]  # re-exported from pipeline.training (with the functions below)
 
 
 @dataclass
@@ -318,7 +317,7 @@ def run_distill_stage(
         torch.set_num_threads(p.threads)  # measured: 30 s on 1 thread vs 233 s on 2 for the default, on a busy 2-core CPU
 
     teacher, _, teacher_hash = load_trajectory_teacher(traj.teacher, teacher_ckpt, device="cpu")
-    specs = traj.specs(teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape)
+    specs = trajectory_specs(traj, teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape)
     schedules = [s.schedule for s in specs]
     if len(specs) > 1 and not p.step_condition:
         raise ParamError(

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.cost import BACKWARD_FORWARD_RATIO, load_cost_records
-from pipeline.evaluation.report import ENTRY, markdown_table
+from pipeline.config.evaluation import ENTRY
+from pipeline.evaluation.report import markdown_table
 
 COUNT_KEYS = ("teacher_forward_images", "student_forward_images", "student_backward_images")
 # method (evaluation sampler name) -> the cost stages it spent in

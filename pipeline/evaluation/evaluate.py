@@ -30,7 +30,7 @@ from pipeline.core.param_checks import ParamError
 from pipeline.core.images import save_grid
 from pipeline.diffusion.sampling import SamplerSpec, generate, make_denoiser
 from pipeline.diffusion.seeds import parse_seeds, seed_labels
-from pipeline.diffusion.solvers import CountingDenoiser, num_steps_for_nfe
+from pipeline.diffusion.solvers import CountingDenoiser
 from pipeline.teachers.loader import load_teacher
 
 

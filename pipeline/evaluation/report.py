@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.cost import load_cost_records
-from pipeline.config.evaluation import ENTRY, ReportParams  # noqa: F401  (ENTRY: re-exported)
+from pipeline.config.evaluation import ENTRY, ReportParams
 from pipeline.core.param_checks import ParamError
 
 METRIC_COLUMNS = ("fid", "kid", "precision", "recall", "label_accuracy")

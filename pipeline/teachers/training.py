@@ -9,7 +9,6 @@ EMA with a half-life in images: beta = 0.5^(batch / (ema_halflife_kimg * 1000)).
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from pipeline.networks.unet import build_network, drop_labels, network_config
 from pipeline.config.teacher import TeacherParams
 from pipeline.training.loop import TrainingLoop, optimizer_step
 from pipeline.training.optim import adam
-from pipeline.training.state import STATE_NAME, TrainingState  # noqa: F401  (STATE_NAME re-exported)
+from pipeline.training.state import TrainingState
 
 
 def edm_loss(

@@ -26,7 +26,8 @@ from pipeline.diffusion.schedules import student_indices
 from pipeline.diffusion.seeds import seed_labels, seed_noise
 from pipeline.diffusion.solvers import CountingDenoiser, solve
 from pipeline.teachers.loader import TEACHER_SOURCES, Teacher, load_teacher
-from pipeline.trajectories.spec import TrajectoryParams, TrajectorySpec
+from pipeline.config.trajectories import TrajectoryParams
+from pipeline.trajectories.spec import TrajectorySpec, trajectory_specs
 from pipeline.trajectories.store import TrajectoryKey, check_store_location, make_compressors, open_store
 
 
@@ -257,7 +258,7 @@ def run_trajectories_stage(
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     check_store_location(out)  # before the teacher is loaded; writes nothing
     teacher, denoiser, teacher_hash = load_trajectory_teacher(p.teacher, teacher_ckpt, device=device)
-    specs = p.specs(teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape)
+    specs = trajectory_specs(p, teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape)
     results = []
     teacher_images = 0
     for spec in specs:

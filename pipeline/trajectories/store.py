@@ -33,7 +33,8 @@ from zarr.core.buffer import cpu, default_buffer_prototype
 from zarr.core.sync import sync
 
 from pipeline.core.hashing import hash_bytes
-from pipeline.trajectories.spec import COMPRESSORS, TrajectorySpec, diff
+from pipeline.config.trajectories import COMPRESSORS
+from pipeline.trajectories.spec import TrajectorySpec, diff
 from pipeline.core.param_checks import PipelineError
 
 FORMAT = "sfd-trajectory-store"

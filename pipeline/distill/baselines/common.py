@@ -12,6 +12,7 @@ are pipeline.training's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.core.cost import CostMeter
 from pipeline.diffusion.denoisers import EDMPrecond
 from pipeline.core.hashing import hash_description, hash_state_dict
-from pipeline.core.param_checks import ParamError, check_int, check_positive
-from pipeline.distill.student import sampler_section, save_student, student_config  # noqa: F401  (re-exported for the baselines)
+from pipeline.core.param_checks import ParamError
 from pipeline.teachers.loader import load_teacher
-from pipeline.training.optim import adam, frozen, set_lr, trainable_copy  # noqa: F401  (re-exported)
+from pipeline.training.live import LiveLog
+from pipeline.training.loop import TrainingLoop, optimizer_step
+from pipeline.training.optim import adam
+from pipeline.training.state import TrainingState
 
 
 @dataclass
@@ -81,11 +85,63 @@ def checkpoint_every(updates: int) -> int:
     return max(1, updates // 10)
 
 
-def check_common(section: str, *, batch_size: int, lr: float, seed: int, updates: int, updates_key: str = "updates") -> None:
-    check_int(f"{section}.batch_size", batch_size, minimum=1)
-    check_positive(f"{section}.lr", lr)
-    check_int(f"{section}.seed", seed, minimum=0)
-    check_int(f"{section}.{updates_key}", updates, minimum=1)
+BaselineLoss = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, int]]
+
+
+def fit_student(
+    label: str,  # progress-bar label, e.g. "pd N=4"
+    kind: str,  # the method, part of the training key
+    student: EDMPrecond,  # trained in place
+    teacher: Any,
+    data: TrainingData,
+    params: Any,  # the method's params section (batch_size, lr; hashed into the training key)
+    loss_fn: BaselineLoss,  # (y, labels) -> (loss, teacher images it cost); draws its noise from `generator`
+    *,
+    updates: int,
+    lr: Callable[[int], float],  # lr of update u
+    generator: torch.Generator,  # data draws and the loss's noise, saved with the state
+    device: torch.device | str = "cpu",
+    cost: CostMeter | None = None,
+    clip: float | None = None,  # max gradient norm
+    state_dir: str | Path | None = None,  # resumable training state; None = no resume
+    live: LiveLog | None = None,
+    live_prefix: str = "",
+    progress: bool = True,
+    leave: bool = True,
+    **identity: Any,  # more of the training key (e.g. student_steps)
+) -> dict[str, Any]:
+    """The baselines' training: per update, a batch of clean data, the method's loss, one Adam step.
+
+    Returns {updates, loss_first, loss_last, teacher_images}."""
+    optimizer = adam(student, params.lr)
+    student.train()
+    state = None
+    if state_dir is not None:
+        key = baseline_training_key(kind, params, data, teacher, student, generator, **identity)
+        state = TrainingState(state_dir, key, modules={"student": student}, optimizers={"optimizer": optimizer},
+                              generators={"data": generator})
+
+    def step(u: int) -> list[tuple[str, float]]:
+        y, labels = data.draw(params.batch_size, generator, device)
+        loss, teacher_images = loss_fn(y, labels)
+        value = optimizer_step(optimizer, loss, what=f"the loss of update {u}",
+                               clip=None if clip is None else (student.parameters(), clip))
+        loop.counters["teacher_images"] += teacher_images
+        if cost is not None:
+            cost.add_teacher_forward(teacher_images)
+            cost.add_student_forward(params.batch_size)
+            cost.add_student_backward(params.batch_size)
+        return [("loss", value)]
+
+    loop = TrainingLoop(
+        label, updates, unit="upd", optimizers=[optimizer], lr=lr, state=state,
+        checkpoint_every=checkpoint_every(updates), counters={"teacher_images": 0}, keys=["loss"], cost=cost,
+        live=live, live_prefix=live_prefix, progress=progress, leave=leave,
+    )  # fmt: skip
+    loop.run(step)
+    window = max(1, min(10, loop.count["loss"] // 4))
+    return {"updates": loop.count["loss"], "loss_first": loop.mean_first("loss", window),
+            "loss_last": loop.mean_last("loss", window), "teacher_images": loop.counters["teacher_images"]}
 
 
 def load_baseline_inputs(

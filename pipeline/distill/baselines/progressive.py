@@ -26,22 +26,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline.distill.baselines.common import (
-    TrainingData,
-    baseline_training_key,
-    checkpoint_every,
-    sampler_section,
-    save_student,
-    student_config,
-)
+from pipeline.distill.baselines.common import TrainingData, fit_student
+from pipeline.distill.student import sampler_section, save_student, student_config
 from pipeline.training.live import LiveLog
-from pipeline.training.loop import TrainingLoop, optimizer_step
-from pipeline.training.optim import adam, frozen, trainable_copy
-from pipeline.training.state import TrainingState
+from pipeline.training.optim import frozen, trainable_copy
 from pipeline.core.cost import CostMeter
 from pipeline.diffusion.denoisers import Denoiser, EDMPrecond
 from pipeline.diffusion.schedules import time_steps
-from pipeline.config.baselines import WEIGHTINGS, PDParams, Weighting  # noqa: F401  (re-exported)
+from pipeline.config.baselines import PDParams
 
 
 def deterministic(summary: dict[str, Any]) -> dict[str, Any]:
@@ -131,40 +123,18 @@ def pd_round(
 ) -> dict[str, Any]:
     """One round: train ``student`` (in place) to do in N Euler steps what ``teacher`` does in 2N."""
     grid = teacher_grid(student_steps, params.t_min, params.t_max, params.rho)
-    optimizer = adam(student, params.lr)
-    student.train()
-    state = None
-    if state_dir is not None:
-        key = baseline_training_key("progressive_distillation", params, data, teacher, student, generator,
-                                    student_steps=student_steps)
-        state = TrainingState(state_dir, key, modules={"student": student}, optimizers={"optimizer": optimizer},
-                              generators={"data": generator})
 
-    def step(u: int) -> list[tuple[str, float]]:
-        y, labels = data.draw(params.batch_size, generator, device)
-        loss = pd_loss(student, teacher, y, labels, grid, generator, params.weighting)
-        value = optimizer_step(optimizer, loss, what=f"the loss of update {u}", clip=(student.parameters(), params.grad_clip))
-        if cost is not None:
-            cost.add_teacher_forward(2 * params.batch_size)
-            cost.add_student_forward(params.batch_size)
-            cost.add_student_backward(params.batch_size)
-        return [("loss", value)]
+    def loss_fn(y: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        return pd_loss(student, teacher, y, labels, grid, generator, params.weighting), 2 * len(y)
 
-    loop = TrainingLoop(
-        f"pd N={student_steps}", params.updates_per_round, unit="upd", optimizers=[optimizer],
-        lr=lambda u: params.lr * (1 - u / params.updates_per_round), state=state,
-        checkpoint_every=checkpoint_every(params.updates_per_round), keys=["loss"], cost=cost, live=live,
-        live_prefix=f"nfe{student_steps}/", progress=progress, leave=False,
+    summary = fit_student(
+        f"pd N={student_steps}", "progressive_distillation", student, teacher, data, params, loss_fn,
+        updates=params.updates_per_round, lr=lambda u: params.lr * (1 - u / params.updates_per_round),
+        generator=generator, device=device, cost=cost, clip=params.grad_clip, state_dir=state_dir, live=live,
+        live_prefix=f"nfe{student_steps}/", progress=progress, leave=False, student_steps=student_steps,
     )  # fmt: skip
-    loop.run(step)
-    window = max(1, min(10, loop.count["loss"] // 4))
-    return {
-        "student_steps": student_steps,
-        "teacher_steps": 2 * student_steps,
-        "updates": loop.count["loss"],
-        "loss_first": loop.mean_first("loss", window),
-        "loss_last": loop.mean_last("loss", window),
-    }
+    return {"student_steps": student_steps, "teacher_steps": 2 * student_steps, "updates": summary["updates"],
+            "loss_first": summary["loss_first"], "loss_last": summary["loss_last"]}
 
 
 def progressive_distillation(

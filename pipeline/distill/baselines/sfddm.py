@@ -27,23 +27,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline.distill.baselines.common import (
-    TrainingData,
-    baseline_training_key,
-    checkpoint_every,
-    sampler_section,
-    save_student,
-    student_config,
-)
+from pipeline.distill.baselines.common import TrainingData, fit_student
+from pipeline.distill.student import sampler_section, save_student, student_config
 from pipeline.training.live import LiveLog
-from pipeline.training.loop import TrainingLoop, optimizer_step
-from pipeline.training.optim import adam, frozen, trainable_copy
-from pipeline.training.state import TrainingState
+from pipeline.training.optim import frozen, trainable_copy
 from pipeline.core.cost import CostMeter
 from pipeline.diffusion.denoisers import EDMPrecond
 from pipeline.networks.unet import build_network
 from pipeline.core.param_checks import ParamError, check_int
-from pipeline.config.baselines import INITS, Init, SFDDMParams  # noqa: F401  (re-exported)
+from pipeline.config.baselines import SFDDMParams
 
 
 def index_map(student_steps: int, teacher_steps: int) -> list[int]:
@@ -108,33 +100,18 @@ def train_sfddm_student(
 ) -> dict[str, Any]:
     """Train one T'-step student in place; returns its loss summary."""
     sigmas = student_sigmas(params.teacher_sigmas(), student_steps)
-    optimizer = adam(student, params.lr)
-    student.train()
-    state = None
-    if state_dir is not None:
-        key = baseline_training_key("sfddm", params, data, teacher, student, generator, student_steps=student_steps)
-        state = TrainingState(state_dir, key, modules={"student": student}, optimizers={"optimizer": optimizer},
-                              generators={"data": generator})
 
-    def step(u: int) -> list[tuple[str, float]]:
-        y, labels = data.draw(params.batch_size, generator, device)
-        loss = sfddm_loss(student, teacher, y, labels, sigmas, generator, params.feature_weight)
-        value = optimizer_step(optimizer, loss, what=f"the loss of update {u}")
-        if cost is not None:
-            cost.add_teacher_forward(params.batch_size)
-            cost.add_student_forward(params.batch_size)
-            cost.add_student_backward(params.batch_size)
-        return [("loss", value)]
+    def loss_fn(y: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        return sfddm_loss(student, teacher, y, labels, sigmas, generator, params.feature_weight), len(y)
 
-    loop = TrainingLoop(
-        f"sfddm T'={student_steps}", params.updates, unit="upd", optimizers=[optimizer], lr=lambda u: params.lr,
-        state=state, checkpoint_every=checkpoint_every(params.updates), keys=["loss"], cost=cost, live=live,
-        live_prefix=f"nfe{student_steps}/", progress=progress,
+    summary = fit_student(
+        f"sfddm T'={student_steps}", "sfddm", student, teacher, data, params, loss_fn,
+        updates=params.updates, lr=lambda u: params.lr, generator=generator, device=device, cost=cost,
+        state_dir=state_dir, live=live, live_prefix=f"nfe{student_steps}/", progress=progress,
+        student_steps=student_steps,
     )  # fmt: skip
-    loop.run(step)
-    window = max(1, min(10, loop.count["loss"] // 4))
-    return {"student_steps": student_steps, "updates": loop.count["loss"],
-            "loss_first": loop.mean_first("loss", window), "loss_last": loop.mean_last("loss", window)}
+    return {"student_steps": student_steps, "updates": summary["updates"],
+            "loss_first": summary["loss_first"], "loss_last": summary["loss_last"]}
 
 
 def init_student(teacher: EDMPrecond, teacher_config: dict[str, Any], init: str, seed: int) -> EDMPrecond:

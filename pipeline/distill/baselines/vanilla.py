@@ -22,18 +22,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline.distill.baselines.common import (
-    TrainingData,
-    baseline_training_key,
-    checkpoint_every,
-    sampler_section,
-    save_student,
-    student_config,
-)
+from pipeline.distill.baselines.common import TrainingData, fit_student
+from pipeline.distill.student import sampler_section, save_student, student_config
 from pipeline.training.live import LiveLog
-from pipeline.training.loop import TrainingLoop, optimizer_step
-from pipeline.training.optim import adam, frozen, trainable_copy
-from pipeline.training.state import TrainingState
+from pipeline.training.optim import frozen, trainable_copy
 from pipeline.core.cost import CostMeter
 from pipeline.diffusion.denoisers import Denoiser, EDMPrecond
 from pipeline.distill.losses import l1_loss, l2_loss
@@ -113,36 +105,17 @@ def train_vanilla(
     """Train ``student`` in place; returns its loss summary."""
     counter = CountingDenoiser(teacher)
     fine = params.student_schedule().fine(params.M)
-    optimizer = adam(student, params.lr)
-    student.train()
-    state = None
-    if state_dir is not None:
-        key = baseline_training_key("vanilla", params, data, teacher, student, generator)
-        state = TrainingState(state_dir, key, modules={"student": student}, optimizers={"optimizer": optimizer},
-                              generators={"data": generator})
 
-    def step(u: int) -> list[tuple[str, float]]:
-        y, labels = data.draw(params.batch_size, generator, device)
+    def loss_fn(y: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         before = counter.images
         loss = vanilla_loss(student, counter, y, labels, params, generator, fine)
-        value = optimizer_step(optimizer, loss, what=f"the loss of update {u}")
-        loop.counters["teacher_images"] += counter.images - before
-        if cost is not None:
-            cost.add_teacher_forward(counter.images - before)
-            cost.add_student_forward(params.batch_size)
-            cost.add_student_backward(params.batch_size)
-        return [("loss", value)]
+        return loss, counter.images - before
 
-    loop = TrainingLoop(
-        "vanilla", params.updates, unit="upd", optimizers=[optimizer],
-        lr=lambda u: params.lr * (0.1 if u >= params.updates / 2 else 1.0), state=state,
-        checkpoint_every=checkpoint_every(params.updates), counters={"teacher_images": 0}, keys=["loss"], cost=cost,
-        live=live, progress=progress,
+    return fit_student(
+        "vanilla", "vanilla", student, teacher, data, params, loss_fn,
+        updates=params.updates, lr=lambda u: params.lr * (0.1 if u >= params.updates / 2 else 1.0),
+        generator=generator, device=device, cost=cost, state_dir=state_dir, live=live, progress=progress,
     )  # fmt: skip
-    loop.run(step)
-    window = max(1, min(10, loop.count["loss"] // 4))
-    return {"updates": loop.count["loss"], "loss_first": loop.mean_first("loss", window),
-            "loss_last": loop.mean_last("loss", window), "teacher_images": loop.counters["teacher_images"]}
 
 
 def vanilla_distillation(
