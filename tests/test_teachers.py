@@ -82,15 +82,15 @@ def test_distilled_sfd_v_checkpoint_binds_its_step_condition(tmp_path):
 
 
 def test_trajectory_teacher_and_stage2_detection_go_through_the_loader(tmp_path):
-    from pipeline.distill.sfd import _is_distilled
-    from pipeline.teachers.loader import bound_teacher_hash, load_teacher
+    from pipeline.teachers.loader import bound_teacher_hash, is_distilled_checkpoint, load_teacher
     from pipeline.trajectories.generation import load_trajectory_teacher
 
     net = save_net(tmp_path / "sfd_v", step_condition=True, sampler=SFDV_SAMPLER)
     save_net(tmp_path / "teacher")
     teacher, denoiser, key_hash = load_trajectory_teacher(None, tmp_path / "sfd_v")
     assert denoiser is teacher.denoiser and key_hash == bound_teacher_hash(hash_state_dict(net.state_dict()), 7)
-    assert _is_distilled(tmp_path / "sfd_v") and not _is_distilled(tmp_path / "teacher")
+    assert is_distilled_checkpoint(tmp_path / "sfd_v") and not is_distilled_checkpoint(tmp_path / "teacher")
+    assert teacher.is_distilled and not load_teacher(tmp_path / "teacher").is_distilled
     via_params, _, h = load_trajectory_teacher({"source": "checkpoint", "path": str(tmp_path / "sfd_v")}, None)
     assert h == key_hash == load_teacher(tmp_path / "sfd_v").weights_hash
 

@@ -373,7 +373,7 @@ def run_distill_stage(
     key = training_key(p, **identity)
     provenance = {
         "kind": section,
-        "method": "SFD-v" if p.step_condition else ("SFD stage 2" if teacher_ckpt and _is_distilled(teacher_ckpt) else "SFD"),
+        "method": "SFD-v" if p.step_condition else ("SFD stage 2" if teacher.is_distilled else "SFD"),
         "teacher_hash": teacher_hash,
         "teacher": str(teacher_ckpt) if teacher_ckpt is not None else traj.teacher,
         "init": init.source,
@@ -425,9 +425,3 @@ def run_distill_stage(
         cost.write(cost_path)
     return result
 
-
-def _is_distilled(ckpt: str | Path) -> bool:
-    """Whether the teacher checkpoint is a distilled student (stage 2); the loader decides."""
-    from pipeline.teachers.loader import is_distilled_checkpoint
-
-    return is_distilled_checkpoint(ckpt)
