@@ -132,3 +132,67 @@ def test_student_dirs_expands_per_nfe_checkpoints(tmp_path):
     assert student_dirs(tmp_path / "pd" / "nfe2") == [tmp_path / "pd" / "nfe2"]
     with pytest.raises(ParamError, match="nfe<k>"):
         student_dirs(tmp_path)
+
+
+def test_reference_stats_npz_and_image_folder(digits, tmp_path):
+    """evaluate.reference_stats: EDM's (mu, sigma) .npz gives the FID of the features it summarises; a folder of
+    PNGs gives the same metrics as the same images from the data split; bad files are named."""
+    import numpy as np
+    from PIL import Image
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    from pipeline.core.images import to_uint8
+    from pipeline.evaluation.fidelity import ReferenceStatsError, fid_from_stats, load_reference_stats
+
+    root, _ = digits
+    space = classifier_space(root / "feature_net")
+    images, _ = load_split(root / "digits", "train")
+    held, _ = load_split(root / "digits", "held_out")
+    ref = reference_features(space, images, None)["features"]
+    gen = space.extract(held)["features"]
+    stats = fid_features_to_statistics(ref)
+    np.savez(tmp_path / "ref.npz", mu=stats["mu"], sigma=stats["sigma"])
+    loaded = load_reference_stats(tmp_path / "ref.npz")
+    assert fid_from_stats(gen, loaded) == pytest.approx(fidelity_metrics(gen, ref, kid_subsets=5)["fid"], rel=1e-9)
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, img in enumerate(to_uint8(images[:300])):
+        Image.fromarray(img[0].numpy()).save(folder / f"{i:05d}.png")
+    from pipeline.data.datasets import load_image_folder
+
+    pixels, _, _ = load_image_folder(folder)
+    torch.testing.assert_close(reference_features(space, pixels, None)["features"], reference_features(space, images[:300], None)["features"])
+
+    with pytest.raises(ReferenceStatsError, match=str(tmp_path / "missing.npz")):
+        load_reference_stats(tmp_path / "missing.npz")
+    np.savez(tmp_path / "bad.npz", mean=stats["mu"])
+    with pytest.raises(ReferenceStatsError, match="'mu' and 'sigma'"):
+        load_reference_stats(tmp_path / "bad.npz")
+    np.savez(tmp_path / "wide.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ReferenceStatsError, match="2048-d statistics"):
+        fid_from_stats(gen, load_reference_stats(tmp_path / "wide.npz"))
+
+
+def test_evaluation_with_reference_stats_reports_fid_only(digits, tmp_path):
+    import numpy as np
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    root, _ = digits
+    torch.manual_seed(0)
+    cfg = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "img_resolution": 8,
+           "in_channels": 1, "label_dim": 10}
+    base = {"network": cfg, "sigma_data": 0.5, "data": {"sample_shape": [1, 8, 8], "num_classes": 10}, "provenance": {}}
+    save_checkpoint(tmp_path / "teacher", build_network(**cfg).state_dict(), {**base, "sampler": None})
+    images, _ = load_split(root / "digits", "train")
+    stats = fid_features_to_statistics(reference_features(classifier_space(root / "feature_net"), images, None)["features"])
+    np.savez(tmp_path / "ref.npz", mu=stats["mu"], sigma=stats["sigma"])
+    common = {"seeds": "1000000-1000031", "grid_seeds": 0, "nfes": [2], "solvers": ["euler"], "device": "cpu", "kid_subsets": 5,
+              "cache_dir": str(tmp_path / "cache")}
+    by_split = run_evaluation(EvalParams.from_dict(common), teacher_dir=tmp_path / "teacher", data_dir=root / "digits",
+                              feature_net_dir=root / "feature_net", reference_and_solvers=True)
+    by_stats = run_evaluation(EvalParams.from_dict({**common, "reference_stats": str(tmp_path / "ref.npz")}),
+                              teacher_dir=tmp_path / "teacher", data_dir=root / "digits", feature_net_dir=root / "feature_net")
+    for key in by_split:
+        assert by_stats[key]["fid"] == pytest.approx(by_split[key]["fid"], rel=1e-9)
+        assert by_stats[key]["kid"] is None and by_stats[key]["precision"] is None

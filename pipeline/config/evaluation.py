@@ -63,6 +63,7 @@ class EvalParams(Section):
     features: Literal["classifier", "inception"] = "classifier"  # classifier (feature_net) or inception (local weights)
     inception_weights: str | None = None  # path of torch-fidelity's pt_inception-2015-12-05-6726825d.pth
     reference_split: Literal["train", "held_out"] = "train"
+    reference_stats: str | None = None  # EDM's reference .npz (mu, sigma: FID only) or a folder/zip of PNGs; overrides reference_split
     kid_subsets: PositiveInt = 100
     kid_subset_size: Annotated[int, Field(ge=2)] = 1000
     cache_dir: str = ".cache/fidelity"  # reference features, keyed by extractor weights hash

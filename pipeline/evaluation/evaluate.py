@@ -25,7 +25,10 @@ from tqdm import tqdm
 from pipeline.core.cost import CostMeter
 from pipeline.diffusion.denoisers import Denoiser
 from pipeline.config.evaluation import EvalParams
-from pipeline.evaluation.fidelity import FeatureSpace, classifier_space, feature_space, fidelity_metrics, label_accuracy, reference_features
+from pipeline.evaluation.fidelity import (
+    FeatureSpace, ReferenceStats, classifier_space, feature_space, fid_from_stats, fidelity_metrics, label_accuracy,
+    load_reference_stats, reference_features,
+)  # fmt: skip
 from pipeline.core.param_checks import ParamError
 from pipeline.core.images import save_grid
 from pipeline.diffusion.sampling import SamplerSpec, generate, make_denoiser
@@ -92,7 +95,7 @@ def evaluate_entries(
     entries: Sequence[Entry],
     seeds: Sequence[int],
     space: FeatureSpace,
-    reference: dict[str, torch.Tensor],
+    reference: dict[str, torch.Tensor] | ReferenceStats,  # reference features per layer, or FID statistics
     *,
     label_space: FeatureSpace | None = None,  # classifier for label_accuracy (None: not measured)
     grids_dir: str | Path | None = None,
@@ -115,9 +118,13 @@ def evaluate_entries(
         if cost is not None:
             (cost.add_student_forward if entry.is_student else cost.add_teacher_forward)(counter.images)
         feats = space.extract(images)
-        metrics: dict[str, float | None] = fidelity_metrics(
-            feats[space.layer], reference[space.layer], kid_subsets=kid_subsets, kid_subset_size=kid_subset_size
-        )
+        metrics: dict[str, float | None]
+        if isinstance(reference, ReferenceStats):
+            metrics = {"fid": fid_from_stats(feats[space.layer], reference), "kid": None, "precision": None, "recall": None}
+        else:
+            metrics = fidelity_metrics(
+                feats[space.layer], reference[space.layer], kid_subsets=kid_subsets, kid_subset_size=kid_subset_size
+            )
         acc = None
         if labels is not None and label_space is not None:
             logits = (feats if label_space is space else label_space.extract(images))["logits"]
@@ -143,14 +150,21 @@ def run_evaluation(
 ) -> dict[str, dict[str, float | None]]:
     """The ``evaluate`` stages: teacher reference and training-free solvers (unless
     ``reference_and_solvers`` is false), then the distilled students."""
-    from pipeline.data.datasets import load_split
+    from pipeline.data.datasets import load_image_folder, load_split
     from pipeline.core.devices import resolve_device
     device = resolve_device(params.device)
     seeds = parse_seeds(params.seeds)
     space = feature_space(params.features, feature_net=feature_net_dir, inception_weights=params.inception_weights, device=device)
     label_space = space if space.kind == "classifier" else (classifier_space(feature_net_dir, device) if feature_net_dir else None)
-    ref_images, _ = load_split(data_dir, params.reference_split)
-    reference = reference_features(space, ref_images, params.cache_dir)
+    reference: dict[str, torch.Tensor] | ReferenceStats
+    if params.reference_stats is None:
+        ref_images, _ = load_split(data_dir, params.reference_split)
+        reference = reference_features(space, ref_images, params.cache_dir)
+    elif params.reference_stats.endswith(".npz"):
+        reference = load_reference_stats(params.reference_stats)
+    else:
+        ref_images, _, _ = load_image_folder(params.reference_stats)
+        reference = reference_features(space, ref_images, params.cache_dir)
 
     loaded = load_teacher(Path(teacher_dir), device)
     teacher, shape, k = loaded.model, loaded.sample_shape, loaded.num_classes

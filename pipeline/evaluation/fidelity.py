@@ -44,6 +44,54 @@ class InceptionWeightsMissing(PipelineError, FileNotFoundError):
     """The local Inception weights file named in params is not there."""
 
 
+class ReferenceStatsError(PipelineError, FileNotFoundError):
+    """The reference statistics file named in params is missing or not EDM's (mu, sigma) .npz."""
+
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    """FID statistics of a reference set given as a file (EDM's ``fid.py ref`` .npz): FID only, no KID/PR."""
+
+    mu: torch.Tensor  # float64 [D]
+    sigma: torch.Tensor  # float64 [D, D]
+    source: str
+
+
+def load_reference_stats(path: str | Path) -> ReferenceStats:
+    """EDM's reference statistics (.npz with ``mu`` [D] and ``sigma`` [D, D]), read without unpickling."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise ReferenceStatsError(
+            f"evaluate.reference_stats: {path} not found. EDM's reference statistics (e.g. cifar10-32x32.npz from "
+            f"EDM's fid-refs, or written by EDM's `fid.py ref --data=DATASET --dest={path.name}`) cannot be "
+            f"downloaded here: put the file at {path}, or give a folder of reference PNGs, or set "
+            f"evaluate.reference_stats: null to use the data split"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            mu, sigma = np.asarray(f["mu"], dtype=np.float64), np.asarray(f["sigma"], dtype=np.float64)
+    except (KeyError, ValueError, OSError) as e:
+        raise ReferenceStatsError(f"evaluate.reference_stats: {path} is not an .npz holding 'mu' and 'sigma' ({e})") from None
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ReferenceStatsError(f"evaluate.reference_stats: {path} has mu {mu.shape} and sigma {sigma.shape}; "
+                                  "expected [D] and [D, D]")
+    return ReferenceStats(torch.from_numpy(mu), torch.from_numpy(sigma), str(path))
+
+
+def fid_from_stats(generated: torch.Tensor, stats: ReferenceStats) -> float:
+    """FID of generated features [N, D] against reference statistics."""
+    g = generated.to(torch.float64).cpu()
+    if g.shape[1] != len(stats.mu):
+        raise ReferenceStatsError(
+            f"evaluate.reference_stats: {stats.source} has {len(stats.mu)}-d statistics, the feature space gives "
+            f"{g.shape[1]}-d features (EDM's .npz files are Inception pool features: use evaluate.features: inception)"
+        )
+    ref = {"mu": stats.mu.numpy(), "sigma": stats.sigma.numpy()}
+    return float(fid_statistics_to_metric(fid_features_to_statistics(g), ref, False)[KEY_METRIC_FID])
+
+
 class ClassifierFeatureExtractor(FeatureExtractorBase):
     """torch-fidelity extractor around pipeline.evaluation.feature_net.Classifier; input uint8 [B, C, H, W]."""
 
