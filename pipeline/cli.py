@@ -28,6 +28,10 @@ from pipeline.trajectories.store_cli import store_app  # noqa: E402
 
 app.add_typer(store_app, name="store")
 
+from pipeline.teachers.import_cli import teacher_app  # noqa: E402
+
+app.add_typer(teacher_app, name="teacher")
+
 params_app = typer.Typer(help="Validate params files.", no_args_is_help=True)
 app.add_typer(params_app, name="params")
 

@@ -29,7 +29,7 @@ def main(
     description = {k: info[k] for k in ("name", "sample_shape", "num_classes", "sizes", "provenance")}
     if p.pretrained is not None:
         summary = import_pretrained_teacher(p.pretrained, out, description)
-        cost.extra["role"] = "pretrained teacher copied from teacher.pretrained (no training)"
+        cost.extra["role"] = "pretrained teacher from teacher.pretrained: copied, or converted from an EDM pickle (no training)"
     else:
         images, labels = load_split(data, "train")
         summary = train_teacher(p, images, labels, info["num_classes"], out, state_dir=state,

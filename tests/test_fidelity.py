@@ -4,6 +4,7 @@ the evaluation stage on a tiny teacher."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +197,36 @@ def test_evaluation_with_reference_stats_reports_fid_only(digits, tmp_path):
     for key in by_split:
         assert by_stats[key]["fid"] == pytest.approx(by_split[key]["fid"], rel=1e-9)
         assert by_stats[key]["kid"] is None and by_stats[key]["precision"] is None
+
+
+def test_feature_net_stage_skips_unlabelled_data_with_inception_features(tmp_path):
+    """FFHQ-like data (no labels) with evaluate.features: inception: the stage writes skipped.json instead of
+    failing; with classifier features it refuses with a message naming the way out."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update(dataset="images", path=str(folder), num_classes=None)
+    params["evaluate"].update(features="inception")
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params))
+    prepare_dataset(DataParams.from_dict(params["data"]), tmp_path / "data")
+    cmd = [sys.executable, "-m", "stages.feature_net", "--params", str(pfile), "--data", str(tmp_path / "data"),
+           "--out", str(tmp_path / "fnet"), "--metrics", str(tmp_path / "m.json")]
+    ok = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    assert ok.returncode == 0, ok.stderr
+    assert "skipped" in json.loads((tmp_path / "fnet" / "skipped.json").read_text())
+    params["evaluate"].update(features="classifier")
+    pfile.write_text(yaml.safe_dump(params))
+    bad = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    assert bad.returncode == 2 and "no labels" in bad.stderr and "inception" in bad.stderr

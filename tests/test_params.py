@@ -65,6 +65,29 @@ def test_cifar10_preset_is_valid():
     p = load_params(Path(__file__).parents[1] / "presets" / "cifar10.yaml")
     assert p.distill.kimg == 200 and p.distill_v.kimg == 800 and p.distill_stage2.kimg == 2000
     assert p.evaluate.features == "inception" and p.distill_stage2.lpips_last_step
+    assert p.teacher.pretrained == "/models/edm-cifar10-32x32-uncond-vp.pkl"
+    assert p.evaluate.seeds == "0-49999" and p.evaluate.reference_stats == "/refs/cifar10-32x32.npz"
+
+
+PRESETS = sorted((Path(__file__).parents[1] / "presets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_validates(preset):
+    """Every preset passes `sfd params check` (its local files need not exist) and uses EDM's FID protocol."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["params", "check", str(preset)])
+    assert result.exit_code == 0, result.output
+    p = load_params(preset)
+    assert p.teacher.pretrained and p.teacher.pretrained.endswith(".pkl")
+    assert p.evaluate.seeds == "0-49999" and p.evaluate.features == "inception" and p.evaluate.reference_stats
+
+
+def test_the_presets_are_there():
+    assert {p.stem for p in PRESETS} >= {"cifar10", "ffhq64", "afhqv2-64", "imagenet64"}
 
 
 

@@ -28,7 +28,7 @@ class TeacherParams(Section):
     lr_rampup_steps: NonNegativeInt = 100
     ema_halflife_kimg: PositiveFloat = 20.0
     checkpoint_every: PositiveInt = 500  # steps between resumable training states
-    pretrained: Annotated[str, Field(min_length=1)] | None = None  # a local teacher checkpoint directory used instead of training
+    pretrained: Annotated[str, Field(min_length=1)] | None = None  # a local teacher used instead of training: an EDM .pkl, its `sfd teacher import` folder, or our checkpoint directory
     seed: NonNegativeInt = 0
     device: Device = "auto"
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pipeline.core.checkpoints import has_checkpoint
 from pipeline.core.cost import CostMeter
 from pipeline.diffusion.denoisers import Denoiser
 from pipeline.config.evaluation import EvalParams
@@ -155,7 +156,8 @@ def run_evaluation(
     device = resolve_device(params.device)
     seeds = parse_seeds(params.seeds)
     space = feature_space(params.features, feature_net=feature_net_dir, inception_weights=params.inception_weights, device=device)
-    label_space = space if space.kind == "classifier" else (classifier_space(feature_net_dir, device) if feature_net_dir else None)
+    has_classifier = feature_net_dir is not None and has_checkpoint(feature_net_dir)  # none for unlabelled data
+    label_space = space if space.kind == "classifier" else (classifier_space(feature_net_dir, device) if has_classifier else None)
     reference: dict[str, torch.Tensor] | ReferenceStats
     if params.reference_stats is None:
         ref_images, _ = load_split(data_dir, params.reference_split)

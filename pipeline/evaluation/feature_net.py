@@ -82,7 +82,10 @@ def train_feature_net(
     """Train, check the held-out accuracy, write model.safetensors + model.json; returns the metrics."""
     images, labels = train
     if labels is None:
-        raise ParamError("feature_net: the dataset has no labels; a classifier needs a labelled train split")
+        raise ParamError(
+            "feature_net: the dataset has no labels; a classifier needs a labelled train split (with "
+            "evaluate.features: inception an unlabelled dataset skips this stage)"
+        )
     torch.manual_seed(params.seed)
     generator = torch.Generator().manual_seed(params.seed)
     arch = {"in_channels": images.shape[1], "num_classes": num_classes, "channels": params.channels,
@@ -135,3 +138,15 @@ def load_feature_net(path: str | Path, device: str | torch.device = "cpu") -> tu
     if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
         raise CheckpointError(f"{path}/model.safetensors does not match its config: missing {missing}, unexpected {unexpected}")
     return model.eval().requires_grad_(False), config, hash_state_dict(tensors)
+
+
+def skip_feature_net(out_dir: str | Path, reason: str) -> dict[str, Any]:
+    """The feature_net stage on unlabelled data with Inception features: no classifier to train (FID uses
+    Inception, label accuracy is not measured); ``out_dir/skipped.json`` says why."""
+    import json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"skipped": reason}
+    (out_dir / "skipped.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -11,7 +11,17 @@
   (:func:`pipeline.diffusion.denoisers.bind_num_steps`) and that N enters the weights hash
   (:func:`bound_teacher_hash`), so store keys tell the N apart;
 - the built-in source ``"gmm"``: the exact Gaussian-mixture denoiser (fast end-to-end tests,
-  solver oracles); options num_components, sample_shape, std, seed, conditional.
+  solver oracles); options num_components, sample_shape, std, seed, conditional;
+- an NVlabs/edm snapshot pickle (a path ending in ``.pkl``, e.g. ``edm-cifar10-32x32-uncond-vp.pkl``),
+  read safely by :func:`pipeline.teachers.edm_pickle.load_edm_pickle` (no pickled code runs), or the
+  checkpoint directory ``sfd teacher import`` converts it into.
+
+Checkpoint formats (model.json): this project's U-Net has a ``"network"`` section (no
+``"architecture"`` key); an EDM network has ``"architecture": "edm"`` and an ``"edm"`` section
+``{"precond": EDM's class name, "init_kwargs": EDM's _init_kwargs}`` (:func:`edm_checkpoint_config`),
+with model.safetensors = the preconditioner's whole ``state_dict()`` (EDM's ``ema`` names). For an
+EDM network the teacher's ``denoiser``/``model`` is the preconditioner itself and its weights hash is
+``hash_state_dict`` of the whole preconditioner, the same for the pickle and its converted folder.
 
 The old form ``load_teacher("checkpoint", path=...)`` still works. A directory literally named
 ``gmm`` is loaded as a checkpoint when given as a ``Path`` (or ``"./gmm"``).
@@ -29,11 +39,12 @@ import torch
 from torch import nn
 
 from pipeline.core.checkpoints import CheckpointError, load_checkpoint
-from pipeline.core.hashing import hash_description, hash_state_dict
+from pipeline.core.hashing import hash_description, hash_file, hash_state_dict
 from pipeline.core.param_checks import ParamError, check_keys
 from pipeline.diffusion.denoisers import Denoiser, EDMPrecond, bind_num_steps
 from pipeline.diffusion.gmm import GaussianMixture
 from pipeline.diffusion.sampling import SamplerSpec, make_denoiser, resolve_sampler
+from pipeline.networks.edm import build_edm_model
 from pipeline.networks.unet import build_network
 
 TeacherSource = Literal["gmm", "checkpoint"]
@@ -46,8 +57,11 @@ CHECKPOINT_FILES = (
 )
 WHERE_CHECKPOINTS_COME_FROM = (
     "a checkpoint directory holds model.safetensors and model.json as written by `dvc repro teacher` "
-    "(a teacher) or a distillation stage (a distilled student)"
+    "(a teacher), a distillation stage (a distilled student) or `sfd teacher import SRC.pkl --out DIR` "
+    "(an EDM network)"
 )
+EDM_ARCHITECTURE = "edm"  # model.json "architecture" of an EDM network; absent = this project's U-Net
+EDM_PICKLE_SUFFIX = ".pkl"
 
 
 @dataclass
@@ -146,7 +160,16 @@ def load_teacher(path_or_source: str | os.PathLike, device: str | torch.device =
             f"teacher: expected a checkpoint directory or one of {', '.join(map(repr, TEACHER_SOURCES))}, "
             f"got {path_or_source!r}"
         )
+    if is_edm_pickle_path(path_or_source):
+        return _edm_pickle_teacher(Path(path_or_source), device, **options)
     return _checkpoint_teacher(Path(path_or_source), device, **options)
+
+
+def is_edm_pickle_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an EDM snapshot pickle (by its ``.pkl`` suffix; the file need not exist,
+    but a directory so named is a checkpoint directory)."""
+    path = Path(path)
+    return path.suffix.lower() == EDM_PICKLE_SUFFIX and not path.is_dir()
 
 
 def load_student(path: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any) -> Teacher:
@@ -169,23 +192,152 @@ def check_checkpoint_dir(path: Path) -> None:
             raise CheckpointError(f"{path / name} is missing ({what}); {WHERE_CHECKPOINTS_COME_FROM}")
 
 
-def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """(EDMPrecond(UNet) in eval mode, checkpoint config) from a checkpoint directory: the network part of
-    :func:`load_teacher` (which the pipeline uses; this is for code that wants the bare module and JSON)."""
-    path = Path(path)
-    check_checkpoint_dir(path)
-    tensors, config = load_checkpoint(path, device=device)
+def is_edm_config(config: dict[str, Any] | None) -> bool:
+    """Whether a model.json describes an EDM network (``"architecture": "edm"``) rather than our U-Net."""
+    return config is not None and config.get("architecture") == EDM_ARCHITECTURE
+
+
+def _json_plain(value: Any) -> Any:
+    """EDM's _init_kwargs as JSON values (tuples become lists, numpy scalars Python numbers)."""
+    if isinstance(value, dict):
+        return {str(k): _json_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        return value.item()
+    return value
+
+
+def edm_checkpoint_config(
+    model: nn.Module,
+    *,
+    provenance: dict[str, Any] | None = None,
+    sampler: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """model.json of an EDM network (a preconditioner from :func:`build_edm_model`, which carries
+    ``edm_class_name`` and ``edm_init_kwargs``): architecture, edm, data, sampler, provenance."""
+    if not hasattr(model, "edm_class_name") or not hasattr(model, "edm_init_kwargs"):
+        raise CheckpointError(
+            f"{type(model).__name__} has no edm_class_name / edm_init_kwargs: build it with "
+            "pipeline.networks.edm.build_edm_model"
+        )
+    resolution = int(model.img_resolution)
+    return {
+        "architecture": EDM_ARCHITECTURE,
+        "edm": {"precond": str(model.edm_class_name), "init_kwargs": _json_plain(dict(model.edm_init_kwargs))},
+        "data": {"sample_shape": [int(model.img_channels), resolution, resolution], "num_classes": int(model.label_dim)},
+        "sampler": sampler,
+        "provenance": dict(provenance or {}),
+    }
+
+
+def build_denoiser(config: dict[str, Any], tensors: dict[str, torch.Tensor], where: str = "checkpoint") -> nn.Module:
+    """The network of a model.json ``config`` with ``tensors`` loaded (not yet moved or put in eval mode).
+
+    Our U-Net (a ``"network"`` section): ``EDMPrecond(net)`` of pipeline.diffusion.denoisers, the tensors
+    being the bare network's. An EDM network (``"architecture": "edm"``): the preconditioner built by
+    :func:`build_edm_model`, the tensors being its whole state dict (loaded strictly).
+    """
+    if is_edm_config(config):
+        edm = config.get("edm")
+        if not isinstance(edm, dict) or "precond" not in edm or "init_kwargs" not in edm:
+            raise CheckpointError(f"{where}: model.json has architecture 'edm' but no edm section with precond and init_kwargs")
+        model = build_edm_model(edm["precond"], dict(edm["init_kwargs"]))
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{where}: the weights do not match the EDM network {edm['precond']}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        return model
+    if "architecture" in config:
+        raise CheckpointError(
+            f"{where}: unknown architecture {config['architecture']!r} in model.json (known: {EDM_ARCHITECTURE!r}, "
+            "or a 'network' section for this project's U-Net)"
+        )
     if "network" not in config:
-        raise CheckpointError(f"{path}/model.json has no 'network' section; it is not a network checkpoint")
+        raise CheckpointError(f"{where.removesuffix('/model.safetensors')}/model.json has no 'network' section; it is not a network checkpoint")
     net = build_network(**config["network"])
     missing, unexpected = net.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(
-            f"{path}/model.safetensors does not match its network config: missing {missing[:5]}, "
+            f"{where} does not match its network config: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
-    model = EDMPrecond(net, sigma_data=float(config.get("sigma_data", 0.5))).to(device).eval().requires_grad_(False)
-    return model, config
+    return EDMPrecond(net, sigma_data=float(config.get("sigma_data", 0.5)))
+
+
+def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """(the network in eval mode, checkpoint config) from a checkpoint directory: the network part of
+    :func:`load_teacher` (which the pipeline uses; this is for code that wants the bare module and JSON).
+    Our U-Net: EDMPrecond(UNet); an EDM network: its preconditioner (see :func:`build_denoiser`)."""
+    path = Path(path)
+    check_checkpoint_dir(path)
+    tensors, config = load_checkpoint(path, device=device)
+    model = build_denoiser(config, tensors, where=f"{path}/model.safetensors")
+    return model.to(device).eval().requires_grad_(False), config
+
+
+def network_module(model: nn.Module) -> nn.Module:
+    """The raw network inside a loaded denoiser: ``.net`` of our EDMPrecond, ``.model`` of an EDM preconditioner."""
+    return model.net if hasattr(model, "net") else model.model
+
+
+def network_weights_hash(model: nn.Module, config: dict[str, Any]) -> str:
+    """hash_state_dict of the network weights as stored: our U-Net's bare network, an EDM preconditioner whole."""
+    return hash_state_dict((model if is_edm_config(config) else model.net).state_dict())
+
+
+def edm_pickle_config(path: Path, model: nn.Module) -> dict[str, Any]:
+    """The model.json that ``sfd teacher import`` writes for the EDM snapshot at ``path`` (loaded as ``model``)."""
+    return edm_checkpoint_config(
+        model,
+        provenance={"kind": "teacher", "source_file": path.name, "source_hash": hash_file(str(path)),
+                    "importer": "pipeline.teachers.edm_pickle (safe reader; no pickled code run)"},
+    )
+
+
+def _edm_pickle_teacher(path: Path, device: str | torch.device, **options: Any) -> Teacher:
+    from pipeline.teachers.edm_pickle import load_edm_pickle
+
+    check_keys(f"teacher ({path})", options, SAMPLER_OPTIONS)
+    if any(v is not None for v in options.values()):
+        raise ParamError(
+            f"{path} is an EDM teacher pickle (no sampler section); the options "
+            f"{', '.join(sorted(options))} set a distilled student's sampler"
+        )
+    model = load_edm_pickle(path, device)
+    config = edm_pickle_config(path, model)
+    return _teacher_from(model, config, path, sampler=None, source="edm-pickle")
+
+
+def _teacher_from(model: nn.Module, config: dict[str, Any], path: Path, *, sampler: SamplerSpec | None,
+                  source: str) -> Teacher:
+    num_steps = None if sampler is None else sampler.bound_num_steps
+    if num_steps is not None and not getattr(network_module(model), "step_condition", False):
+        raise CheckpointError(f"{path}/model.json: the sampler has a step_condition but the network is not step-conditioned")
+    network_hash = network_weights_hash(model, config)
+    data = config.get("data", {})
+    if is_edm_config(config):
+        default_shape = [model.img_channels, model.img_resolution, model.img_resolution]
+        default_classes, arch = model.label_dim, {"edm": config["edm"]}
+    else:
+        default_shape = [model.net.in_channels, *model.net.img_resolution]
+        default_classes, arch = model.net.label_dim, {"network": config["network"]}
+    return Teacher(
+        denoiser=bind_num_steps(model, num_steps),
+        sample_shape=tuple(data.get("sample_shape", default_shape)),
+        num_classes=int(data.get("num_classes", default_classes)),
+        weights_hash=bound_teacher_hash(network_hash, num_steps),
+        description={"source": source, "path": str(path), **arch,
+                     "distilled": sampler is not None, "num_steps": num_steps,
+                     "provenance": config.get("provenance", {})},
+        model=model,
+        config=config,
+        sampler=sampler,
+        network_hash=network_hash,
+        path=path,
+    )
 
 
 def _checkpoint_teacher(path: Path, device: str | torch.device, **options: Any) -> Teacher:
@@ -198,22 +350,4 @@ def _checkpoint_teacher(path: Path, device: str | torch.device, **options: Any) 
             f"{', '.join(sorted(options))} set a distilled student's sampler"
         )
     sampler = None if section is None else resolve_sampler(section, **options)
-    num_steps = None if sampler is None else sampler.bound_num_steps
-    if num_steps is not None and not getattr(model.net, "step_condition", False):
-        raise CheckpointError(f"{path}/model.json: the sampler has a step_condition but the network is not step-conditioned")
-    network_hash = hash_state_dict(model.net.state_dict())
-    data = config.get("data", {})
-    return Teacher(
-        denoiser=bind_num_steps(model, num_steps),
-        sample_shape=tuple(data.get("sample_shape", [model.net.in_channels, *model.net.img_resolution])),
-        num_classes=int(data.get("num_classes", model.net.label_dim)),
-        weights_hash=bound_teacher_hash(network_hash, num_steps),
-        description={"source": "checkpoint", "path": str(path), "network": config["network"],
-                     "distilled": sampler is not None, "num_steps": num_steps,
-                     "provenance": config.get("provenance", {})},
-        model=model,
-        config=config,
-        sampler=sampler,
-        network_hash=network_hash,
-        path=path,
-    )
+    return _teacher_from(model, config, path, sampler=sampler, source="checkpoint")

@@ -152,34 +152,56 @@ def train_teacher(
 
 
 def import_pretrained_teacher(source: str | Path, out_dir: str | Path, data_description: dict[str, Any]) -> dict[str, Any]:
-    """Use a teacher that was trained elsewhere: check it loads and fits the data, copy it to ``out_dir``.
+    """Use a teacher that was trained elsewhere: check it loads and fits the data, put it in ``out_dir``.
 
-    The checkpoint is this project's format (never a pickle): ``model.safetensors`` with the
-    weights of the U-Net in pipeline/networks.py and ``model.json`` with its ``network`` config.
+    ``source`` is one of
+
+    - an NVlabs/edm snapshot pickle (``*.pkl``, e.g. ``edm-cifar10-32x32-uncond-vp.pkl``): read by the
+      safe reader (no pickled code runs) and converted into ``out_dir`` as ``sfd teacher import`` does;
+    - a folder converted by ``sfd teacher import`` (``"architecture": "edm"`` in model.json): copied;
+    - a checkpoint folder of this project's U-Net (``model.safetensors`` + ``model.json`` with its
+      ``network`` config): copied, byte for byte.
+
+    The teacher's sample shape must equal the data's (a clear error names both).
     """
     import shutil
 
     from pipeline.core.checkpoints import CheckpointError
-    from pipeline.teachers.loader import load_teacher
+    from pipeline.teachers.loader import is_edm_pickle_path, load_teacher
 
     source = Path(source)
-    for name, what in (("model.safetensors", "the weights"), ("model.json", "the network config")):
-        if not (source / name).is_file():
-            raise CheckpointError(
-                f"teacher.pretrained: {source / name} is missing ({what}). A teacher checkpoint directory holds "
-                f"model.safetensors and model.json as written by `dvc repro teacher` (pipeline/networks.py U-Net); "
-                f"put both files in {source}/ or set teacher.pretrained: null to train the teacher"
-            )
-    teacher = load_teacher(source)
+    is_pickle = is_edm_pickle_path(source)
+    if not is_pickle:
+        for name, what in (("model.safetensors", "the weights"), ("model.json", "the network config")):
+            if not (source / name).is_file():
+                raise CheckpointError(
+                    f"teacher.pretrained: {source / name} is missing ({what}). teacher.pretrained is an EDM snapshot "
+                    f"pickle (*.pkl, e.g. edm-cifar10-32x32-uncond-vp.pkl), a folder converted from one by "
+                    f"`sfd teacher import SRC.pkl --out DIR`, or a teacher checkpoint directory holding "
+                    f"model.safetensors and model.json as written by `dvc repro teacher` (pipeline/networks.py U-Net); "
+                    f"put the files in {source}/ or set teacher.pretrained: null to train the teacher"
+                )
+    teacher = load_teacher(source)  # a missing .pkl raises EDMPickleMissing naming it and where EDM's pickles come from
     config = teacher.config
     shape = list(config.get("data", {}).get("sample_shape", []))
     want = list(data_description.get("sample_shape", []))
     if shape and want and shape != want:
-        raise CheckpointError(f"teacher.pretrained: {source} was trained on samples of shape {shape}, the data has {want}")
+        raise CheckpointError(
+            f"teacher.pretrained: {source} was trained on samples of shape {shape}, the data has {want}"
+            + (f" (dataset {data_description['name']})" if data_description.get("name") else "")
+        )
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    for name in ("model.safetensors", "model.json"):
-        shutil.copyfile(source / name, out_dir / name)
-    return {"pretrained": str(source), "weights_hash": teacher.network_hash, "steps": 0}
+    if is_pickle:
+        save_checkpoint(out_dir, teacher.model.state_dict(), config)
+    else:
+        out_dir.mkdir(parents=True)
+        for name in ("model.safetensors", "model.json"):
+            shutil.copyfile(source / name, out_dir / name)
+    summary = {"pretrained": str(source), "weights_hash": teacher.network_hash, "steps": 0}
+    if "architecture" in config:
+        summary.update(architecture=config["architecture"], edm_class=config["edm"]["precond"])
+    if is_pickle:
+        summary["source_hash"] = config["provenance"]["source_hash"]
+    return summary

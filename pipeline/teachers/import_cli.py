@@ -1,0 +1,63 @@
+"""`sfd teacher import SRC.pkl --out DIR`: convert an NVlabs/edm snapshot pickle into a checkpoint folder.
+
+The folder is this project's checkpoint format for an EDM network (see pipeline.teachers.loader):
+``model.safetensors`` = the preconditioner's whole ``state_dict()`` (EDM's ``ema`` names) and
+``model.json`` = ``{"architecture": "edm", "edm": {"precond", "init_kwargs"}, "data", "sampler": null,
+"provenance": {"kind": "teacher", "source_file", "source_hash", ...}}``, written atomically with
+:func:`pipeline.core.checkpoints.save_checkpoint`. The pickle is read by the safe reader
+(:mod:`pipeline.teachers.edm_pickle`): none of its code runs. ``load_teacher(DIR)`` then gives the same
+network, bit for bit, and the same weights hash as ``load_teacher(SRC.pkl)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from pipeline.core.checkpoints import save_checkpoint
+from pipeline.core.param_checks import PipelineError
+
+teacher_app = typer.Typer(help="Bring your own teacher: convert EDM snapshot pickles.", no_args_is_help=True)
+
+
+def import_edm_pickle(source: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Convert the EDM snapshot ``source`` into the checkpoint folder ``out_dir``; returns a summary
+    (class, network, parameters, weights_hash, sample_shape, num_classes, source_hash, out)."""
+    from pipeline.networks.edm import count_parameters
+    from pipeline.teachers.loader import load_teacher
+
+    source = Path(source)
+    teacher = load_teacher(source)  # the pickle through the safe reader; config = the folder's model.json
+    model = teacher.model
+    save_checkpoint(out_dir, model.state_dict(), teacher.config)
+    edm = teacher.config["edm"]
+    return {
+        "class": edm["precond"],
+        "network": edm["init_kwargs"].get("model_type", type(model.model).__name__),
+        "parameters": count_parameters(model),
+        "weights_hash": teacher.weights_hash,
+        "sample_shape": list(teacher.sample_shape),
+        "num_classes": teacher.num_classes,
+        "source_hash": teacher.config["provenance"]["source_hash"],
+        "out": str(out_dir),
+    }
+
+
+@teacher_app.command("import")
+def import_command(
+    source: Path = typer.Argument(..., help="an NVlabs/edm snapshot pickle, e.g. edm-cifar10-32x32-uncond-vp.pkl"),
+    out: Path = typer.Option(..., "--out", help="checkpoint directory to write (model.safetensors + model.json)"),
+) -> None:
+    """Convert an EDM snapshot pickle (read safely, no pickled code runs) into a checkpoint folder."""
+    try:
+        info = import_edm_pickle(source, out)
+    except PipelineError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(
+        f"teacher import: {source.name}: {info['class']}({info['network']}), {info['parameters']:,} parameters, "
+        f"samples {'x'.join(map(str, info['sample_shape']))}, "
+        f"{info['num_classes'] or 'no'} classes, weights hash {info['weights_hash']} -> {out}"
+    )
