@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,31 @@ class EDMPrecond(nn.Module):
             out, features = out
         d = c_skip * x + c_out * out.to(x.dtype)
         return d if features is None else (d, features)
+
+    # -- the distillation interface (shared with the EDM preconditioners of
+    #    pipeline.diffusion.preconditioners), so pipeline.distill does not care which it holds -----
+    @property
+    def step_condition(self) -> bool:
+        """Whether the network is step-conditioned (SFD-v): it then needs ``num_steps=[B]``."""
+        return bool(getattr(self.net, "step_condition", False))
+
+    def checkpoint_module(self) -> nn.Module:
+        """The module whose state dict a checkpoint stores: the bare network ``net``."""
+        return self.net
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """model.safetensors of this network: ``net.state_dict()`` (as every checkpoint of ours stores it)."""
+        return self.checkpoint_module().state_dict()
+
+    def checkpoint_architecture(self) -> dict[str, Any]:
+        """model.json's architecture part: ``{"network": the U-Net's config, "sigma_data": ...}``.
+
+        The network must carry its constructor config as ``network_kwargs`` (pipeline.networks.unet.UNet does).
+        """
+        kwargs = getattr(self.net, "network_kwargs", None)
+        if kwargs is None:
+            raise ValueError(f"{type(self.net).__name__} carries no network_kwargs; cannot describe it in model.json")
+        return {"network": copy.deepcopy(kwargs), "sigma_data": self.sigma_data}
 
 
 class StepBound(nn.Module):

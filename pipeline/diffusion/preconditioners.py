@@ -30,6 +30,14 @@ Differences from EDM's classes:
 - As in EDM: x is taken in float32 and D is float32; ``use_fp16`` runs the network in float16 on
   CUDA (weights stay float32 and are cast per layer) unless ``force_fp32=True``; further keyword
   arguments (``augment_labels``) go to the network.
+- ``return_features=True`` returns (D, h), h the network's feature map before its output
+  convolution (see :mod:`pipeline.networks.edm`); ``num_steps=[B]`` reaches a step-conditioned
+  (SFD-v) network like any other network keyword.
+- The distillation interface shared with :class:`pipeline.diffusion.denoisers.EDMPrecond`:
+  ``step_condition``, ``checkpoint_module()`` / ``checkpoint_state_dict()`` (the whole
+  preconditioner: EDM's ``model.…`` names, iDDPM's ``u``) and ``checkpoint_architecture()``
+  (model.json's ``{"architecture": "edm", "edm": {"precond", "init_kwargs"}}``, from the
+  ``edm_class_name`` / ``edm_init_kwargs`` that :func:`pipeline.networks.edm.build_edm_model` sets).
 - :class:`KarrasPrecond` is EDM's ``EDMPrecond``; it is renamed so as not to be confused with
   :class:`pipeline.diffusion.denoisers.EDMPrecond`, which wraps this project's own U-Net (as
   ``net``) with the same formulas. ``PRECONDITIONERS`` maps EDM's class names to these classes.
@@ -42,6 +50,20 @@ from typing import Any
 
 import torch
 from torch import nn
+
+
+EDM_ARCHITECTURE = "edm"  # model.json "architecture" of an EDM network (pipeline.teachers.loader reads it)
+
+
+def _json_plain(value: Any) -> Any:
+    """Constructor keywords as JSON values (tuples become lists, numpy / torch scalars Python numbers)."""
+    if isinstance(value, dict):
+        return {str(k): _json_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        return value.item()
+    return value
 
 
 def _tensor(value: Any) -> torch.Tensor:
@@ -111,15 +133,48 @@ class _Preconditioner(nn.Module):
         sigma: torch.Tensor | float,
         labels: torch.Tensor | None = None,
         force_fp32: bool = False,
+        return_features: bool = False,
         **model_kwargs: Any,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = x.to(torch.float32)
         s = self.sigma_column(sigma, x)
         class_labels = self.class_vectors(labels, x.shape[0], x.device)
         dtype = self.network_dtype(force_fp32, x.device)
         c_skip, c_out, c_in, c_noise = self.coefficients(s)
+        if return_features:
+            model_kwargs["return_features"] = True
         f_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * self.model_output(f_x).to(torch.float32)
+        features = None
+        if return_features:
+            f_x, features = f_x
+        d = c_skip * x + c_out * self.model_output(f_x).to(torch.float32)
+        return (d, features) if return_features else d
+
+    # -- the distillation interface (shared with pipeline.diffusion.denoisers.EDMPrecond) --------
+    @property
+    def step_condition(self) -> bool:
+        """Whether the network is step-conditioned (SFD-v): it then needs ``num_steps=[B]``."""
+        return bool(getattr(self.model, "step_condition", False))
+
+    def checkpoint_module(self) -> nn.Module:
+        """The module whose state dict a checkpoint stores: the whole preconditioner (EDM's names)."""
+        return self
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """model.safetensors of this network: the preconditioner's whole state dict."""
+        return self.checkpoint_module().state_dict()
+
+    def checkpoint_architecture(self) -> dict[str, Any]:
+        """model.json's architecture part: ``{"architecture": "edm", "edm": {"precond", "init_kwargs"}}``."""
+        if not hasattr(self, "edm_class_name") or not hasattr(self, "edm_init_kwargs"):
+            raise ValueError(
+                f"{type(self).__name__} has no edm_class_name / edm_init_kwargs: build it with "
+                "pipeline.networks.edm.build_edm_model"
+            )
+        return {
+            "architecture": EDM_ARCHITECTURE,
+            "edm": {"precond": str(self.edm_class_name), "init_kwargs": _json_plain(dict(self.edm_init_kwargs))},
+        }
 
     def round_sigma(self, sigma: Any) -> torch.Tensor:
         return torch.as_tensor(sigma)

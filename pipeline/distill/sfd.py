@@ -20,6 +20,10 @@ every ``checkpoint_every_kimg`` (pipeline.training.state), so an interrupted run
 exactly where an uninterrupted one would. A non-finite loss stops the run before the optimizer
 step, leaving the last checkpoint untouched. The loss per step index (x axis kimg) and the lr go to
 a DVCLive directory (pipeline.training.live).
+
+The student may be this project's U-Net (EDMPrecond) or an EDM network (an EDM preconditioner);
+only their common interface is used: ``step_condition``, ``checkpoint_module()`` /
+``checkpoint_state_dict()`` (pipeline.distill.student).
 """
 
 from __future__ import annotations
@@ -137,7 +141,7 @@ def sfd_batch(
     if y.shape[1] != num_steps - 1:
         raise ParamError(f"trajectories hold {y.shape[1]} teacher states per seed, the schedule needs {num_steps - 1}")
     net_kwargs: dict[str, Any] = {}
-    if getattr(model.net, "step_condition", False):
+    if getattr(model, "step_condition", False):
         net_kwargs["num_steps"] = torch.full((x.shape[0],), num_steps, dtype=torch.int64, device=device)
     out = []
     for n in range(num_steps - 1):
@@ -181,11 +185,11 @@ def distill(
     multi = len(sources) > 1
     state = None
     if run.state_dir is not None:
-        state = TrainingState(run.state_dir, run.training_key, modules={"net": model.net},
+        state = TrainingState(run.state_dir, run.training_key, modules={"net": model.checkpoint_module()},
                               optimizers={"optimizer": optimizer}, generators={"draw": draw})
 
     def save_usable(loop: TrainingLoop) -> None:  # a usable student next to the state: `sfd sample --ckpt STATE_DIR`
-        net_state = model.net.state_dict()
+        net_state = model.checkpoint_state_dict()
         config = dict(run.checkpoint_config)
         config["provenance"] = {**config.get("provenance", {}), "weights_hash": hash_state_dict(net_state),
                                 "kimg_done": loop.kimg()}
@@ -342,7 +346,7 @@ def run_distill_stage(
             step_condition=p.step_condition, seed=p.seed, device=device,
         )  # fmt: skip
     model = init.model
-    if model.net.step_condition:
+    if model.step_condition:
         step_condition = [s.num_steps for s in schedules]
     else:
         step_condition = None

@@ -8,6 +8,11 @@
 - A distilled checkpoint is the network plus a ``"sampler"`` section (solver euler, schedule,
   AFS, step condition, guidance), so ``sfd sample --ckpt PATH`` needs no other option. It is
   loaded by pipeline.teachers.loader (``load_student`` / ``load_teacher``).
+- Either architecture: this project's U-Net (:class:`EDMPrecond`, model.json ``"network"``) or an
+  EDM network (a preconditioner of pipeline.diffusion.preconditioners, model.json
+  ``"architecture": "edm"``). The code here and in pipeline.distill only uses their common
+  interface: ``step_condition``, ``checkpoint_state_dict()``, ``checkpoint_module()``,
+  ``checkpoint_architecture()``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from pipeline.core.checkpoints import CheckpointError, save_checkpoint
 from pipeline.diffusion.denoisers import EDMPrecond
@@ -26,17 +32,19 @@ from pipeline.core.hashing import hash_state_dict
 from pipeline.networks.unet import build_network, network_config
 from pipeline.core.param_checks import ParamError
 from pipeline.diffusion.schedules import Schedule
-from pipeline.teachers.loader import load_teacher
+from pipeline.networks.edm import build_edm_model
+from pipeline.teachers.loader import is_edm_config, load_teacher
 
-STEP_CONDITION_PREFIXES = ("map_steps.", "steps_layer0.", "steps_layer1.")
+STEP_CONDITION_PREFIXES = ("map_steps.", "steps_layer0.", "steps_layer1.")  # our U-Net's step-condition layers
+EDM_STEP_CONDITION_PREFIXES = ("model.map_steps_layer0.", "model.map_steps_layer1.")  # an EDM network's
 
 
 @dataclass
 class StudentInit:
     """A freshly built student before distillation."""
 
-    model: EDMPrecond  # trainable, D(x, sigma, labels, num_steps=...)
-    config: dict[str, Any]  # network, sigma_data, data (checkpoint JSON without sampler/provenance)
+    model: nn.Module  # trainable, D(x, sigma, labels, num_steps=...): EDMPrecond or an EDM preconditioner
+    config: dict[str, Any]  # architecture part + data (checkpoint JSON without sampler/provenance)
     init_hash: str  # hash of the initial weights (part of the training key)
     source: str  # the teacher checkpoint it copies, or "scratch"
 
@@ -56,22 +64,43 @@ def student_from_checkpoint(
             "train the teacher with `dvc repro teacher`)"
         )
     teacher = load_teacher(teacher_ckpt)  # before the seed: building its network draws from the global RNG
-    config, tensors = teacher.config, teacher.model.net.state_dict()
-    arch = network_config(**config["network"])
-    if step_condition and not arch["step_condition"]:
-        arch = {**arch, "step_condition": True}
-    torch.manual_seed(seed)
-    net = build_network(**arch)
-    missing, unexpected = net.load_state_dict(tensors, strict=False)
-    bad_missing = [k for k in missing if not k.startswith(STEP_CONDITION_PREFIXES)]
+    config, tensors = teacher.config, teacher.model.checkpoint_state_dict()
+    if is_edm_config(config):
+        edm = config["edm"]
+        kwargs = dict(edm["init_kwargs"])
+        if step_condition and not kwargs.get("step_condition", False):
+            kwargs["step_condition"] = True
+        torch.manual_seed(seed)
+        model = build_edm_model(edm["precond"], kwargs)
+        prefixes = EDM_STEP_CONDITION_PREFIXES
+    else:
+        arch = network_config(**config["network"])
+        if step_condition and not arch["step_condition"]:
+            arch = {**arch, "step_condition": True}
+        torch.manual_seed(seed)
+        model = EDMPrecond(build_network(**arch), sigma_data=float(config.get("sigma_data", 0.5)))
+        prefixes = STEP_CONDITION_PREFIXES
+    missing, unexpected = model.checkpoint_module().load_state_dict(tensors, strict=False)
+    bad_missing = [k for k in missing if not k.startswith(prefixes)]
     if bad_missing or unexpected:
         raise CheckpointError(
             f"{teacher_ckpt}/model.safetensors does not fit its network config: missing {bad_missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
-    model = EDMPrecond(net, sigma_data=float(config.get("sigma_data", 0.5))).to(device)
-    base = {"network": arch, "sigma_data": model.sigma_data, "data": copy.deepcopy(config.get("data", {}))}
-    return StudentInit(model, base, hash_state_dict(net.state_dict()), str(teacher_ckpt))
+    model = model.to(device).train()
+    base = {**model.checkpoint_architecture(), "data": copy.deepcopy(config.get("data", {}))}
+    return StudentInit(model, base, hash_state_dict(model.checkpoint_state_dict()), str(teacher_ckpt))
+
+
+def model_from_architecture(config: dict[str, Any], *, seed: int, device: torch.device | str = "cpu") -> nn.Module:
+    """A freshly initialised (seeded) network of the architecture a model.json ``config`` describes:
+    an EDM preconditioner (``"architecture": "edm"``) or EDMPrecond around our U-Net (``"network"``)."""
+    torch.manual_seed(seed)
+    if is_edm_config(config):
+        model = build_edm_model(config["edm"]["precond"], dict(config["edm"]["init_kwargs"]))
+    else:
+        model = EDMPrecond(build_network(**config["network"]), sigma_data=float(config.get("sigma_data", 0.5)))
+    return model.to(device)
 
 
 def student_from_scratch(
@@ -123,22 +152,21 @@ def sampler_section(
 
 
 def student_config(base: dict[str, Any], sampler: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
-    """The distilled checkpoint's JSON (checkpoint convention: network, sigma_data, data, sampler, provenance).
+    """The distilled checkpoint's JSON: our U-Net: network, sigma_data, data, sampler, provenance; an EDM
+    network: architecture, edm, data, sampler, provenance.
 
     ``base``: a :class:`StudentInit` config or the teacher checkpoint's model.json (the baselines keep
-    the teacher's architecture); only its network, sigma_data and data are kept."""
-    return {
-        "network": copy.deepcopy(base["network"]),
-        "sigma_data": float(base.get("sigma_data", 0.5)),
-        "data": copy.deepcopy(base.get("data", {})),
-        "sampler": sampler,
-        "provenance": provenance,
-    }
+    the teacher's architecture); only its architecture part and data are kept."""
+    if is_edm_config(base):
+        arch = {"architecture": base["architecture"], "edm": copy.deepcopy(base["edm"])}
+    else:
+        arch = {"network": copy.deepcopy(base["network"]), "sigma_data": float(base.get("sigma_data", 0.5))}
+    return {**arch, "data": copy.deepcopy(base.get("data", {})), "sampler": sampler, "provenance": provenance}
 
 
-def save_student(directory: str | Path, model: EDMPrecond, config: dict[str, Any]) -> Path:
-    """Write model.safetensors + model.json; the weights hash goes into the provenance."""
-    state = model.net.state_dict()
+def save_student(directory: str | Path, model: nn.Module, config: dict[str, Any]) -> Path:
+    """Write model.safetensors (``model.checkpoint_state_dict()``) + model.json; the weights hash goes into the provenance."""
+    state = model.checkpoint_state_dict()
     config = {**config, "provenance": {**config.get("provenance", {}), "weights_hash": hash_state_dict(state)}}
     return save_checkpoint(directory, state, config)
 

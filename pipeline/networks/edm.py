@@ -12,6 +12,21 @@ does, in the same order, so outputs agree to float32 round-off. Networks take ED
 [B, label_dim]; the preconditioners of :mod:`pipeline.diffusion.preconditioners` turn class
 indices into one-hot vectors and sigma into ``noise_labels``.
 
+Two additions of ours, both off by default (a network built without them is EDM's, name for name):
+
+- ``step_condition=True`` (SFD-v, sfd-method.md section 7): the number of timestamps N, passed as
+  ``forward(..., num_steps=[B])``, goes through a positional embedding (``map_steps``, no weights)
+  -> ``map_steps_layer0`` -> SiLU -> ``map_steps_layer1`` (zero-initialised) and is added to the
+  per-block embedding right before its final SiLU (after the label embedding). The new parameters'
+  names start with ``map_steps_`` (none of EDM's does), so a teacher's state dict loads into a
+  step-conditioned copy with exactly those keys missing, and the copy starts equal to the teacher.
+  A step-conditioned network called without ``num_steps`` raises; a plain one ignores ``num_steps``.
+- ``return_features=True``: returns (output, h) with h the feature map the output convolution
+  reads: SongUNet: the input of the last (full-resolution) ``{res}x{res}_aux_conv``, i.e.
+  SiLU(``aux_norm``(x)) of the decoder's last block output; DhariwalUNet: the input of ``out_conv``,
+  SiLU(``out_norm``(x)). (SFDDM's feature loss; our own U-Net returns the map before its output
+  norm instead.)
+
 :func:`build_edm_model` builds a preconditioner with its network from EDM-style constructor
 keywords (a snapshot's ``ema._init_kwargs``); ``NETWORKS`` and ``PRECONDITIONERS`` are the
 allow-lists of class names it accepts.
@@ -280,6 +295,28 @@ def _label_dropout(class_labels: torch.Tensor, p: float, training: bool) -> torc
     return class_labels
 
 
+def _build_step_condition(owner: nn.Module, num_channels: int, emb_channels: int, init: dict) -> None:
+    """SFD-v step condition layers on ``owner``: ``map_steps`` (positional embedding of N, no weights)
+    -> ``map_steps_layer0`` -> SiLU -> ``map_steps_layer1`` (zero-initialised: adds exactly 0 at start)."""
+    owner.map_steps = PositionalEmbedding(num_channels, max_positions=100)
+    owner.map_steps_layer0 = Linear(num_channels, emb_channels, **init)
+    owner.map_steps_layer1 = Linear(emb_channels, emb_channels, init_mode=init.get("init_mode", "kaiming_normal"), init_weight=0, init_bias=0)
+
+
+def _step_embedding(owner: nn.Module, num_steps: torch.Tensor | None, emb: torch.Tensor) -> torch.Tensor:
+    """The step embedding of ``num_steps`` ([B] or one value) to add to the per-block embedding ``emb``."""
+    if num_steps is None:
+        raise ParamError(
+            f"num_steps: this {type(owner).__name__} is step-conditioned (SFD-v); pass num_steps=[B] tensor of "
+            "the number of timestamps N (e.g. through pipeline.diffusion.denoisers.bind_num_steps)"
+        )
+    n = torch.as_tensor(num_steps, device=emb.device).reshape(-1).to(torch.float32)
+    if n.numel() != 1 and emb.shape[0] not in (1, n.numel()):
+        raise ParamError(f"num_steps: expected one value or {emb.shape[0]}, got {n.numel()}")
+    # [1 or B, C]: broadcasts against emb (one row when the preconditioner got a single sigma)
+    return owner.map_steps_layer1(silu(owner.map_steps_layer0(owner.map_steps(n).to(emb.dtype))))
+
+
 class SongUNet(nn.Module):
     """DDPM++ / NCSN++ (Song et al. 2021) as in EDM; see EDM's ``train.py`` for the two presets.
 
@@ -307,6 +344,7 @@ class SongUNet(nn.Module):
         encoder_type: str = "standard",
         decoder_type: str = "standard",
         resample_filter: Sequence[float] = (1, 1),
+        step_condition: bool = False,  # ours (SFD-v): condition on num_steps; see the module docstring
     ) -> None:
         if embedding_type not in ("fourier", "positional"):
             raise ValueError(f"embedding_type: {embedding_type!r} (fourier | positional)")
@@ -316,6 +354,7 @@ class SongUNet(nn.Module):
             raise ValueError(f"decoder_type: {decoder_type!r} (standard | skip)")
         super().__init__()
         self.label_dropout = label_dropout
+        self.step_condition = bool(step_condition)
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
         init = dict(init_mode="xavier_uniform")
@@ -387,9 +426,20 @@ class SongUNet(nn.Module):
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
+        # last, so that building with step_condition draws EDM's random weights first, unchanged
+        if self.step_condition:
+            _build_step_condition(self, noise_channels, emb_channels, init)
+
     def forward(
-        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None, augment_labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        augment_labels: torch.Tensor | None = None,
+        *,
+        num_steps: torch.Tensor | None = None,
+        return_features: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # [sin, cos] order
         if self.map_label is not None:
@@ -398,7 +448,10 @@ class SongUNet(nn.Module):
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         emb = silu(self.map_layer0(emb))
-        emb = silu(self.map_layer1(emb))
+        emb = self.map_layer1(emb)
+        if self.step_condition:
+            emb = emb + _step_embedding(self, num_steps, emb)
+        emb = silu(emb)
 
         skips = []
         aux = x
@@ -413,20 +466,21 @@ class SongUNet(nn.Module):
                 x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
 
-        aux = tmp = None
+        aux = tmp = features = None
         for name, block in self.dec.items():
             if "aux_up" in name:
                 aux = block(aux)
             elif "aux_norm" in name:
                 tmp = block(x)
             elif "aux_conv" in name:
-                tmp = block(silu(tmp))
+                features = silu(tmp)  # the last one (full resolution) is what return_features gives
+                tmp = block(features)
                 aux = tmp if aux is None else tmp + aux
             else:
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
-        return aux
+        return (aux, features) if return_features else aux
 
 
 class DhariwalUNet(nn.Module):
@@ -446,9 +500,11 @@ class DhariwalUNet(nn.Module):
         attn_resolutions: Sequence[int] = (32, 16, 8),
         dropout: float = 0.10,
         label_dropout: float = 0,
+        step_condition: bool = False,  # ours (SFD-v): condition on num_steps; see the module docstring
     ) -> None:
         super().__init__()
         self.label_dropout = label_dropout
+        self.step_condition = bool(step_condition)
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
@@ -490,9 +546,20 @@ class DhariwalUNet(nn.Module):
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
+        # last, so that building with step_condition draws EDM's random weights first, unchanged
+        if self.step_condition:
+            _build_step_condition(self, model_channels, emb_channels, init)
+
     def forward(
-        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None, augment_labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        augment_labels: torch.Tensor | None = None,
+        *,
+        num_steps: torch.Tensor | None = None,
+        return_features: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -500,6 +567,8 @@ class DhariwalUNet(nn.Module):
         emb = self.map_layer1(emb)
         if self.map_label is not None:
             emb = emb + self.map_label(_label_dropout(class_labels, self.label_dropout, self.training))
+        if self.step_condition:
+            emb = emb + _step_embedding(self, num_steps, emb)
         emb = silu(emb)
 
         skips = []
@@ -510,7 +579,9 @@ class DhariwalUNet(nn.Module):
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
-        return self.out_conv(silu(self.out_norm(x)))
+        features = silu(self.out_norm(x))
+        out = self.out_conv(features)
+        return (out, features) if return_features else out
 
 
 #: EDM's raw network class names -> our classes (an allow-list: nothing else is built from a name).

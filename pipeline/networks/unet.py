@@ -127,6 +127,19 @@ class UNet(nn.Module):
                 f"for channel_mult {list(channel_mult)}"
             )
         self.img_resolution = res
+        # the constructor config as network_config writes it (model.json's "network"; EDMPrecond.checkpoint_architecture)
+        self.network_kwargs = {
+            "img_resolution": int(img_resolution) if isinstance(img_resolution, int) else [int(r) for r in img_resolution],
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "label_dim": label_dim,
+            "model_channels": model_channels,
+            "channel_mult": [int(m) for m in channel_mult],
+            "num_blocks": num_blocks,
+            "attn_resolutions": [int(r) for r in attn_resolutions],
+            "dropout": dropout,
+            "step_condition": step_condition,
+        }
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.label_dim = label_dim

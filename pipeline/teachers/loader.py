@@ -43,6 +43,7 @@ from pipeline.core.hashing import hash_description, hash_file, hash_state_dict
 from pipeline.core.param_checks import ParamError, check_keys
 from pipeline.diffusion.denoisers import Denoiser, EDMPrecond, bind_num_steps
 from pipeline.diffusion.gmm import GaussianMixture
+from pipeline.diffusion.preconditioners import EDM_ARCHITECTURE
 from pipeline.diffusion.sampling import SamplerSpec, make_denoiser, resolve_sampler
 from pipeline.networks.edm import build_edm_model
 from pipeline.networks.unet import build_network
@@ -60,7 +61,6 @@ WHERE_CHECKPOINTS_COME_FROM = (
     "(a teacher), a distillation stage (a distilled student) or `sfd teacher import SRC.pkl --out DIR` "
     "(an EDM network)"
 )
-EDM_ARCHITECTURE = "edm"  # model.json "architecture" of an EDM network; absent = this project's U-Net
 EDM_PICKLE_SUFFIX = ".pkl"
 
 
@@ -197,17 +197,6 @@ def is_edm_config(config: dict[str, Any] | None) -> bool:
     return config is not None and config.get("architecture") == EDM_ARCHITECTURE
 
 
-def _json_plain(value: Any) -> Any:
-    """EDM's _init_kwargs as JSON values (tuples become lists, numpy scalars Python numbers)."""
-    if isinstance(value, dict):
-        return {str(k): _json_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_plain(v) for v in value]
-    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
-        return value.item()
-    return value
-
-
 def edm_checkpoint_config(
     model: nn.Module,
     *,
@@ -223,8 +212,7 @@ def edm_checkpoint_config(
         )
     resolution = int(model.img_resolution)
     return {
-        "architecture": EDM_ARCHITECTURE,
-        "edm": {"precond": str(model.edm_class_name), "init_kwargs": _json_plain(dict(model.edm_init_kwargs))},
+        **model.checkpoint_architecture(),
         "data": {"sample_shape": [int(model.img_channels), resolution, resolution], "num_classes": int(model.label_dim)},
         "sampler": sampler,
         "provenance": dict(provenance or {}),
@@ -278,14 +266,10 @@ def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     return model.to(device).eval().requires_grad_(False), config
 
 
-def network_module(model: nn.Module) -> nn.Module:
-    """The raw network inside a loaded denoiser: ``.net`` of our EDMPrecond, ``.model`` of an EDM preconditioner."""
-    return model.net if hasattr(model, "net") else model.model
-
-
-def network_weights_hash(model: nn.Module, config: dict[str, Any]) -> str:
-    """hash_state_dict of the network weights as stored: our U-Net's bare network, an EDM preconditioner whole."""
-    return hash_state_dict((model if is_edm_config(config) else model.net).state_dict())
+def network_weights_hash(model: nn.Module) -> str:
+    """hash_state_dict of the weights as a checkpoint stores them: our U-Net's bare network, an EDM
+    preconditioner whole (``checkpoint_state_dict``)."""
+    return hash_state_dict(model.checkpoint_state_dict())
 
 
 def edm_pickle_config(path: Path, model: nn.Module) -> dict[str, Any]:
@@ -314,9 +298,9 @@ def _edm_pickle_teacher(path: Path, device: str | torch.device, **options: Any) 
 def _teacher_from(model: nn.Module, config: dict[str, Any], path: Path, *, sampler: SamplerSpec | None,
                   source: str) -> Teacher:
     num_steps = None if sampler is None else sampler.bound_num_steps
-    if num_steps is not None and not getattr(network_module(model), "step_condition", False):
+    if num_steps is not None and not model.step_condition:
         raise CheckpointError(f"{path}/model.json: the sampler has a step_condition but the network is not step-conditioned")
-    network_hash = network_weights_hash(model, config)
+    network_hash = network_weights_hash(model)
     data = config.get("data", {})
     if is_edm_config(config):
         default_shape = [model.img_channels, model.img_resolution, model.img_resolution]

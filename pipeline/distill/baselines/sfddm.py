@@ -28,12 +28,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline.distill.baselines.common import TrainingData, fit_student
-from pipeline.distill.student import sampler_section, save_student, student_config
+from pipeline.distill.student import model_from_architecture, sampler_section, save_student, student_config
 from pipeline.training.live import LiveLog
 from pipeline.training.optim import frozen, trainable_copy
 from pipeline.core.cost import CostMeter
 from pipeline.diffusion.denoisers import EDMPrecond
-from pipeline.networks.unet import build_network
 from pipeline.core.param_checks import ParamError, check_int
 from pipeline.config.baselines import SFDDMParams
 
@@ -115,12 +114,10 @@ def train_sfddm_student(
 
 
 def init_student(teacher: EDMPrecond, teacher_config: dict[str, Any], init: str, seed: int) -> EDMPrecond:
-    """The teacher's architecture with fresh random weights (seeded), or a copy of the teacher."""
+    """The teacher's architecture (our U-Net or an EDM network) with fresh random weights (seeded), or a copy of the teacher."""
     if init == "teacher":
         return trainable_copy(teacher)
-    torch.manual_seed(seed)
-    net = build_network(**teacher_config["network"]).to(next(teacher.parameters()).device)
-    return EDMPrecond(net, sigma_data=teacher.sigma_data).train()
+    return model_from_architecture(teacher_config, seed=seed, device=next(teacher.parameters()).device).train()
 
 
 def sfddm_distillation(
