@@ -16,9 +16,7 @@ from pipeline.config.validation import Section, fix, section
 from pipeline.diffusion.schedules import Schedule, time_steps
 
 Weighting = Literal["truncated_snr", "snr_plus_one"]
-WEIGHTINGS = ("truncated_snr", "snr_plus_one")
 Init = Literal["random", "teacher"]
-INITS = ("random", "teacher")
 VanillaLoss = Literal["l1", "l2"]
 
 

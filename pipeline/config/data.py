@@ -9,7 +9,6 @@ from pydantic import Field, model_validator
 from pipeline.config.fields import NonNegativeInt, PositiveInt
 from pipeline.config.validation import Section, section
 
-DATASETS = ("digits", "images")
 
 
 @section("data")

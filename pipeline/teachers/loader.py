@@ -33,7 +33,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,7 +48,6 @@ from pipeline.diffusion.sampling import SamplerSpec, make_denoiser, resolve_samp
 from pipeline.networks.edm import build_edm_model
 from pipeline.networks.unet import build_network
 
-TeacherSource = Literal["gmm", "checkpoint"]
 TEACHER_SOURCES = ("gmm", "checkpoint")  # "checkpoint": the old form load_teacher("checkpoint", path=...)
 GMM_OPTIONS = ("num_components", "sample_shape", "std", "seed", "conditional")
 SAMPLER_OPTIONS = ("solver", "max_order", "num_steps", "schedule", "afs", "guidance")  # resolve_sampler overrides
