@@ -233,7 +233,8 @@ def run_distill(student, batch: int, shape, precision: str, device: torch.device
     return r
 
 
-def run_store(teacher, student, spec: TrajectorySpec, args, precision: str, device: torch.device, distill_tps: float) -> dict:
+def run_store(teacher, student, initial_student: dict, spec: TrajectorySpec, args, precision: str, device: torch.device,
+              distill_tps: float) -> dict:
     """Teacher into a scratch store (writer thread vs solver), the reader's rate, distillation fed by the reader."""
     scratch = Path(tempfile.mkdtemp(prefix="sfd-gpu-bench-", dir=args.store_dir))
     try:
@@ -256,6 +257,7 @@ def run_store(teacher, student, spec: TrajectorySpec, args, precision: str, devi
         rows = sum(len(b.seeds) for b in ds)
         out["reader_traj_per_s"] = rows / (time.perf_counter() - t0)
         out["reader_is_bottleneck"] = out["reader_traj_per_s"] < distill_tps
+        student.load_state_dict(initial_student)
         optimizer, loss_fn = make_distill(student, precision, device)
         t_steps = Schedule(num_steps=N_STEPS).t_steps()
         t0, done = time.perf_counter(), 0
@@ -340,6 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.channels_last:
         teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
     flops = count_flops(teacher, student, shape, device)
+    initial_student = {k: v.detach().clone() for k, v in student.state_dict().items()}
     fwd, fwd_bwd = flops["forward_flop"], flops["forward_backward_flop"]
     teacher_nfe = (M_TEACHER + 1) * (N_STEPS - 1)
     flop_per_traj = {"teacher": teacher_nfe * fwd, "distill": 2 * fwd_bwd}  # NFE 2: 2 forward + backward
@@ -369,9 +372,13 @@ def main(argv: list[str] | None = None) -> dict:
                     if kind == "teacher":
                         r = run_teacher(teacher, spec, batch, precision, device, timing)
                     else:
+                        student.load_state_dict(initial_student)  # every point trains the same initial weights
                         r = run_distill(student, batch, shape, precision, device, timing)
                 except torch.OutOfMemoryError:
                     r = {"oom": True}
+                except Exception as e:  # one failed point (e.g. a non-finite fp16 loss) must not lose the whole run
+                    r = {"error": f"{type(e).__name__}: {e}"[:300]}
+                if device.type == "cuda" and ("oom" in r or "error" in r):
                     torch.cuda.empty_cache()
                 point.update(r)
                 if "traj_per_s" in r:
@@ -404,14 +411,20 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         distill_tps = result["projections"][args.store_precision]["distill_kimg_per_s"] * 1000
         try:
-            result["store"] = run_store(teacher, student, spec, args, args.store_precision, device, distill_tps)
+            result["store"] = run_store(teacher, student, initial_student, spec, args, args.store_precision, device, distill_tps)
             result["store"]["precision"] = args.store_precision
+            bare = [p for p in result["points"] if p["precision"] == args.store_precision and p["kind"] == "teacher"
+                    and p["batch"] == args.store_batch and "traj_per_s" in p]  # fmt: skip
+            if bare:  # > 0: the store slows the teacher loop down (writer thread, GIL), < 0: noise
+                result["store"]["teacher_slowdown_vs_bare"] = bare[0]["traj_per_s"] / result["store"]["traj_per_s_with_store"] - 1
             proj = result["projections"][args.store_precision]
             with_store = project(min(proj["teacher_traj_per_s"], result["store"]["traj_per_s_with_store"]),
                                  min(distill_tps, result["store"]["distill_from_store_traj_per_s"]))  # fmt: skip
             result["store"]["projection_with_store_rates"] = with_store
         except torch.OutOfMemoryError:
             result["store"] = {"oom": True}
+        except Exception as e:  # keep the measured points
+            result["store"] = {"skipped": f"failed: {type(e).__name__}: {e}"[:300]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_bench.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "gpu_bench.md").write_text(markdown(result))
@@ -430,21 +443,22 @@ def markdown(r: dict) -> str:
     lines.append(f"Device: {d['name']} ({d['device']}), torch {d['torch']}, python {d['python']}; "
                  f"network {r['network']['parameters']:,} parameters, sample {r['network']['sample_shape']}; "
                  f"peak table: {r['peak_table'] or 'none (fractions of peak omitted)'}.")  # fmt: skip
-    lines.append(f"FLOPs per forward {r['flops']['forward_flop'] / 1e9:.2f} GFLOP, forward + backward "
-                 f"{r['flops']['forward_backward_flop'] / 1e9:.2f} GFLOP per image; teacher {r['teacher_nfe']} NFE per trajectory "
-                 f"({r['flops']['per_trajectory']['teacher'] / 1e9:.1f} GFLOP), distillation NFE 2 "
-                 f"({r['flops']['per_trajectory']['distill'] / 1e9:.1f} GFLOP per trajectory).")  # fmt: skip
+    lines.append(f"FLOPs per forward {r['flops']['forward_flop'] / 1e9:.4g} GFLOP, forward + backward "
+                 f"{r['flops']['forward_backward_flop'] / 1e9:.4g} GFLOP per image; teacher {r['teacher_nfe']} NFE per trajectory "
+                 f"({r['flops']['per_trajectory']['teacher'] / 1e9:.4g} GFLOP), distillation NFE 2 "
+                 f"({r['flops']['per_trajectory']['distill'] / 1e9:.4g} GFLOP per trajectory).")  # fmt: skip
     lines += ["", "| precision | batch | kind | traj/s | kimg/s | median s/batch | NFE or steps | peak GiB | TFLOP/s | % of peak |",
               "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in r["points"]:
-        if p.get("oom"):
-            lines.append(f"| {p['precision']} | {p['batch']} | {p['kind']} | out of memory | | | | | | |")
+        if p.get("oom") or p.get("error"):
+            what = "out of memory" if p.get("oom") else f"error: {p['error']}".replace("|", "/")
+            lines.append(f"| {p['precision']} | {p['batch']} | {p['kind']} | {what} | | | | | | |")
             continue
         steps = p.get("nfe", p.get("network_steps"))
         frac = p.get("fraction_of_peak")
         lines.append(f"| {p['precision']} | {p['batch']} | {p['kind']} | {_f(p['traj_per_s'])} | {_f(p['traj_per_s'] / 1000, 3)} | "
                      f"{p['median_s']:.4f} | {_f(float(steps), 0)} | {_f(p.get('peak_memory_gib'), 2)} | "
-                     f"{_f(p['achieved_tflops'], 2)} | {_f(100 * frac if frac is not None else None)} |")  # fmt: skip
+                     f"{p['achieved_tflops']:.3g} | {_f(100 * frac if frac is not None else None)} |")  # fmt: skip
     lines += ["", f"## Projected wall time of the CIFAR-10 SFD run ({PAPER_KIMG}k teacher trajectories + {PAPER_KIMG} kimg "
               f"NFE-2 distillation at batch {r['settings']['distill_batch']})", "",
               "| precision | teacher batch | teacher traj/s | distill kimg/s | teacher s | distill s | total s | total min |",
@@ -473,7 +487,9 @@ def markdown(r: dict) -> str:
                   f"teacher batch {s['batch']}.", "",
                   f"- with the store: {s['traj_per_s_with_store']:,.1f} traj/s; solver {s['solver_seconds']:.2f} s, writer thread "
                   f"{s['writer_seconds']:.2f} s of {s['seconds']:.2f} s (busy {100 * s['writer_busy_fraction']:.0f} %): "
-                  f"writer {'IS' if s['writer_is_bottleneck'] else 'is not'} the bottleneck;",
+                  f"writer {'IS' if s['writer_is_bottleneck'] else 'is not'} the bottleneck"
+                  + (f"; {100 * s['teacher_slowdown_vs_bare']:+.1f} % time against the bare teacher at that batch;"
+                     if "teacher_slowdown_vs_bare" in s else ";"),
                   f"- reader (TrajectoryDataset, verify, batch {r['settings']['distill_batch']}): {s['reader_traj_per_s']:,.0f} traj/s against the "
                   f"distillation step's {s['distill_in_memory_traj_per_s']:,.0f} traj/s: reader "
                   f"{'IS' if s['reader_is_bottleneck'] else 'is not'} the bottleneck;",
