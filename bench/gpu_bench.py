@@ -44,7 +44,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,6 +84,7 @@ PEAKS = {
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
 }
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 N_STEPS, M_TEACHER = 4, 3  # the CIFAR-10 preset: N = 4 student timestamps, M = 3 (12 teacher NFE)
 PAPER_KIMG, PAPER_BATCH = 200, 128  # SFD CIFAR-10 stage 1: 200 kimg at batch 128
 TARGET_TEACHER_TPS, TARGET_RUN_SECONDS = 600.0, 600.0  # issue 14, one H100 in bf16
@@ -102,16 +102,19 @@ def peak_table_name(device_name: str) -> str | None:
 
 
 def set_tf32(on: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = on
-    torch.backends.cudnn.allow_tf32 = on
+    """TF32 for float32 matmuls and convolutions (torch >= 2.9's fp32_precision API, else the allow_tf32 flags)."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if on else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if on else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
 
 
 @contextlib.contextmanager
 def precision_context(precision: str, device: torch.device):
     """The compute precision of a block: TF32 switches and torch.autocast (bf16 / fp16)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the allow_tf32 flags' deprecation notice in newer torch
-        set_tf32(precision != "fp32")
+    set_tf32(precision != "fp32")
     if precision in ("bf16", "fp16"):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         with torch.autocast(device.type, dtype=dtype):
@@ -374,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
                     else:
                         student.load_state_dict(initial_student)  # every point trains the same initial weights
                         r = run_distill(student, batch, shape, precision, device, timing)
-                except torch.OutOfMemoryError:
+                except OOM:
                     r = {"oom": True}
                 except Exception as e:  # one failed point (e.g. a non-finite fp16 loss) must not lose the whole run
                     r = {"error": f"{type(e).__name__}: {e}"[:300]}
@@ -421,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
             with_store = project(min(proj["teacher_traj_per_s"], result["store"]["traj_per_s_with_store"]),
                                  min(distill_tps, result["store"]["distill_from_store_traj_per_s"]))  # fmt: skip
             result["store"]["projection_with_store_rates"] = with_store
-        except torch.OutOfMemoryError:
+        except OOM:
             result["store"] = {"oom": True}
         except Exception as e:  # keep the measured points
             result["store"] = {"skipped": f"failed: {type(e).__name__}: {e}"[:300]}

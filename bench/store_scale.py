@@ -177,6 +177,8 @@ def run_layout(layout: str, args: argparse.Namespace, env: dict[str, str]) -> di
     shutil.rmtree(path)
     shutil.rmtree(repo / ".dvc" / "cache")
     out["dvc_pull"] = timed([*dvc, "pull", "-q"], repo, env)
+    out["dvc_status"] = timed([*dvc, "status"], repo, env)  # workspace against the cache
+    out["dvc_status_cloud"] = timed([*dvc, "status", "-c"], repo, env)  # cache against the remote
     verify = [sys.executable, "-c", "from pipeline.cli import app; app()", "store", "verify", str(path)]
     out["store_verify"] = timed(verify, ROOT, env)
     out["peak_scratch_bytes"] = du(base)
@@ -187,11 +189,13 @@ def run_layout(layout: str, args: argparse.Namespace, env: dict[str, str]) -> di
 
 def markdown(result: dict) -> str:
     lines = [
-        f"{result['trajectories']} trajectories requested, chunk {result['chunk']}, {result['dtype']}, {result['compressor']}; "
+        f"{result['trajectories']} trajectories requested, chunk {result['chunk']}, {result['dtype']}, {result['compressor']}, "
+        f"{result['shard_chunks']} chunks per shard; "
         f"machine {result['machine']}",
         "",
-        "| layout | trajectories | files | data files | bytes | write s | dvc add s | dvc push s | dvc pull s | sfd store verify s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| layout | trajectories | files | data files | bytes | write s | dvc add s | dvc push s | dvc pull s | dvc status s "
+        "| dvc status -c s | sfd store verify s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["layouts"]:
         def cell(name: str) -> str:
@@ -199,7 +203,8 @@ def markdown(result: dict) -> str:
 
         lines.append(f"| {r['layout']}{' (' + str(r['shard_chunks']) + ' chunks/shard)' if 'shard_chunks' in r else ''} | "
                      f"{r['trajectories']} | {r['files']} | {r['data_files']} | {r['bytes'] / 1e9:.2f} GB | {cell('write')} | "
-                     f"{cell('dvc_add')} | {cell('dvc_push')} | {cell('dvc_pull')} | {cell('store_verify')} |")  # fmt: skip
+                     f"{cell('dvc_add')} | {cell('dvc_push')} | {cell('dvc_pull')} | {cell('dvc_status')} | {cell('dvc_status_cloud')} | "
+                     f"{cell('store_verify')} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -221,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     env["PATH"] = f"{args.dvc.parent}:{env.get('PATH', '')}"
     result = {
         "trajectories": args.trajectories, "chunk": args.chunk, "dtype": args.dtype, "compressor": args.compressor,
+        "shard_chunks": args.shard_chunks,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
         "dvc": subprocess.run([str(args.dvc), "--version"], capture_output=True, text=True, env=env).stdout.strip(),
         "layouts": [],
