@@ -12,7 +12,7 @@ Measures, on EDM's CIFAR-10 DDPM++ network (VPPrecond + SongUNet, 55.7M paramete
 - peak GPU memory (``torch.cuda.max_memory_allocated``) of each point;
 - FLOPs per forward and per forward + backward (``torch.utils.flop_counter.FlopCounterMode``) and the
   fraction of the GPU's dense peak each rate reaches (``PEAKS``);
-- whether the store writer or reader is the bottleneck (needs zarr): ``generate_trajectories`` into a
+- whether the store writer or reader is the bottleneck: ``generate_trajectories`` into a
   scratch store (writer-thread seconds against solver seconds), the ``TrajectoryDataset`` reader's
   trajectories/s against the distillation step's, and distillation fed by the reader;
 - the projected wall time of the paper's CIFAR-10 SFD run: 200k teacher trajectories + 200 kimg of

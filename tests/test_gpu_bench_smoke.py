@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_bench():
+    pytest.importorskip("zarr")  # the script exits without the project's dependencies
     spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu_bench.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -20,7 +21,6 @@ def load_bench():
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    pytest.importorskip("zarr")
     bench = load_bench()
     out = tmp_path_factory.mktemp("gpu-bench")
     result = bench.main(["--smoke", "--batches", "2", "--out", str(out)])
