@@ -3,7 +3,8 @@
 ``--method`` picks the params section ``baseline_<method>`` and its trainer: progressive
 distillation (one checkpoint per round, ``<out>/nfe<N>``), SFDDM (one student per T',
 ``<out>/nfe<T'>``, and the training-free control rows in ``--control-out``) or vanilla trajectory
-distillation (``<out>``). Resumable from ``--state``.
+distillation (``<out>``). Resumable from ``--state``. SFDDM's default budget (``budget: sfd_stage1``)
+is computed from the ``distill`` section and its trajectories section of the same params file.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pipeline.core.devices import resolve_device
 from pipeline.core.files import write_json
 from pipeline.distill.baselines.common import load_baseline_inputs
 from pipeline.distill.baselines.progressive import progressive_distillation
-from pipeline.distill.baselines.sfddm import sfddm_distillation
+from pipeline.distill.baselines.sfddm import sfd_stage1_budget, sfddm_distillation
 from pipeline.distill.baselines.vanilla import vanilla_distillation
 from stages.common import fail, run, stage_params
 
@@ -45,7 +46,8 @@ def main(
     name = f"baseline_{method.value}"
     if (method is Method.sfddm) != (control_out is not None):
         fail("--control-out is required with --method sfddm and only allowed with it")
-    p = stage_params(params).section(name)
+    all_params = stage_params(params)
+    p = all_params.section(name)
     device = resolve_device(p.device)
     model, config, train, provenance = load_baseline_inputs(teacher, data, device)
     cost = CostMeter(name, device)
@@ -53,7 +55,10 @@ def main(
     if method is Method.pd:
         summary = progressive_distillation(model, config, train, p, out, **common)
     elif method is Method.sfddm:
-        summary = sfddm_distillation(model, config, train, p, out, control_out, **common)
+        budget = None
+        if p.budget == "sfd_stage1":  # the same forward-pass equivalents as SFD's stage 1 on this params file
+            budget = sfd_stage1_budget(all_params.distill, all_params.trajectories_for("distill"))
+        summary = sfddm_distillation(model, config, train, p, out, control_out, budget=budget, **common)
     else:
         summary = vanilla_distillation(model, config, train, p, out, **common)
     cost.write(cost_out)

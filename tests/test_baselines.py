@@ -195,19 +195,107 @@ def test_sfddm_input_reparameterisation_on_a_discrete_vp_table():
     torch.testing.assert_close(x_edm * col(abar_s.sqrt()), x_vp_student, rtol=1e-12, atol=1e-12)
 
 
+def fit_to_denoiser(student: EDMPrecond, teacher, data: TrainingData, steps: int = 150, lr: float = 3e-3) -> EDMPrecond:
+    """A network initialised from an analytic teacher: regress D_student(y + s eps, s) on the teacher's D (log-uniform s)."""
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        y = data.images[torch.randint(len(data.images), (64,), generator=g)]
+        s = torch.exp(torch.empty(64, dtype=torch.float64).uniform_(math.log(0.006), math.log(80.0), generator=g))
+        x = y + s.reshape(-1, 1, 1, 1).float() * torch.randn(y.shape, generator=g)
+        loss = (student(x, s.float(), None) - teacher(x.double(), s).float()).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return student
+
+
+def test_sfddm_target_one_student_step_lands_on_the_teachers_c_fine_steps(gmm):
+    """Exact teacher: D = o~ makes the student's Euler step sigma'_{t'} -> sigma'_{t'+1} equal the teacher's c = T/T'
+    Euler steps over sigma_{phi(t')} .. sigma_{phi(t'+1)} (float64, 1e-10); the loss is not zero at o_S = o_T."""
+    from pipeline.distill.baselines.sfddm import sfddm_target, teacher_fine_steps
+
+    T, t_prime_steps = 16, 4
+    sig = SFDDMParams(teacher_steps=T).teacher_sigmas()
+    phi = index_map(t_prime_steps, T)
+    c = T // t_prime_steps
+    g = torch.Generator().manual_seed(0)
+    tp = torch.tensor([0, 1, 2, 3, 3, 0])
+    fine = torch.stack([sig[phi[i]: phi[i] + c + 1] for i in tp.tolist()])
+    y = gmm.sample(len(tp), generator=g)
+    x_a = y + fine[:, :1].reshape(-1, 1, 1, 1) * torch.randn(y.shape, generator=g, dtype=torch.float64)
+    x_b, o_first, h = teacher_fine_steps(gmm, x_a, None, fine, features=False)
+    assert h is None
+    for i in range(len(tp)):  # c Euler steps of the teacher's own sampler
+        ref = solve(gmm, x_a[i:i + 1], fine[i], "euler")
+        torch.testing.assert_close(x_b[i:i + 1], ref, rtol=0, atol=1e-10)
+    target = sfddm_target(x_a, x_b, fine[:, 0], fine[:, -1])
+    col = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
+    x_student = x_a + col(fine[:, -1] - fine[:, 0]) * (x_a - target) / col(fine[:, 0])
+    torch.testing.assert_close(x_student, x_b, rtol=0, atol=1e-10)
+    torch.testing.assert_close(o_first, gmm(x_a, fine[:, 0]), rtol=0, atol=0)
+    assert (target - o_first).abs().mean() > 1e-3  # the teacher's one-step output is not the target
+    # c = 1: the target is the teacher's own output
+    fine1 = torch.stack([sig[i: i + 2] for i in (0, 5, 15)])
+    x1 = gmm.sample(3, generator=g) + fine1[:, :1].reshape(-1, 1, 1, 1) * torch.randn((3, *SHAPE), generator=g, dtype=torch.float64)
+    xb1, o1, _ = teacher_fine_steps(gmm, x1, None, fine1, features=False)
+    torch.testing.assert_close(sfddm_target(x1, xb1, fine1[:, 0], fine1[:, 1]), o1, rtol=0, atol=1e-9)
+
+
+def test_sfddm_lowers_its_loss_from_a_teacher_initialisation_on_the_exact_mixture(gmm_data):
+    """The exact mixture teacher (load_teacher("gmm")): the student starts as a network fitted to the teacher's
+    denoiser (an analytic teacher has no weights to copy), its loss is > 0 there and SFDDM training lowers it."""
+    teacher = load_teacher("gmm", sample_shape=SHAPE, num_components=3, std=0.3, seed=1)
+    gmm_teacher = teacher.denoiser
+    data = TrainingData(gmm_teacher.sample(512, generator=torch.Generator().manual_seed(0)).float(), None)
+    student = fit_to_denoiser(tiny_model(1).train(), gmm_teacher, data)
+    params = SFDDMParams(teacher_steps=8, student_steps=[2], budget="updates", updates=200, batch_size=32, lr=2e-3,
+                         feature_weight=0.0)
+    y = data.images[:128]
+    double = lambda x, s, labels=None, **kw: gmm_teacher(x.double(), s.double(), labels).float()  # noqa: E731
+    loss_fn = lambda g: sfddm_loss(student, double, y, None, params.teacher_sigmas(), 2, g, 0.0)  # noqa: E731
+    before = probe(loss_fn)
+    assert before > 0.05, before  # non-zero at the start: the student's one step is not the teacher's c steps
+    summary = train_sfddm_student(student, double, data, 2, params, generator=torch.Generator().manual_seed(1),
+                                  progress=False)
+    after = probe(loss_fn)
+    assert after < 0.8 * before, (before, after, summary)
+    assert summary["teacher_steps_per_update"] == 4 and summary["updates"] == 200
+
+
+def test_sfddm_budget_is_sfd_stage1s_on_the_default_params():
+    """2,048 trajectories x 12 teacher NFE + 157 batches x 128 x 2 network steps x 3 = 145,152 forward equivalents."""
+    from pipeline.config.params import load_params
+    from pipeline.distill.baselines.sfddm import sfd_stage1_budget, updates_for_budget
+
+    p = load_params("params.yaml")
+    budget = sfd_stage1_budget(p.distill, p.trajectories_for("distill"))
+    seen = math.ceil(p.distill.kimg * 1000 / p.distill.batch_size) * p.distill.batch_size
+    assert budget["teacher_forward_images"] == 2048 * 12
+    assert budget["student_forward_images"] == budget["student_backward_images"] == seen * 2
+    assert budget["forward_equivalents"] == 2048 * 12 + seen * 2 * 3
+    s = p.baseline_sfddm
+    c = s.teacher_steps // s.student_steps[0]
+    n = updates_for_budget(budget["forward_equivalents"], s, s.student_steps[0])
+    per = s.batch_size * (c + 3)
+    assert n * per <= budget["forward_equivalents"] < (n + 1) * per
+    with pytest.raises(ParamError, match="buy no update"):
+        updates_for_budget(10.0, s, s.student_steps[0])
+
+
 def test_sfddm_round_lowers_its_loss_and_checkpoints_sample(tmp_path, gmm_data):
     teacher = frozen(tiny_model(0, perturb_output=True))
-    params = SFDDMParams(teacher_steps=8, student_steps=[2], updates=30, batch_size=32, lr=3e-3)
+    params = SFDDMParams(teacher_steps=8, student_steps=[2], budget="updates", updates=30, batch_size=32, lr=3e-3,
+                         init="random")
     student = tiny_model(1).train()
-    sigmas = student_sigmas(params.teacher_sigmas(), 2)
     y = gmm_data.images[:128]
-    loss_fn = lambda g: sfddm_loss(student, teacher, y, None, sigmas, g)  # noqa: E731
+    loss_fn = lambda g: sfddm_loss(student, teacher, y, None, params.teacher_sigmas(), 2, g)  # noqa: E731
     before = probe(loss_fn)
     train_sfddm_student(student, teacher, gmm_data, 2, params, generator=torch.Generator().manual_seed(1), progress=False)
     after = probe(loss_fn)
     assert after < 0.8 * before, (before, after)
 
-    quick = SFDDMParams(teacher_steps=8, student_steps=[2, 4], updates=2, batch_size=8)
+    quick = SFDDMParams(teacher_steps=8, student_steps=[2, 4], budget="updates", updates=2, batch_size=8)
     sfddm_distillation(teacher, tiny_config(), gmm_data, quick, tmp_path / "sfddm", tmp_path / "control", progress=False)
     for t_prime in (2, 4):
         for root in ("sfddm", "control"):
@@ -322,7 +410,7 @@ def test_sfddm_interrupted_resumes_bit_exact(tmp_path, gmm_data, monkeypatch):
     from pipeline.distill.baselines import sfddm
 
     teacher = frozen(tiny_model(0, perturb_output=True))
-    params = SFDDMParams(teacher_steps=8, student_steps=[2, 4], updates=20, batch_size=8)
+    params = SFDDMParams(teacher_steps=8, student_steps=[2, 4], budget="updates", updates=20, batch_size=8)
     run = lambda name, **kw: sfddm_distillation(  # noqa: E731
         teacher, tiny_config(), gmm_data, params, tmp_path / name, tmp_path / f"{name}_control", progress=False, **kw)
     run("full")

@@ -246,13 +246,13 @@ def test_pd_on_an_edm_teacher(tmp_path, edm_data):
 @pytest.mark.parametrize("init", ["random", "teacher"])
 def test_sfddm_on_an_edm_teacher(tmp_path, edm_data, init):
     teacher = tiny_teacher()
-    params = SFDDMParams(teacher_steps=8, student_steps=[2], updates=2, batch_size=4, init=init)
+    params = SFDDMParams(teacher_steps=8, student_steps=[2], budget="updates", updates=2, batch_size=4, init=init)
     summary = sfddm_distillation(teacher, teacher_config(teacher), edm_data, params, tmp_path / "s", tmp_path / "c",
                                  progress=False)
     assert summary["students"][0]["updates"] == 2
     check_edm_student(tmp_path / "s" / "nfe2", teacher)
     if init == "teacher":
-        assert summary["students"][0]["loss_first"] == pytest.approx(0.0, abs=1e-6)  # a copy: L = 0 at the start
+        assert summary["students"][0]["loss_first"] > 1e-4  # a copy: the c-step target still differs from its one step
     # random init: the teacher's architecture, seeded, not its weights
     a = init_student(teacher, teacher_config(teacher), "random", seed=4)
     b = init_student(teacher, teacher_config(teacher), "random", seed=4)

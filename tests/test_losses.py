@@ -103,3 +103,43 @@ def test_lpips_without_weights_fails_clearly(tmp_path):
 def test_unknown_loss_is_refused():
     with pytest.raises(ParamError, match="loss: got 'l3'; allowed values: 'l1', 'l2', 'pseudo_huber', 'lpips'"):
         make_loss("l3")
+
+
+def test_stage2_weighting_is_the_authors_formula_with_a_stand_in_perceptual_function():
+    """The authors: per-element |x_hat - y| [B,C,H,W], + batch-mean LPIPS added to every element, summed over all elements
+    and divided by B. Ours: mean_b sum_i |x_hat - y| + lambda mean_b LPIPS with lambda = C H W ("chw"). 1e-5 relative."""
+    from pipeline.distill.losses import perceptual_term, resolve_perceptual_weight, with_perceptual_term
+
+    g = torch.Generator().manual_seed(3)
+    x_hat, y = torch.randn(4, 3, 5, 6, generator=g), torch.randn(4, 3, 5, 6, generator=g)
+    w = torch.rand(3, 5, 6, generator=g)
+
+    def stand_in(a, b):  # any per-sample perceptual distance, averaged over the batch (no weights needed)
+        return ((a - b) ** 2 * w).flatten(1).sum(1).sqrt().mean()
+
+    authors = ((x_hat - y).abs() + stand_in(x_hat, y)).sum() / x_hat.shape[0]
+    lam = resolve_perceptual_weight("chw", tuple(x_hat.shape[1:]))
+    assert lam == 3 * 5 * 6
+    ours = with_perceptual_term(l1_loss, stand_in, lam)(x_hat, y)
+    assert float(ours) == pytest.approx(float(authors), rel=1e-5)
+    # the SFD loop's last step: loss_fn + perceptual_term, the same value
+    assert float(l1_loss(x_hat, y) + perceptual_term(stand_in, lam)(x_hat, y)) == pytest.approx(float(authors), rel=1e-5)
+    # a weight of 1 (the old default) is 90x smaller here, and the term is not the pixel sum
+    assert float(with_perceptual_term(l1_loss, stand_in, 1.0)(x_hat, y)) < float(authors)
+    assert resolve_perceptual_weight(2.5, (3, 32, 32)) == 2.5 and resolve_perceptual_weight("chw", (3, 32, 32)) == 3072
+    with pytest.raises(ParamError, match="lpips_weight"):
+        resolve_perceptual_weight("hw", (3, 32, 32))
+
+
+def test_lpips_size_and_average_pooling(fake_alexnet):
+    x, y = pair()
+    assert LPIPSLoss.prepare(x, 224).shape == (3, 3, 224, 224)
+    loss = LPIPSLoss(fake_alexnet, size=80, pooling="avg")
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in loss.model.net.modules())
+    assert any(isinstance(m, torch.nn.AvgPool2d) for m in loss.model.net.modules())
+    assert any(isinstance(m, torch.nn.MaxPool2d) for m in LPIPSLoss(fake_alexnet).model.net.modules())
+    assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-6) and float(loss(x, y)) > 0
+    with pytest.raises(ParamError, match="lpips_pooling"):
+        LPIPSLoss(fake_alexnet, pooling="min")
+    with pytest.raises(ParamError, match="lpips_size"):
+        LPIPSLoss(fake_alexnet, size=4)

@@ -230,7 +230,7 @@ def test_stage2_from_a_distilled_student(store, tmp_path):
     assert images == 32 * 5  # the stage-1 model's own N=7 AFS sampler: 5 NFE per trajectory
     result = run_distill_stage(p.distill_stage2, trajectories=p.trajectories_stage2, loss=p.loss, name="distill_stage2",
                                store=store, teacher_ckpt=stage1, out=tmp_path / "s2", state_dir=None, progress=False)  # fmt: skip
-    assert result["loss_used"].startswith("l1 (no lpips_weights given")
+    assert result["loss_used"] == result["stage2_loss"] == "l1 (no local LPIPS weights: lpips_weights is null, the last step keeps l1)"
     assert result["optimizer_steps"] == 2 and result["nfe"] == {"3": 1}
     student = load_student(tmp_path / "s2")
     assert student.sampler.nfe == 1

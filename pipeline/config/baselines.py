@@ -17,6 +17,7 @@ from pipeline.diffusion.schedules import Schedule, time_steps
 
 Weighting = Literal["truncated_snr", "snr_plus_one"]
 Init = Literal["random", "teacher"]
+Budget = Literal["sfd_stage1", "updates"]
 VanillaLoss = Literal["l1", "l2"]
 
 
@@ -71,9 +72,10 @@ class SFDDMParams(Section):
     student_steps: Annotated[list[PositiveInt], Field(min_length=1)] = field(
         default_factory=lambda: [2]
     )  # T' values, one student each (NFE = T')
-    init: Init = "random"  # the public code's random initialisation, or a copy of the teacher
+    init: Init = "teacher"  # a copy of the teacher, or `random` (the public code's random initialisation)
     feature_weight: NonNegativeFloat = 1.0  # w_h on mean|h_S - h_T|
-    updates: PositiveInt = 150  # per student
+    budget: Budget = "sfd_stage1"  # per student: SFD stage 1's forward equivalents on the same params, or `updates`
+    updates: PositiveInt = 150  # per student, with budget: updates
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 2e-4  # public code: Adam 2e-4, batch 50, ~10 epochs of CIFAR-10
     t_min: PositiveFloat = 0.006

@@ -12,6 +12,7 @@ from pipeline.config.validation import Section, section
 
 LOSSES = ("l1", "l2", "pseudo_huber", "lpips")  # the SFD distillation losses (top-level `loss` and per section)
 LPIPS_NETS = ("alex", "vgg")
+LPIPS_POOLINGS = ("max", "avg")
 LossName = Literal["l1", "l2", "pseudo_huber", "lpips"]
 assert LossName.__args__ == LOSSES  # type: ignore[attr-defined]
 
@@ -33,8 +34,10 @@ class DistillParams(Section):
     log_every_kimg: PositiveFloat = 0.5  # loss log (CSV) resolution
     lpips_weights: str | None = None  # local file of torchvision's backbone weights (alexnet-owt-7be5be79.pth)
     lpips_net: Literal["alex", "vgg"] = "alex"
+    lpips_size: Annotated[int, Field(ge=16)] | None = None  # bilinear resize of LPIPS inputs (authors: 224); None: >= 64 px
+    lpips_pooling: Literal["max", "avg"] = "max"  # avg: the backbone's max pooling swapped for average pooling (piq's)
     lpips_last_step: bool = False  # add LPIPS to the last step's loss when lpips_weights is given (stage 2)
-    lpips_weight: PositiveFloat = 1.0
+    lpips_weight: PositiveFloat | Literal["chw"] = 1.0  # per-sample weight of the batch-mean LPIPS vs the pixel-summed loss; chw = C*H*W (authors)
     guidance: PositiveFloat = 1.0  # default guidance scale written into the checkpoint's sampler
     student_network: Network | None = None  # architecture for a teacher without a network (gmm)
     seed: NonNegativeInt = 0  # new step-condition layers, reader shuffling, N draws

@@ -8,7 +8,29 @@ Every loss is per-sample over all pixels and averaged over the batch:
   weights read from a local file (nothing is downloaded; without the file it is an error, never
   random weights). Images are in [-1, 1], LPIPS's own range. LPIPS needs 3 channels and enough
   pixels for AlexNet/VGG's strided layers, so 1-channel images get their channel repeated 3
-  times and small images are upsampled bilinearly to at least ``LPIPS_MIN_SIZE`` pixels.
+  times and images are resized bilinearly: to ``size`` x ``size`` when a size is given (the SFD
+  authors: 224), else small images are upsampled to at least ``LPIPS_MIN_SIZE`` pixels.
+  ``pooling="avg"`` swaps the backbone's max-pooling layers for 2x2 average pooling.
+
+The stage-2 last-step term (sfd-method.md section 8, teachers.md): :func:`with_perceptual_term`
+adds ``weight`` x the batch-mean LPIPS to the per-sample loss, i.e. ``weight`` is a per-sample weight
+relative to the pixel-summed L1. The authors add the batch-mean LPIPS to every element of the
+per-element L1 |x_hat - y| [B, C, H, W] and then sum over all elements and divide by B:
+
+    sum_{b,c,h,w} (|x_hat - y|_{bchw} + mean_b LPIPS_b) / B = mean_b sum_i |x_hat - y|_{bi} + C H W mean_b LPIPS_b,
+
+so their effective weight is C H W (3,072 on CIFAR-10): ``lpips_weight: chw`` (or the number).
+
+The authors' LPIPS is piq's (``piq.LPIPS(replace_pooling=True)``): VGG16 features at relu1_2..relu5_3,
+unit-normalised along channels, with the LPIPS paper's learned linear weights (piq downloads
+them from its own release, ``lpips_weights.pt``), max pooling replaced by average pooling, inputs
+expected in [0, 1] and standardised with ImageNet mean/std. The ``lpips`` package used here
+(``lpips.LPIPS(net="vgg")``) has the same VGG16 layers and its own bundled linear weights (v0.1),
+keeps VGG's max pooling (its linear weights were fitted on max-pooled features), and takes inputs
+in [-1, 1] through its ScalingLayer (shift -0.030/-0.088/-0.188, scale 0.458/0.448/0.450, close to
+ImageNet standardisation of [0, 1] images). ``lpips_pooling: avg`` reproduces piq's pooling swap on
+the ``lpips`` network; the linear weights and the exact input affine remain the ``lpips``
+package's, so values are close to, not identical with, piq's.
 """
 
 from __future__ import annotations
@@ -22,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.config.distill import LOSSES, LPIPS_NETS
+from pipeline.config.distill import LOSSES, LPIPS_NETS, LPIPS_POOLINGS
 from pipeline.core.param_checks import ParamError, PipelineError, check_choice
 
 PSEUDO_HUBER_C = 0.00054  # c = 0.00054 sqrt(dim) (Song & Dhariwal 2023, as used by SFD)
@@ -110,9 +132,14 @@ def load_backbone_state(path: str | Path, net: str = "alex") -> dict[str, torch.
 class LPIPSLoss(nn.Module):
     """mean_b LPIPS(x_hat, y) with a frozen backbone from a local weights file (module docstring)."""
 
-    def __init__(self, weights: str | Path | None, net: str = "alex") -> None:
+    def __init__(self, weights: str | Path | None, net: str = "alex", *, size: int | None = None,
+                 pooling: str = "max") -> None:
         super().__init__()
         check_choice("lpips_net", net, LPIPS_NETS)
+        check_choice("lpips_pooling", pooling, LPIPS_POOLINGS)
+        if size is not None and (not isinstance(size, int) or size < 16):
+            raise ParamError(f"lpips_size: expected an integer >= 16 (pixels) or null, got {size!r}")
+        self.size = size
         if weights is None:
             raise LPIPSWeightsError(f"loss 'lpips': no backbone weights file given. {_lpips_weights_help(net)}")
         backbone = load_backbone_state(weights, net)
@@ -132,15 +159,21 @@ class LPIPSLoss(nn.Module):
             self.model.load_state_dict(backbone, strict=False)
         except RuntimeError as e:
             raise LPIPSWeightsError(f"LPIPS backbone weights file {weights} does not fit the {net} backbone: {e}") from None
+        if pooling == "avg":
+            replace_max_pooling(self.model.net)
         self.model.eval().requires_grad_(False)
 
     @staticmethod
-    def prepare(x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] in [-1, 1] -> 3 channels, at least LPIPS_MIN_SIZE pixels on the short side."""
+    def prepare(x: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """[B, C, H, W] in [-1, 1] -> 3 channels; bilinear to size x size, or (None) at least LPIPS_MIN_SIZE pixels."""
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         elif x.shape[1] != 3:
             raise ValueError(f"loss 'lpips': needs 1- or 3-channel images, got {x.shape[1]} channels")
+        if size is not None:
+            if tuple(x.shape[-2:]) != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            return x
         short = min(x.shape[-2:])
         if short < LPIPS_MIN_SIZE:
             scale = LPIPS_MIN_SIZE / short
@@ -151,11 +184,54 @@ class LPIPSLoss(nn.Module):
     def forward(self, x_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x_hat.shape != y.shape:
             raise ValueError(f"loss: student state {tuple(x_hat.shape)} and target {tuple(y.shape)} differ in shape")
-        a, b = self.prepare(x_hat.float()), self.prepare(y.float())
+        a, b = self.prepare(x_hat.float(), self.size), self.prepare(y.float(), self.size)
         return self.model(a, b).flatten().mean()
 
 
-def make_loss(name: str, *, lpips_weights: str | Path | None = None, lpips_net: str = "alex", device: torch.device | str = "cpu") -> Loss:
+def replace_max_pooling(module: nn.Module) -> nn.Module:
+    """Swap every MaxPool2d inside ``module`` for a 2x2 stride-2 AvgPool2d in place (piq's ``replace_pooling``)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.MaxPool2d):
+            setattr(module, name, nn.AvgPool2d(kernel_size=2, stride=2, padding=0))
+        else:
+            replace_max_pooling(child)
+    return module
+
+
+def resolve_perceptual_weight(weight: float | str, sample_shape: tuple[int, ...]) -> float:
+    """The per-sample weight of the batch-mean LPIPS: a number, or ``"chw"`` = C H W of one sample (the authors')."""
+    if weight == "chw":
+        return float(math.prod(sample_shape))
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        raise ParamError(f"lpips_weight: expected a positive number or 'chw', got {weight!r}")
+    return float(weight)
+
+
+def perceptual_term(perceptual: Loss, weight: float) -> Loss:
+    """weight x perceptual(x_hat, y): the term the SFD loop adds to the last step's loss (``last_step_extra``)."""
+
+    def term(x_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return weight * perceptual(x_hat, y)
+
+    return term
+
+
+def with_perceptual_term(loss_fn: Loss, perceptual: Loss, weight: float) -> Loss:
+    """d(x_hat, y) + weight x perceptual(x_hat, y): the per-sample loss (mean over the batch) plus ``weight`` times the
+    batch-mean perceptual distance (module docstring: ``weight`` = C H W with L1 is the authors' stage-2 loss); the SFD
+    loop's last step computes exactly this as ``loss_fn + perceptual_term(perceptual, weight)``."""
+    term = perceptual_term(perceptual, weight)
+
+    def loss(x_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(x_hat, y) + term(x_hat, y)
+
+    return loss
+
+
+def make_loss(
+    name: str, *, lpips_weights: str | Path | None = None, lpips_net: str = "alex", device: torch.device | str = "cpu",
+    lpips_size: int | None = None, lpips_pooling: str = "max",
+) -> Loss:
     """The loss d(x_hat, y) named by the ``loss`` param (l1 default, l2, pseudo_huber, lpips)."""
     check_choice("loss", name, LOSSES)
     if name == "l1":
@@ -164,7 +240,7 @@ def make_loss(name: str, *, lpips_weights: str | Path | None = None, lpips_net: 
         return l2_loss
     if name == "pseudo_huber":
         return pseudo_huber_loss
-    return LPIPSLoss(lpips_weights, lpips_net).to(device)
+    return LPIPSLoss(lpips_weights, lpips_net, size=lpips_size, pooling=lpips_pooling).to(device)
 
 
 def check_loss_name(name: str) -> str:

@@ -42,7 +42,7 @@ from pipeline.diffusion.denoisers import EDMPrecond
 from pipeline.core.hashing import hash_description, hash_state_dict
 from pipeline.config.distill import DistillParams
 from pipeline.config.trajectories import TrajectoryParams
-from pipeline.distill.losses import Loss, check_loss_name, make_loss
+from pipeline.distill.losses import Loss, check_loss_name, make_loss, perceptual_term, resolve_perceptual_weight
 from pipeline.core.param_checks import ParamError
 from pipeline.diffusion.schedules import Schedule
 from pipeline.diffusion.solvers import afs_epsilon
@@ -357,14 +357,18 @@ def run_distill_stage(
 
     last_step_extra = None
     lpips_used = loss_name == "lpips"
-    if p.lpips_last_step and p.lpips_weights is not None:
-        lpips = make_loss("lpips", lpips_weights=p.lpips_weights, lpips_net=p.lpips_net, device=device)
-        last_step_extra = lambda a, b: p.lpips_weight * lpips(a, b)  # noqa: E731
+    lpips_options = dict(lpips_weights=p.lpips_weights, lpips_net=p.lpips_net, lpips_size=p.lpips_size,
+                         lpips_pooling=p.lpips_pooling, device=device)
+    lpips_desc = f"lpips {p.lpips_net}, {p.lpips_size or 'at least 64'} px, {p.lpips_pooling} pooling"
+    loss_fn = make_loss(loss_name, **lpips_options)
+    loss_desc = loss_name
+    if p.lpips_last_step and p.lpips_weights is not None:  # stage 2: + lambda x batch-mean LPIPS (losses.py)
+        weight = resolve_perceptual_weight(p.lpips_weight, tuple(teacher.sample_shape))
+        last_step_extra = perceptual_term(make_loss("lpips", **lpips_options), weight)  # sfd_batch adds it to loss_fn
         lpips_used = True
-    loss_fn = make_loss(loss_name, lpips_weights=p.lpips_weights, lpips_net=p.lpips_net, device=device)
-    loss_desc = loss_name + (f" + {p.lpips_weight:g} x lpips on the last step" if last_step_extra is not None else "")
-    if p.lpips_last_step and p.lpips_weights is None:
-        loss_desc += " (no lpips_weights given: LPIPS left out of the last step)"
+        loss_desc += f" + {weight:g} x batch-mean {lpips_desc} on the last step"
+    elif p.lpips_last_step:
+        loss_desc += " (no local LPIPS weights: lpips_weights is null, the last step keeps " + loss_name + ")"
 
     identity = {
         "loss": loss_name,
@@ -410,6 +414,7 @@ def run_distill_stage(
         "loss": loss_name,
         "loss_used": loss_desc,
         "lpips": lpips_used,
+        **({"stage2_loss": loss_desc} if p.lpips_last_step else {}),
         "nfe": {str(s.num_steps): s.num_steps - 1 - int(p.afs) for s in schedules},
         **summary,
         "wall_seconds": round(cost.wall_seconds, 3),

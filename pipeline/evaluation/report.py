@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.evaluation.pd_sweep import baseline_sections
 from pipeline.core.cost import load_cost_records
 from pipeline.config.evaluation import ENTRY, ReportParams
 from pipeline.core.param_checks import ParamError
@@ -280,6 +281,7 @@ def build_report(
     ]
     if comparison:
         parts += ["## SFD vs the baselines: quality against distillation cost", "", comparison, ""]
+    parts += baseline_sections(evaluation)  # PD's compute to match SFD (bench/pd_sweep.json), SFDDM vs its control
     if loss_png is not None:
         parts += ["## Distillation loss per student step", "", f"![distillation loss]({loss_png.name})", ""]
     parts += ["## Samples (same seeds)", ""]

@@ -1,0 +1,70 @@
+"""PD budget sweep: progressive distillation's forward-pass equivalents to reach SFD's NFE-2 FID.
+
+    .venv/bin/python bench/pd_sweep.py [--params params.yaml] [--teacher models/teacher] [--data data/digits]
+        [--feature-net models/feature_net] [--sfd-eval metrics/eval.json] [--multipliers 1 4 16 64]
+        [--work .cache/pd_sweep] [--out bench/pd_sweep.json]
+
+Runs PD via the pipeline's functions (pipeline.evaluation.pd_sweep_run.run_pd_sweep) with the
+``baseline_pd`` params and ``updates_per_round`` x each multiplier, rounds down to NFE 2 (the 2 -> 1
+round is skipped), evaluates each NFE-2 student with the ``evaluate`` protocol and stops at the
+first multiplier whose FID reaches SFD's NFE-2 FID (read from ``--sfd-eval``, key ``sfd/nfe2``).
+Writes ``--out`` after every point (the report reads it) and prints the markdown table. Outside
+the default ``dvc repro``: x64 alone is ~30 CPU minutes on the embedded default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config.params import load_params  # noqa: E402
+from pipeline.evaluation.pd_sweep import MULTIPLIERS, pd_sweep_markdown  # noqa: E402
+from pipeline.evaluation.pd_sweep_run import run_pd_sweep  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--teacher", default="models/teacher")
+    ap.add_argument("--data", default="data/digits")
+    ap.add_argument("--feature-net", default="models/feature_net")
+    ap.add_argument("--sfd-eval", default="metrics/eval.json", help="evaluation JSON holding sfd/nfe2")
+    ap.add_argument("--sfd-fid", type=float, default=None, help="SFD's NFE-2 FID (instead of --sfd-eval)")
+    ap.add_argument("--multipliers", type=int, nargs="+", default=list(MULTIPLIERS))
+    ap.add_argument("--no-stop", action="store_true", help="run every multiplier even after PD reached SFD")
+    ap.add_argument("--work", default=".cache/pd_sweep")
+    ap.add_argument("--out", default="bench/pd_sweep.json")
+    args = ap.parse_args()
+
+    params = load_params(args.params)
+    params.apply_threads()
+    sfd_fid = args.sfd_fid if args.sfd_fid is not None else json.loads(Path(args.sfd_eval).read_text())["sfd/nfe2"]["fid"]
+    command = " ".join(["python", *sys.argv])
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load = os.getloadavg()[0]
+
+    def write(result: dict) -> None:
+        result.update({"command": command, "when": started, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                       "loadavg_1min_at_start": round(load, 2), "sfd_fid_source": args.sfd_eval if args.sfd_fid is None else "--sfd-fid"})
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        p = result["points"][-1]
+        print(f"x{p['multiplier']}: PD NFE-2 FID {p['fid_nfe2']:.4f} at {p['forward_equivalents']:.4g} FE "
+              f"({p['ratio_to_sfd']:.2f}x SFD), {p['train_seconds']:.0f} s train", flush=True)
+
+    result = run_pd_sweep(params, teacher_dir=args.teacher, data_dir=args.data, feature_net_dir=args.feature_net,
+                          sfd_fid=sfd_fid, work_dir=args.work, multipliers=args.multipliers,
+                          stop_when_reached=not args.no_stop, on_point=write)
+    write(result)
+    print(pd_sweep_markdown(json.loads(Path(args.out).read_text())))
+
+
+if __name__ == "__main__":
+    main()
