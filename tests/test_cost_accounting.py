@@ -166,3 +166,15 @@ def test_total_and_marginal_arithmetic():
     assert total is None and marginal.forward_equivalents == 300 and "no consumed_trajectories" in note
     del records["distill_stage2"]
     assert method_costs("sfd-stage2", 1, records)[:2] == (None, None)
+
+
+def test_headline_marks_a_difference_below_the_noise_floor():
+    from pipeline.evaluation.comparison import Cost, Row, headline
+
+    rows = [Row("sfd", 2, 0.376, Cost(100, 0, 0, 1.0), marginal=Cost(0, 0, 0, 0.5)), Row("pd", 2, 0.5, Cost(80, 0, 0, 1.0))]
+    head = headline(rows, floor=0.25)
+    assert head["significant"] is False and head["status"] == "not met (within noise)"
+    assert "not significantly different" in head["statement"] and "0 teacher forwards" in head["statement"]
+    head = headline(rows, floor=0.1)
+    assert head["significant"] is True and head["ratio_kind"] == "lower bound" and "significant." in head["statement"]
+    assert "significant" not in headline(rows)  # no floor: no claim

@@ -255,6 +255,7 @@ def test_ls_and_gc(reference_store, tmp_path):
     ls = subprocess.run([sys.executable, "-m", "pipeline.cli", "store", "ls", str(store)],
                         capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert ls.returncode == 0 and keep.key in ls.stdout and "N=4" in ls.stdout
+    assert f"cost {8 * 12} teacher forward images" in ls.stdout  # 8 seeds, 12 teacher forwards each
 
 
 def test_bad_inputs_write_nothing(tmp_path):

@@ -218,7 +218,20 @@ def headline(rows: Sequence[Row], *, nfe: int = 2, reference: str = "sfd", basel
         "ratio_kind": "upper bound" if reached else "lower bound",
     })
     sfd, pd = reference.upper(), baseline.upper()
-    if reached:
+    delta = abs(base.fid - ref.fid)
+    within = floor is not None and delta < floor
+    if floor is not None:
+        out.update({"noise_floor": floor, "fid_difference": delta, "significant": not within})
+    if within:
+        status = "met (within noise)" if ratio >= target_ratio else "not met (within noise)"
+        out["ratio_kind"] = "same quality within the noise floor"
+        statement = (
+            f"At NFE {nfe}, {sfd} (FID {ref.fid:.3f}, {ref_fe:.4g} forward-pass equivalents) and {pd} (FID {base.fid:.3f}, "
+            f"{base_fe:.4g}) are not significantly different: the FID difference {delta:.3g} is below the noise floor "
+            f"{floor:.3g}. Within what this protocol resolves, {pd} reached {sfd}'s quality with {ratio:.3g}x its "
+            f"compute ({wall_ratio:.3g}x its wall time). Target (>= {target_ratio:g}x): {status}."
+        )
+    elif reached:
         status = "met (upper bound)" if ratio >= target_ratio else "not met"
         statement = (
             f"At NFE {nfe}, {pd} reached FID {base.fid:.3f} (<= {sfd}'s {ref.fid:.3f}) after {base_fe:.4g} forward-pass "
@@ -235,17 +248,13 @@ def headline(rows: Sequence[Row], *, nfe: int = 2, reference: str = "sfd", basel
             + ("met." if status == "met" else f"not shown by this run (the lower bound is below {target_ratio:g}x; "
                                               f"a longer {pd} run would tell).")
         )
+    if floor is not None and not within:
+        statement += f" The FID difference ({delta:.3g}) exceeds the noise floor ({floor:.3g}): significant."
     if ref.marginal is not None:
         out["reference_marginal_forward_equivalents"] = ref.marginal.forward_equivalents
         statement += (f" Given the trajectory cache, re-running {sfd} (e.g. `dvc exp run -S loss=l2`) costs "
                       f"{ref.marginal.forward_equivalents:.4g} forward-pass equivalents "
                       f"({ref.marginal.teacher_forward_images} teacher forwards).")
-    if floor is not None:
-        delta = abs(base.fid - ref.fid)
-        out.update({"noise_floor": floor, "fid_difference": delta, "significant": delta >= floor})
-        if delta < floor:
-            statement += (f" The FID difference ({delta:.3g}) is below the noise floor ({floor:.3g}): not significant, "
-                          f"so the two reach the same quality within what this protocol can resolve.")
     return {**out, "status": status, "statement": statement}
 
 

@@ -94,7 +94,8 @@ def noise_floor_section(floor: dict[str, Any] | None) -> list[str]:
         ["teacher vs teacher (two independent sample sets, disjoint seeds)", floor["samples"], floor["teacher_vs_teacher_fid"]],
         [f"teacher ({floor['sampler']}) vs reference, evaluation seeds", floor["samples"], floor["teacher_fid"]],
         [f"teacher ({floor['sampler']}) vs reference, second seeds", floor["samples"], floor["teacher_fid_second_seeds"]],
-        [f"{floor['held_out_split']} data vs reference", floor["held_out_samples"], floor["held_out_fid"]],
+        [f"real images ({floor['held_out_split'].replace('_', '-')} split) vs reference", floor["held_out_samples"],
+         floor["held_out_fid"]],
     ]
     parts = [
         f"For this protocol ({floor['samples']} samples per sampler, {floor['features']} features), the FID between "
