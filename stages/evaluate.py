@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -22,13 +23,16 @@ def main(
     cost_out: Path = typer.Option(..., "--cost", help="cost record"),
     student: list[str] = typer.Option([], help="distilled checkpoint NAME=CKPT_DIR (repeatable)"),
     solvers: bool = typer.Option(True, help="also evaluate the teacher's reference sampler and the training-free solvers"),
+    noise_floor: Optional[Path] = typer.Option(
+        None, help="write the protocol's FID noise floor here (teacher vs teacher on evaluate.noise_floor_seeds, held-out FID)"
+    ),
 ) -> None:
     p = stage_params(params).evaluate
     cost = CostMeter(cost_out.stem, resolve_device(p.device))
     results = run_evaluation(
         p, teacher_dir=teacher, data_dir=data, feature_net_dir=feature_net,
         students=parse_student_args(student), grids_dir=grids, cost=cost,
-        reference_and_solvers=solvers,
+        reference_and_solvers=solvers, noise_floor_out=noise_floor,
     )  # fmt: skip
     write_results(out, results)
     cost.write(cost_out)

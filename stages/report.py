@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from pipeline.evaluation.comparison import comparison_markdown
+from pipeline.core.param_checks import ParamError
+from pipeline.evaluation.comparison import build_comparison
 from pipeline.evaluation.report import build_report, merge_evaluations, parse_named_paths
 from stages.common import run, stage_params
 
@@ -21,15 +24,25 @@ def main(
     loss_log: list[str] = typer.Option(
         [], help="NAME=DIR: a distill stage's DVCLive directory (its --live), plotted per step index (repeatable)"
     ),
+    noise_floor: Optional[Path] = typer.Option(None, help="the evaluate_solvers stage's FID noise floor JSON"),
+    comparison_json: Optional[Path] = typer.Option(None, help="write the method comparison (FID, total/marginal cost) here"),
 ) -> None:
     p = stage_params(params).report
     evaluations = merge_evaluations(evaluation)
     logs = parse_named_paths(loss_log, "--loss-log")
+    floor = None
+    if noise_floor is not None:
+        if not noise_floor.is_file():
+            raise ParamError(f"--noise-floor {noise_floor}: does not exist (run the evaluate_solvers stage first)")
+        floor = json.loads(noise_floor.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    comparison = comparison_markdown(evaluations, cost_dir, plot_path=out / "comparison.png")
+    data, comparison = build_comparison(evaluations, cost_dir, plot_path=out / "comparison.png", noise_floor=floor)
+    if comparison_json is not None:
+        comparison_json.parent.mkdir(parents=True, exist_ok=True)
+        comparison_json.write_text(json.dumps(data, indent=2) + "\n")
     report = build_report(
         evaluation=evaluations, cost_dir=cost_dir, grids_dirs=grids, out_dir=out,
-        loss_logs=logs, params=p, merged_cost_path=merged_cost, comparison=comparison,
+        loss_logs=logs, params=p, merged_cost_path=merged_cost, comparison=comparison, noise_floor=floor,
     )  # fmt: skip
     typer.echo(f"report: {report}")
 

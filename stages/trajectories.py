@@ -39,8 +39,9 @@ def main(
         loaded.section(section, TrajectoryParams), out, name=section, device=loaded.device, teacher_ckpt=teacher_ckpt,
         seeds=seeds, shard=parse_shard(shard), progress=progress,
     )  # fmt: skip
-    meter.add_teacher_forward(teacher_images)
+    meter.add_teacher_forward(teacher_images)  # what this run spent (0 when every chunk was committed)
     meter.extra["trajectories_generated"] = result["trajectories_generated"]
+    meter.extra["stored"] = result["stored_cost"]  # what the stored trajectories cost, from the commit records
     meter.write(cost)
     write_json(summary, result)
     for k in result["keys"]:

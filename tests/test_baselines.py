@@ -461,19 +461,24 @@ def test_comparison_counts_every_method_the_same_way(tmp_path):
               "1": {"teacher_forward_images": 3000, "student_forward_images": 1500, "student_backward_images": 1500,
                     "wall_seconds": 15.0}}
     _write_costs(tmp_path / "cost", {
-        "trajectories": {"teacher_forward_images": 30, "wall_seconds": 0.5},
-        "distill": {"student_forward_images": 5, "student_backward_images": 5, "wall_seconds": 0.5},
+        "trajectories": {"teacher_forward_images": 0, "wall_seconds": 0.1},  # a re-run that found every chunk committed
+        "distill": {"student_forward_images": 5, "student_backward_images": 5, "wall_seconds": 0.5,
+                    "consumed_trajectories": {"trajectories": 3, "teacher_forward_images": 30, "wall_seconds": 0.5,
+                                              "unknown_trajectories": 0}},
         "baseline_pd": {"teacher_forward_images": 3000, "student_forward_images": 1500, "student_backward_images": 1500,
                         "wall_seconds": 15.0, "cumulative_by_nfe": pd_cum},
         "baseline_sfddm": {"teacher_forward_images": 10, "student_forward_images": 10, "student_backward_images": 10},
     })
     data, md = build_comparison(evaluation, tmp_path / "cost", plot_path=tmp_path / "cmp.png")
-    rows = {(r["method"], r["nfe"]): r for r in data["rows"]}
-    assert set(rows) == {("sfd", 2), ("pd", 2), ("pd", 1), ("sfddm", 2), ("sfddm_control", 2)}
-    assert rows[("sfd", 2)]["cost"]["forward_equivalents"] == 30 + 5 + 2 * 5
-    assert rows[("pd", 2)]["cost"]["forward_equivalents"] == 2000 + 1000 + 2 * 1000  # rounds up to NFE 2 only
-    assert rows[("pd", 1)]["cost"]["forward_equivalents"] == 3000 + 1500 + 2 * 1500
-    assert rows[("sfddm_control", 2)]["cost"]["forward_equivalents"] == 0
+    rows = data["entries"]
+    assert set(rows) == {"sfd/nfe2", "pd/nfe2", "pd/nfe1", "sfddm/nfe2", "sfddm_control/nfe2"}
+    assert rows["sfd/nfe2"]["forward_equivalents"] == 30 + 5 + 2 * 5  # its trajectories' teacher cost + training
+    assert rows["sfd/nfe2"]["teacher_forward_images"] == 30
+    assert rows["sfd/nfe2"]["marginal"]["forward_equivalents"] == 5 + 2 * 5  # given the cache: training only
+    assert rows["pd/nfe2"]["forward_equivalents"] == 2000 + 1000 + 2 * 1000  # rounds up to NFE 2 only
+    assert rows["pd/nfe1"]["forward_equivalents"] == 3000 + 1500 + 2 * 1500
+    assert "marginal" not in rows["pd/nfe2"]  # no cache: marginal = total
+    assert rows["sfddm_control/nfe2"]["forward_equivalents"] == 0
     head = data["headline"]
     assert head["ratio"] == pytest.approx(5000 / 45) and head["ratio_kind"] == "lower bound"
     assert head["status"] == "met" and "5000" in head["statement"].replace(",", "")

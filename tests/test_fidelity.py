@@ -94,19 +94,42 @@ def test_evaluation_stage_on_a_tiny_teacher(digits, tmp_path):
     save_checkpoint(tmp_path / "sv", sfdv.state_dict(),
                     {**base, "network": {**cfg, "step_condition": True}, "sampler": {**student_sampler, "step_condition": [4, 5]}})
     params = EvalParams.from_dict({"seeds": "1000000-1000031", "grid_seeds": 16, "nfes": [2, 3], "solvers": ["euler", "dpmpp3m"],
-                                   "cache_dir": str(tmp_path / "cache"), "device": "cpu", "kid_subsets": 10})
+                                   "cache_dir": str(tmp_path / "cache"), "device": "cpu", "kid_subsets": 10,
+                                   "noise_floor_seeds": "2000000-2000031", "bootstrap": 20})
     results = run_evaluation(params, teacher_dir=tmp_path / "teacher", data_dir=root / "digits", feature_net_dir=root / "feature_net",
                              students=parse_student_args([f"sfd={tmp_path / 's1'}", f"sfdv={tmp_path / 'sv'}"]),
-                             grids_dir=tmp_path / "grids")
+                             grids_dir=tmp_path / "grids", noise_floor_out=tmp_path / "floor.json")
     assert sorted(results) == sorted(["teacher/nfe35", "euler/nfe2", "euler/nfe3", "dpmpp3m/nfe2", "dpmpp3m/nfe3",
                                       "sfd/nfe2", "sfdv/nfe2", "sfdv/nfe3"])
     for key, m in results.items():
-        assert set(m) == {"fid", "kid", "precision", "recall", "label_accuracy"}
-        assert m["fid"] >= 0 and 0 <= m["label_accuracy"] <= 1 and 0 <= m["precision"] <= 1
+        assert set(m) == {"fid", "fid_sd", "kid", "precision", "recall", "label_accuracy"}
+        assert m["fid"] >= 0 and 0 <= m["label_accuracy"] <= 1 and 0 <= m["precision"] <= 1 and m["fid_sd"] > 0
         assert (tmp_path / "grids" / f"{key.replace('/', '_')}.png").is_file()
     # the step-conditioned student starts equal to the teacher, so N=4 gives the same samples as s1
     assert results["sfdv/nfe2"]["fid"] == pytest.approx(results["sfd/nfe2"]["fid"], rel=1e-6)
     json.dumps(results)
+    # the noise floor: the same teacher sampler on the second seed range (32 samples, as evaluated)
+    floor = json.loads((tmp_path / "floor.json").read_text())
+    assert floor["samples"] == 32 and floor["sampler"] == "teacher/nfe35"
+    assert floor["teacher_fid"] == pytest.approx(results["teacher/nfe35"]["fid"], rel=1e-9)
+    assert floor["floor"] == floor["teacher_vs_teacher_fid"] > 0
+    assert floor["teacher_fid_seed_difference"] == pytest.approx(abs(floor["teacher_fid"] - floor["teacher_fid_second_seeds"]))
+    held, _ = load_split(root / "digits", "held_out")
+    assert floor["held_out_samples"] == len(held) and floor["held_out_fid"] >= 0
+
+
+def test_fast_fid_of_the_bootstrap_matches_torch_fidelity():
+    from pipeline.evaluation.fidelity import ReferenceStats, _reference_fid, bootstrap_fid, fid_between
+
+    g = torch.randn(400, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    r = 1.3 * torch.randn(500, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.2
+    assert _reference_fid(r)(g.numpy()) == pytest.approx(fid_between(g, r), rel=1e-6)
+    stats = ReferenceStats(r.mean(0), torch.cov(r.T), "test")
+    assert _reference_fid(stats)(g.numpy()) == pytest.approx(fid_between(g, stats), rel=1e-6)
+    boot = bootstrap_fid(g, r, resamples=30)
+    # resampling repeats points: the mean sits above the FID; the spread is of the FID's own scale
+    assert boot["fid_boot_mean"] > fid_between(g, r) and 0 < boot["fid_sd"] < fid_between(g, r)
+    assert bootstrap_fid(g, r, resamples=30) == boot  # seeded
 
 
 def test_eval_params_and_student_args():

@@ -46,7 +46,7 @@ def tiny_params() -> dict:
     p["evaluate"].update(
         seeds="1000000-1000099", grid_seeds=16, batch_size=100, solvers=["euler", "dpmpp3m"], nfes=[2],
         reference={"solver": "heun", "num_steps": 4, "t_min": 0.002, "t_max": 80.0, "rho": 7.0, "append_zero": True},
-        kid_subsets=5, kid_subset_size=50,
+        kid_subsets=5, kid_subset_size=50, noise_floor_seeds="2000000-2000099", bootstrap=10,
     )  # fmt: skip
     p["report"]["panels"] = ["teacher/nfe7", "dpmpp3m/nfe2", "sfd/nfe2", "sfd-stage2/nfe1"]
     return p
@@ -124,6 +124,26 @@ def test_repro_then_loss_experiment_reruns_only_what_the_loss_touches(repo):
     assert stages_run(back) == set(), back
     assert "Stage 'distill' is cached - skipping run" in back
     assert json.loads((repo / "metrics" / "distill.json").read_text())["loss"] == "l1"
+
+
+def test_rerunning_the_trajectory_stage_keeps_the_sfd_cost(repo):
+    """`dvc repro -f -s trajectories` on a complete store spends 0 teacher forwards; SFD's cost stands."""
+    def comparison() -> dict:
+        return json.loads((repo / "metrics" / "comparison.json").read_text())
+
+    before = comparison()
+    sfd = before["entries"]["sfd/nfe2"]
+    assert sfd["teacher_forward_images"] == 192 * 12  # its 192 trajectories, 12 teacher forwards each
+    assert sfd["marginal"]["teacher_forward_images"] == 0  # given the cache
+    assert before["noise_floor"]["floor"] > 0 and before["noise_floor"]["samples"] == 100
+    out = run(["dvc", "repro", "-f", "-s", "trajectories"], repo)
+    assert stages_run(out) == {"trajectories"}
+    cost = json.loads((repo / "metrics" / "cost" / "trajectories.json").read_text())
+    assert cost["teacher_forward_images"] == 0 and cost["stored"]["teacher_forward_images"] == 192 * 12
+    out = run(["dvc", "repro"], repo)
+    assert stages_run(out) == {"report"}  # the store did not change: nothing distils again
+    assert comparison()["entries"]["sfd/nfe2"] == sfd
+    assert comparison()["headline"]["reference_forward_equivalents"] == before["headline"]["reference_forward_equivalents"]
 
 
 def test_a_larger_seed_range_generates_only_the_new_chunks(repo):

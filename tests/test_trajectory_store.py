@@ -152,10 +152,21 @@ def test_resume_after_kill_between_write_and_commit(reference_store, tmp_path):
     records = sorted(p.name for p in (store / spec.key / "commits").glob("[0-9]*.json"))
     assert records == ["0.json", "1.json", "2.json", "3.json"]  # no duplicate, no loss
     assert arrays_bytes(store, spec.key) == arrays_bytes(path, spec.key)
+    timing = ("wall_seconds", "write_seconds")
     for c in range(4):
         a = json.loads((store / spec.key / "commits" / f"{c}.json").read_text())
         b = json.loads((path / spec.key / "commits" / f"{c}.json").read_text())
+        for r in (a, b):  # wall times differ between runs; everything else is identical
+            assert all(r["cost"][k] >= 0 for k in timing)
+            r["cost"] = {k: v for k, v in r["cost"].items() if k not in timing}
         assert a == b
+    # cost records survive the kill: every chunk is counted once, whichever run committed it.
+    # DPM-Solver++(3M) over the M=3 fine grid of N=4: 12 teacher forwards per trajectory.
+    assert stats["teacher_forward_images"] == 2 * CHUNK * 12  # the resumed run paid for chunks 2 and 3 only
+    cost = key.stored_cost()
+    assert (cost["trajectories"], cost["teacher_forward_images"], cost["unknown_trajectories"]) == (32, 32 * 12, 0)
+    assert cost == {**key.stored_cost(range(32)), "wall_seconds": cost["wall_seconds"]}
+    assert stats["stored_cost"]["teacher_forward_images"] == 32 * 12
 
 
 def test_two_processes_fill_one_key(reference_store, tmp_path):
@@ -244,6 +255,7 @@ def test_ls_and_gc(reference_store, tmp_path):
     ls = subprocess.run([sys.executable, "-m", "pipeline.cli", "store", "ls", str(store)],
                         capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert ls.returncode == 0 and keep.key in ls.stdout and "N=4" in ls.stdout
+    assert f"cost {8 * 12} teacher forward images" in ls.stdout  # 8 seeds, 12 teacher forwards each
 
 
 def test_bad_inputs_write_nothing(tmp_path):

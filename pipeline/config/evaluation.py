@@ -50,6 +50,11 @@ class ReferenceDict(TypedDict, total=False):
 @section("evaluate")
 class EvalParams(Section):
     seeds: Seeds = "1000000-1001999"  # evaluation seeds; disjoint from every trajectories section's seeds
+    # the noise floor's second teacher sample set: as many seeds as `seeds`, disjoint from them and from
+    # every trajectories section's seeds; "auto": that many from the first multiple of 1,000,000 above
+    # every evaluation and trajectory seed (resolved by pipeline.config.params); null: no noise floor
+    noise_floor_seeds: Seeds | Literal["auto"] | None = "auto"
+    bootstrap: NonNegativeInt = 100  # bootstrap resamples of each entry's features for its FID's sd (0: off)
     grid_seeds: NonNegativeInt = 64  # the first this-many evaluation seeds go into each grid PNG
     batch_size: PositiveInt = 1000
     solvers: list[EvalSolverName] = field(default_factory=lambda: ["euler", "ipndm", "dpmpp3m"])
@@ -71,6 +76,17 @@ class EvalParams(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "EvalParams":
+        if self.noise_floor_seeds not in (None, "auto"):
+            from pipeline.diffusion.seeds import parse_seeds
+
+            floor, seeds = parse_seeds(self.noise_floor_seeds), parse_seeds(self.seeds)
+            if len(floor) != len(seeds):
+                raise ValueError(f".noise_floor_seeds: {len(floor)} seeds, evaluate.seeds has {len(seeds)}; the noise floor "
+                                 "compares two sample sets of the same size")
+            common = set(floor).intersection(seeds)
+            if common:
+                raise ValueError(f".noise_floor_seeds: overlaps evaluate.seeds ({len(common)} seed(s) in common, e.g. "
+                                 f"{min(common)}); the two teacher sample sets must be independent")
         try:
             check_schedule(dict(self.schedule), 4)
         except ValueError as e:

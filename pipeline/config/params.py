@@ -4,7 +4,8 @@ Each section is a typed pydantic dataclass (pipeline/config/{data,teacher,trajec
 evaluation}.py); a bad value is refused in one line that names the full key path and the allowed values.
 Sections that have their own ``seed``, ``device`` or ``threads`` field inherit the shared top-level value
 unless they set one. Cross-section rules run here too: every distill section names an existing
-trajectories section, and the evaluation seeds are disjoint from every trajectories section's seeds.
+trajectories section, and the evaluation seeds (and the noise floor's second seed range) are disjoint from
+every trajectories section's seeds.
 docs/params.md documents every key.
 """
 
@@ -22,7 +23,7 @@ from pipeline.config.evaluation import EvalParams, FeatureNetParams, ReportParam
 from pipeline.config.fields import Device, NonNegativeInt
 from pipeline.config.teacher import TeacherParams
 from pipeline.config.trajectories import TrajectoryParams
-from pipeline.config.validation import Section, section, validate_section
+from pipeline.config.validation import Section, fix, section, validate_section
 from pipeline.core.param_checks import ParamError
 from pipeline.diffusion.seeds import parse_seeds
 
@@ -124,6 +125,17 @@ def _with_shared(section: dict[str, Any], cls: type, raw: dict[str, Any]) -> dic
     return out
 
 
+def auto_noise_floor_seeds(evaluation_seeds: Any, training_seeds: list[Any]) -> str:
+    """``evaluate.noise_floor_seeds: auto``: as many seeds as the evaluation's, from the first multiple of
+    1,000,000 above every evaluation and trajectory seed (so disjoint from all of them)."""
+    from pipeline.diffusion.seeds import format_seeds
+
+    count = len(parse_seeds(evaluation_seeds))
+    top = max(max(parse_seeds(s)) for s in [evaluation_seeds, *training_seeds])
+    start = (top // 1_000_000 + 1) * 1_000_000
+    return format_seeds(range(start, start + count))
+
+
 def check_cross_sections(sections: dict[str, Any]) -> None:
     """Rules between sections: distill -> an existing trajectories section; evaluation seeds never trained on."""
     for name in DISTILL_SECTIONS:
@@ -132,14 +144,20 @@ def check_cross_sections(sections: dict[str, Any]) -> None:
             raise ParamError(
                 f"{name}.trajectories: got {ref!r}; allowed values: {', '.join(map(repr, TRAJECTORY_SECTIONS))}"
             )
-    evaluation = set(parse_seeds(sections["evaluate"].seeds))
-    for name in TRAJECTORY_SECTIONS:
-        common = evaluation.intersection(parse_seeds(sections[name].seeds))
-        if common:
-            raise ParamError(
-                f"evaluate.seeds: {sections['evaluate'].seeds!r} overlaps {name}.seeds {sections[name].seeds!r} "
-                f"({len(common)} seed(s) in common, e.g. {min(common)}); evaluation seeds must never be trained on"
-            )
+    ev = sections["evaluate"]
+    if ev.noise_floor_seeds == "auto":
+        fix(ev, noise_floor_seeds=auto_noise_floor_seeds(ev.seeds, [sections[n].seeds for n in TRAJECTORY_SECTIONS]))
+    for key in ("seeds", "noise_floor_seeds"):
+        if getattr(ev, key) is None:
+            continue
+        evaluation = set(parse_seeds(getattr(ev, key)))
+        for name in TRAJECTORY_SECTIONS:
+            common = evaluation.intersection(parse_seeds(sections[name].seeds))
+            if common:
+                raise ParamError(
+                    f"evaluate.{key}: {getattr(ev, key)!r} overlaps {name}.seeds {sections[name].seeds!r} "
+                    f"({len(common)} seed(s) in common, e.g. {min(common)}); evaluation seeds must never be trained on"
+                )
 
 
 def parse_params(raw: dict[str, Any]) -> Params:

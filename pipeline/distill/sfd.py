@@ -248,6 +248,33 @@ def distill(
     }
 
 
+def consumed_trajectory_cost(sources: Sequence[TrajectorySource], rows_per_key: dict[str, int]) -> dict[str, Any]:
+    """The teacher cost of the cached trajectories a run consumed, from the store's commit records.
+
+    Each stored trajectory counts once however many epochs read it: a key read for ``rows`` rows over
+    a cache of ``cache_size`` seeds consumed min(rows, cache_size) distinct trajectories (each epoch is
+    a permutation of the cache). A partial first epoch is charged the mean per-trajectory cost of the
+    key's seeds (exact for teacher forwards, which every trajectory of a key spends equally).
+    ``unknown_trajectories`` counts consumed trajectories whose chunk has no cost record."""
+    from pipeline.trajectories.store import sum_stored_costs
+
+    keys = {}
+    for s in sources:
+        rows = int(rows_per_key.get(s.key, 0))
+        distinct = min(rows, s.cache_size)
+        stored = s.dataset.open().stored_cost(s.dataset.seeds)
+        frac = distinct / stored["trajectories"] if stored["trajectories"] else 0.0
+        keys[s.key] = {
+            **stored,
+            "rows_read": rows,
+            "trajectories": distinct,
+            "teacher_forward_images": int(round(stored["teacher_forward_images"] * frac)),
+            "wall_seconds": round(stored["wall_seconds"] * frac, 3),
+            "unknown_trajectories": int(round(stored["unknown_trajectories"] * frac)),
+        }
+    return {**sum_stored_costs(list(keys.values())), "keys": keys}
+
+
 def resolve_loss_name(params: DistillParams, top_level: Any) -> str:
     """The section's ``loss`` or else the top-level ``loss`` param (l1 when absent)."""
     name = params.loss if params.loss is not None else (top_level if top_level is not None else "l1")
@@ -427,9 +454,12 @@ def run_distill_stage(
     if live is not None:
         live.log_final({k: result[k] for k in ("final_loss", "kimg", "optimizer_steps", "epochs_over_cache_max")})
         live.flush()
+    consumed = consumed_trajectory_cost(sources, summary["rows_per_key"])
     cost.extra.update({"trajectories_seen": summary["batches"] * p.batch_size, "optimizer_steps": summary["optimizer_steps"],
                        "epochs_over_cache": summary["epochs_over_cache_max"],
-                       "note": "teacher forward passes are the trajectories stage's (metrics/cost/<trajectories section>.json)"})
+                       "consumed_trajectories": consumed,
+                       "note": "the counts above are this stage's own passes; consumed_trajectories is the teacher cost "
+                               "of the stored trajectories it read (from the store's commit records, each once)"})
     if cost_path is not None:
         cost.write(cost_path)
     return result

@@ -4,14 +4,24 @@ Cost is counted the same way for every method, in forward-pass equivalents:
     teacher forward images + student forward images + 2 x student backward images
 (a backward pass costs about two forwards; every network here has the teacher's architecture),
 plus wall time. The counts come from ``metrics/cost/<stage>.json`` (pipeline.core.cost.CostMeter):
-- SFD: the teacher trajectories it distils from plus its distillation stage;
+- SFD: the teacher cost of the cached trajectories it consumed (the distill stage's
+  ``consumed_trajectories``: rows read x per-trajectory cost from the store's commit records, each
+  stored trajectory once however many epochs read it, whichever run generated it) plus its own
+  training passes; stage 2 adds SFD-v's total (its teacher) and the SFD-v forwards of its own
+  trajectories;
 - progressive distillation: every round up to the one that produced the NFE-k student (the
   stage records its cumulative spending after each round);
 - SFDDM: its teacher forwards and student passes; its control row (the teacher with the same
   T' Euler steps) is training-free;
 - vanilla trajectory distillation: its teacher sub-step solves and student passes.
-The headline compares SFD's cost to reach its FID at NFE 2 with progressive distillation's cost
-to reach at most that FID at NFE 2, as a ratio, stating plainly when this run cannot show it.
+Two numbers per method: the **total** cost, and the **marginal** cost of re-running it given the
+cache (the teacher's persistent trajectory stores filled): what `dvc exp run -S loss=l2` spends.
+For SFD that is its training alone (0 teacher forwards); stage 2 still pays for its trajectories,
+whose teacher (the SFD-v model) is retrained; the baselines have no cache, so marginal = total.
+The headline compares SFD's total cost to reach its FID at NFE 2 with progressive distillation's cost
+to reach at most that FID at NFE 2, as a ratio, stating plainly when this run cannot show it; FID
+differences smaller than the evaluation's noise floor (pipeline.evaluation.evaluate.noise_floor) are
+marked not significant.
 """
 
 from __future__ import annotations
@@ -28,17 +38,35 @@ from pipeline.config.evaluation import ENTRY
 from pipeline.evaluation.report import markdown_table
 
 COUNT_KEYS = ("teacher_forward_images", "student_forward_images", "student_backward_images")
-# method (evaluation sampler name) -> the cost stages it spent in
-DEFAULT_METHOD_STAGES: dict[str, tuple[str, ...]] = {
-    "sfd": ("trajectories", "distill"),
-    "sfd-v": ("trajectories_v", "distill_v"),
-    "sfd-stage2": ("trajectories_v", "distill_v", "trajectories_stage2", "distill_stage2"),
-    "pd": ("baseline_pd",),
-    "sfddm": ("baseline_sfddm",),
-    "vanilla": ("baseline_vanilla",),
-}
 TRAINING_FREE = ("sfddm_control",)
 TARGET_RATIO = 100.0
+
+
+@dataclass(frozen=True)
+class CostPlan:
+    """Which cost records make up a method's cost (names of ``metrics/cost/<stage>.json``)."""
+
+    training: tuple[str, ...]  # stages whose own passes count (PD: its rounds up to the NFE)
+    cached: tuple[str, ...] = ()  # distill stages reading the teacher's persistent stores: their trajectories count in the total only
+    regenerated: tuple[str, ...] = ()  # distill stages whose trajectories are regenerated when the method re-runs (a distilled teacher's)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((*self.training, *self.cached, *self.regenerated)))
+
+
+# method (evaluation sampler name) -> how its cost is assembled
+DEFAULT_PLANS: dict[str, CostPlan] = {
+    "sfd": CostPlan(training=("distill",), cached=("distill",)),
+    "sfd-v": CostPlan(training=("distill_v",), cached=("distill_v",)),
+    # stage 2's teacher is the SFD-v model: its total includes SFD-v's; its own trajectories are
+    # SFD-v forwards, regenerated whenever SFD-v is retrained
+    "sfd-stage2": CostPlan(training=("distill_v", "distill_stage2"), cached=("distill_v",), regenerated=("distill_stage2",)),
+    "pd": CostPlan(training=("baseline_pd",)),
+    "sfddm": CostPlan(training=("baseline_sfddm",)),
+    "vanilla": CostPlan(training=("baseline_vanilla",)),
+}
+DEFAULT_METHOD_STAGES: dict[str, tuple[str, ...]] = {m: p.stages for m, p in DEFAULT_PLANS.items()}
 
 
 @dataclass(frozen=True)
@@ -68,66 +96,108 @@ class Row:
     method: str
     nfe: int
     fid: float | None
-    cost: Cost | None  # None: a cost record is missing; Cost() for training-free rows
+    cost: Cost | None  # total; None: unknown (a record or a chunk cost is missing, see note); Cost() for training-free rows
     note: str = ""
+    marginal: Cost | None = None  # given the cache; None: unknown (or not computed)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "nfe": self.nfe, "fid": self.fid,
-                "cost": None if self.cost is None else self.cost.to_dict(), "note": self.note}
+                "cost": None if self.cost is None else self.cost.to_dict(),
+                "marginal": None if self.marginal is None else self.marginal.to_dict(), "note": self.note}
+
+
+def consumed_cost(record: Mapping[str, Any], stage: str) -> tuple[Cost | None, str]:
+    """The teacher cost of the trajectories a distill stage consumed (its record's ``consumed_trajectories``)."""
+    consumed = record.get("consumed_trajectories")
+    if not isinstance(consumed, Mapping):
+        return None, f"{stage}: its cost record has no consumed_trajectories (written before cost travelled with the data; re-run it)"
+    unknown = int(consumed.get("unknown_trajectories", 0))
+    if unknown:
+        return None, (f"{stage}: {unknown} of {consumed.get('trajectories')} consumed trajectories come from chunks "
+                      "committed without a cost record (an older store): their teacher cost is unknown")
+    return Cost(teacher_forward_images=int(consumed.get("teacher_forward_images", 0)),
+                wall_seconds=float(consumed.get("wall_seconds", 0.0))), ""
+
+
+def _own_cost(record: Mapping[str, Any], stage: str, nfe: int) -> tuple[Cost, str]:
+    by_nfe = record.get("cumulative_by_nfe")
+    if by_nfe and str(nfe) in by_nfe:
+        return Cost.from_record(by_nfe[str(nfe)]), f"{stage}: rounds up to NFE {nfe}"
+    return Cost.from_record(record), ""
+
+
+def method_costs(method: str, nfe: int, records: Mapping[str, Mapping[str, Any]],
+                 plans: Mapping[str, CostPlan] = DEFAULT_PLANS) -> tuple[Cost | None, Cost | None, str]:
+    """(total, marginal given the cache, note) of ``method``'s NFE-``nfe`` sampler; None where unknown."""
+    if method in TRAINING_FREE:
+        return Cost(), Cost(), "training-free"
+    plan = plans.get(method)
+    if plan is None:
+        return None, None, "no cost stages known"
+    missing = [s for s in plan.stages if s not in records]
+    if missing:
+        return None, None, f"missing cost record(s): {', '.join(missing)}"
+    own, notes = Cost(), []
+    for stage in plan.training:
+        c, note = _own_cost(records[stage], stage, nfe)
+        own = own + c
+        notes += [note] if note else []
+    total: Cost | None = own
+    marginal: Cost | None = own
+    for stage in (*plan.cached, *plan.regenerated):
+        c, note = consumed_cost(records[stage], stage)
+        notes += [note] if note else []
+        total = None if total is None or c is None else total + c
+        if stage in plan.regenerated:
+            marginal = None if marginal is None or c is None else marginal + c
+    return total, marginal, "; ".join(notes)
 
 
 def method_cost(method: str, nfe: int, records: Mapping[str, Mapping[str, Any]],
-                method_stages: Mapping[str, Sequence[str]]) -> tuple[Cost | None, str]:
-    """What ``method`` spent to have its NFE-``nfe`` sampler, and a note (e.g. which stage is missing)."""
-    if method in TRAINING_FREE:
-        return Cost(), "training-free"
-    stages = method_stages.get(method)
-    if stages is None:
-        return None, "no cost stages known"
-    missing = [s for s in stages if s not in records]
-    if missing:
-        return None, f"missing cost record(s): {', '.join(missing)}"
-    total = Cost()
-    notes = []
-    for stage in stages:
-        record = records[stage]
-        by_nfe = record.get("cumulative_by_nfe")
-        if by_nfe and str(nfe) in by_nfe:
-            total = total + Cost.from_record(by_nfe[str(nfe)])
-            notes.append(f"{stage}: rounds up to NFE {nfe}")
-        else:
-            total = total + Cost.from_record(record)
-    return total, "; ".join(notes)
+                plans: Mapping[str, CostPlan] = DEFAULT_PLANS) -> tuple[Cost | None, str]:
+    """(total cost, note) of ``method``'s NFE-``nfe`` sampler (see :func:`method_costs`)."""
+    total, _, note = method_costs(method, nfe, records, plans)
+    return total, note
 
 
 def comparison_rows(
     evaluation: Mapping[str, Mapping[str, Any]],
     records: Mapping[str, Mapping[str, Any]],
     *,
-    method_stages: Mapping[str, Sequence[str]] = DEFAULT_METHOD_STAGES,
+    plans: Mapping[str, CostPlan] = DEFAULT_PLANS,
 ) -> list[Row]:
     """One row per evaluated (method, NFE) of a distillation method or a training-free control row."""
     rows = []
     for key, metrics in evaluation.items():
         m = ENTRY.match(key)
-        if not m or (m["sampler"] not in method_stages and m["sampler"] not in TRAINING_FREE):
+        if not m or (m["sampler"] not in plans and m["sampler"] not in TRAINING_FREE):
             continue
         method, nfe = m["sampler"], int(m["nfe"])
-        cost, note = method_cost(method, nfe, records, method_stages)
+        total, marginal, note = method_costs(method, nfe, records, plans)
         fid = metrics.get("fid")
-        rows.append(Row(method, nfe, None if fid is None else float(fid), cost, note))
-    order = {name: i for i, name in enumerate([*method_stages, *TRAINING_FREE])}
+        rows.append(Row(method, nfe, None if fid is None else float(fid), total, note, marginal))
+    order = {name: i for i, name in enumerate([*plans, *TRAINING_FREE])}
     return sorted(rows, key=lambda r: (r.nfe, order.get(r.method, len(order)), r.method))
 
 
+def significance(fid: float | None, other: float | None, floor: float | None) -> dict[str, Any] | None:
+    """{delta, significant}: ``fid - other`` and whether it exceeds the noise floor (None: not comparable)."""
+    if fid is None or other is None:
+        return None
+    delta = fid - other
+    return {"delta": delta, "significant": None if floor is None else abs(delta) >= floor}
+
+
 def headline(rows: Sequence[Row], *, nfe: int = 2, reference: str = "sfd", baseline: str = "pd",
-             target_ratio: float = TARGET_RATIO) -> dict[str, Any]:
+             target_ratio: float = TARGET_RATIO, floor: float | None = None) -> dict[str, Any]:
     """SFD's cost to reach its FID at ``nfe`` vs the baseline's cost to reach at most that FID at ``nfe``.
 
     - baseline FID <= SFD's: ratio = baseline cost / SFD cost (the baseline's spending when its NFE
       student existed; it may have got there earlier, so this is an upper bound).
     - baseline FID > SFD's: the baseline never reached SFD's quality in this run; the ratio is a
       lower bound (it would have to spend more).
+    Costs are totals (SFD: including its teacher trajectories). With a noise ``floor``, an FID
+    difference below it is stated as not significant.
     """
     find = {(r.method, r.nfe): r for r in rows}
     ref, base = find.get((reference, nfe)), find.get((baseline, nfe))
@@ -148,7 +218,20 @@ def headline(rows: Sequence[Row], *, nfe: int = 2, reference: str = "sfd", basel
         "ratio_kind": "upper bound" if reached else "lower bound",
     })
     sfd, pd = reference.upper(), baseline.upper()
-    if reached:
+    delta = abs(base.fid - ref.fid)
+    within = floor is not None and delta < floor
+    if floor is not None:
+        out.update({"noise_floor": floor, "fid_difference": delta, "significant": not within})
+    if within:
+        status = "met (within noise)" if ratio >= target_ratio else "not met (within noise)"
+        out["ratio_kind"] = "same quality within the noise floor"
+        statement = (
+            f"At NFE {nfe}, {sfd} (FID {ref.fid:.3f}, {ref_fe:.4g} forward-pass equivalents) and {pd} (FID {base.fid:.3f}, "
+            f"{base_fe:.4g}) are not significantly different: the FID difference {delta:.3g} is below the noise floor "
+            f"{floor:.3g}. Within what this protocol resolves, {pd} reached {sfd}'s quality with {ratio:.3g}x its "
+            f"compute ({wall_ratio:.3g}x its wall time). Target (>= {target_ratio:g}x): {status}."
+        )
+    elif reached:
         status = "met (upper bound)" if ratio >= target_ratio else "not met"
         statement = (
             f"At NFE {nfe}, {pd} reached FID {base.fid:.3f} (<= {sfd}'s {ref.fid:.3f}) after {base_fe:.4g} forward-pass "
@@ -165,6 +248,13 @@ def headline(rows: Sequence[Row], *, nfe: int = 2, reference: str = "sfd", basel
             + ("met." if status == "met" else f"not shown by this run (the lower bound is below {target_ratio:g}x; "
                                               f"a longer {pd} run would tell).")
         )
+    if floor is not None and not within:
+        statement += f" The FID difference ({delta:.3g}) exceeds the noise floor ({floor:.3g}): significant."
+    if ref.marginal is not None:
+        out["reference_marginal_forward_equivalents"] = ref.marginal.forward_equivalents
+        statement += (f" Given the trajectory cache, re-running {sfd} (e.g. `dvc exp run -S loss=l2`) costs "
+                      f"{ref.marginal.forward_equivalents:.4g} forward-pass equivalents "
+                      f"({ref.marginal.teacher_forward_images} teacher forwards).")
     return {**out, "status": status, "statement": statement}
 
 
@@ -178,18 +268,62 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def rows_markdown(rows: Sequence[Row]) -> str:
-    header = ["method", "NFE", "FID", "teacher fwd", "student fwd", "student bwd", "fwd-pass equiv.", "wall s", "note"]
+def rows_markdown(rows: Sequence[Row], *, floor: float | None = None, reference: str = "sfd") -> str:
+    """The comparison table: FID (and its difference to ``reference`` at the same NFE, n.s. below the
+    noise floor), the total cost's counts, the marginal cost given the cache, wall time, notes."""
+    ref_fid = {r.nfe: r.fid for r in rows if r.method == reference}
+    header = ["method", "NFE", "FID", f"FID − {reference}", "teacher fwd", "student fwd", "student bwd",
+              "total fwd-pass equiv.", "marginal fwd-pass equiv. (teacher fwd)", "wall s (total)", "note"]
     table = []
     for r in rows:
-        c = r.cost
-        cells = [r.method, r.nfe, r.fid] + (
-            [None] * 5 if c is None else
-            [c.teacher_forward_images, c.student_forward_images, c.student_backward_images, c.forward_equivalents,
-             round(c.wall_seconds, 1)]
-        ) + [r.note]
-        table.append([_fmt(v) for v in cells])  # 4 significant digits; markdown_table passes strings through
+        c, mc = r.cost, r.marginal
+        sig = significance(r.fid, ref_fid.get(r.nfe), floor) if r.method != reference else None
+        diff = "–" if sig is None else f"{sig['delta']:+.3g}" + (" (n.s.)" if sig["significant"] is False else "")
+        marginal = "unknown" if mc is None else f"{_fmt(mc.forward_equivalents)} ({_fmt(mc.teacher_forward_images)})"
+        if c is not None and mc is not None and mc == c:
+            marginal = "= total"
+        cells = [r.method, r.nfe, r.fid, diff] + (
+            ["unknown"] + [None] * 3 if c is None else
+            [c.teacher_forward_images, c.student_forward_images, c.student_backward_images, c.forward_equivalents]
+        ) + [marginal, None if c is None else round(c.wall_seconds, 1), r.note]
+        table.append([v if isinstance(v, str) else _fmt(v) for v in cells])  # markdown_table passes strings through
     return markdown_table(header, table)
+
+
+def comparison_json(rows: Sequence[Row], head: Mapping[str, Any], noise_floor: Mapping[str, Any] | None = None,
+                    *, reference: str = "sfd") -> dict[str, Any]:
+    """``metrics/comparison.json``: one entry per method and NFE (keys ``<method>/nfe<k>``) with fid and the
+    total cost's counts (null where unknown), ``marginal`` where it differs from the total, and the
+    FID difference to ``reference`` with its significance against the noise floor; plus the headline
+    and the noise floor."""
+    floor = None if not noise_floor else noise_floor.get("floor")
+    ref_fid = {r.nfe: r.fid for r in rows if r.method == reference}
+    entries: dict[str, Any] = {}
+    for r in rows:
+        c = r.cost.to_dict() if r.cost is not None else dict.fromkeys((*COUNT_KEYS, "wall_seconds", "forward_equivalents"))
+        entry: dict[str, Any] = {"method": r.method, "nfe": r.nfe, "fid": r.fid, **c, "cost_known": r.cost is not None}
+        if r.marginal is None or r.cost is None or r.marginal != r.cost:
+            entry["marginal"] = None if r.marginal is None else r.marginal.to_dict()
+        if r.method != reference:
+            sig = significance(r.fid, ref_fid.get(r.nfe), floor)
+            if sig is not None:
+                entry[f"fid_minus_{reference}"] = sig["delta"]
+                entry["significant"] = sig["significant"]
+        if r.note:
+            entry["note"] = r.note
+        entries[f"{r.method}/nfe{r.nfe}"] = entry
+    return _finite({"entries": entries, "headline": dict(head), "noise_floor": dict(noise_floor) if noise_floor else None})
+
+
+def _finite(value: Any) -> Any:
+    """inf/nan -> None, so the file is plain JSON (DVC metrics, other readers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def plot_comparison(rows: Sequence[Row], path: str | Path) -> Path | None:
@@ -228,34 +362,46 @@ def build_comparison(
     evaluation: str | Path | Mapping[str, Mapping[str, Any]],
     cost_dir: str | Path,
     *,
-    method_stages: Mapping[str, Sequence[str]] = DEFAULT_METHOD_STAGES,
+    plans: Mapping[str, CostPlan] = DEFAULT_PLANS,
     nfe: int = 2,
     plot_path: str | Path | None = None,
+    noise_floor: Mapping[str, Any] | None = None,  # pipeline.evaluation.evaluate.noise_floor's result
 ) -> tuple[dict[str, Any], str]:
-    """(data, markdown): the comparison rows, the SFD vs progressive-distillation headline, and a table."""
+    """(data, markdown): ``metrics/comparison.json``'s content (:func:`comparison_json`) and the report's section."""
     if not isinstance(evaluation, Mapping):
         evaluation = json.loads(Path(evaluation).read_text())
     records = load_cost_records(cost_dir)
-    rows = comparison_rows(evaluation, records, method_stages=method_stages)
-    head = headline(rows, nfe=nfe)
+    rows = comparison_rows(evaluation, records, plans=plans)
+    floor = None if not noise_floor else noise_floor.get("floor")
+    head = headline(rows, nfe=nfe, floor=floor)
     plot = plot_comparison(rows, plot_path) if plot_path is not None else None
     parts = [
         "Distillation cost counted the same way for every method: teacher forward images + student forward "
         "images + 2 x student backward images (forward-pass equivalents), and wall time. "
-        "SFD = teacher trajectories + distillation; PD = every round up to the student at that NFE; "
-        "SFDDM = its teacher forwards + student passes; the SFDDM control row is the teacher with the same "
-        "Euler steps (no training).",
+        "**Total** cost: SFD = the teacher cost of the stored trajectories it consumed (each once, from the "
+        "store's commit records, whichever run generated them) + its training; SFD stage 2 = SFD-v's total + "
+        "its own trajectories (SFD-v forwards) + its training; PD = every round up to the student at that NFE; "
+        "SFDDM and vanilla = their teacher forwards + student passes; the SFDDM control row is the teacher "
+        "with the same Euler steps (no training). **Marginal** cost: what re-running the method costs given "
+        "the cache (the teacher's trajectory stores filled), i.e. what `dvc exp run -S loss=l2` spends: "
+        "SFD's training alone; the baselines have no cache (marginal = total).",
         "",
         f"**Headline (NFE {nfe}):** {head['statement']}",
         "",
-        rows_markdown(rows),
+        rows_markdown(rows, floor=floor),
     ]
+    if floor is not None:
+        parts += ["", f"`FID − sfd`: difference to SFD at the same NFE; (n.s.) = smaller than the noise floor "
+                      f"({floor:.3g}, see *FID noise floor*), not significant."]
+    unknown = [f"{r.method}/nfe{r.nfe}" for r in rows if r.cost is None]
+    if unknown:
+        parts += ["", f"Total cost unknown for {', '.join(unknown)} (see the note column)."]
     if plot is not None:
         parts += ["", f"![FID vs distillation cost]({Path(plot).name})"]
-    data = {"rows": [r.to_dict() for r in rows], "headline": head, "method_stages": {k: list(v) for k, v in method_stages.items()}}
-    return data, "\n".join(parts)
+    return comparison_json(rows, head, noise_floor), "\n".join(parts)
 
 
-def comparison_markdown(evaluation: str | Path | Mapping[str, Mapping[str, Any]], cost_dir: str | Path, plot_path: str | Path | None = None) -> str:
-    """The report's comparison section (markdown); what the report stage calls."""
-    return build_comparison(evaluation, cost_dir, plot_path=plot_path)[1]
+def comparison_markdown(evaluation: str | Path | Mapping[str, Mapping[str, Any]], cost_dir: str | Path,
+                        plot_path: str | Path | None = None, noise_floor: Mapping[str, Any] | None = None) -> str:
+    """The report's comparison section (markdown)."""
+    return build_comparison(evaluation, cost_dir, plot_path=plot_path, noise_floor=noise_floor)[1]

@@ -8,7 +8,14 @@ Entries (keys ``"<sampler>/nfe<k>"``):
 - every distilled checkpoint ``NAME=DIR`` with its own sampler (one key per supported N for a
   step-conditioned checkpoint).
 Every entry samples the same seeds; labels come from pipeline.diffusion.seeds.seed_labels when the model
-is conditional. Reference features are the training images' (cached, keyed by weights hash).
+is conditional. Reference features are the training images' (cached, keyed by weights hash). With
+``evaluate.bootstrap`` > 0 every entry also gets ``fid_sd``: the FID's bootstrap standard deviation
+over resampled features (no new images).
+
+The noise floor (:func:`noise_floor`, written by ``evaluate_solvers``): the FID between two
+independent sample sets of the teacher's reference sampler (the evaluation seeds and
+``evaluate.noise_floor_seeds``, same count), each set's FID against the reference, and the FID of
+the held-out data against the reference. FID differences smaller than the floor are not significant.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ from pipeline.core.cost import CostMeter
 from pipeline.diffusion.denoisers import Denoiser
 from pipeline.config.evaluation import EvalParams
 from pipeline.evaluation.fidelity import (
-    FeatureSpace, ReferenceStats, classifier_space, feature_space, fid_from_stats, fidelity_metrics, label_accuracy,
-    load_reference_stats, reference_features,
+    FeatureSpace, ReferenceStats, bootstrap_fid, classifier_space, feature_space, fid_between, fid_from_stats,
+    fidelity_metrics, label_accuracy, load_reference_stats, reference_features,
 )  # fmt: skip
 from pipeline.core.param_checks import ParamError
 from pipeline.core.images import save_grid
@@ -106,6 +113,8 @@ def evaluate_entries(
     kid_subset_size: int = 1000,
     device: str | torch.device = "cpu",
     cost: CostMeter | None = None,
+    bootstrap: int = 0,  # resamples of the features for each FID's sd (0: none)
+    features_out: dict[str, torch.Tensor] | None = None,  # filled with each entry's metric-layer features
 ) -> dict[str, dict[str, float | None]]:
     """Sample every entry on the same seeds and compute its metrics; grids named ``<sampler>_nfe<k>.png``."""
     results: dict[str, dict[str, float | None]] = {}
@@ -126,6 +135,11 @@ def evaluate_entries(
             metrics = fidelity_metrics(
                 feats[space.layer], reference[space.layer], kid_subsets=kid_subsets, kid_subset_size=kid_subset_size
             )
+        if bootstrap > 0:
+            ref = reference if isinstance(reference, ReferenceStats) else reference[space.layer]
+            metrics["fid_sd"] = bootstrap_fid(feats[space.layer], ref, resamples=bootstrap)["fid_sd"]
+        if features_out is not None:
+            features_out[entry.key] = feats[space.layer]
         acc = None
         if labels is not None and label_space is not None:
             logits = (feats if label_space is space else label_space.extract(images))["logits"]
@@ -148,9 +162,11 @@ def run_evaluation(
     grids_dir: str | Path | None = None,
     cost: CostMeter | None = None,
     reference_and_solvers: bool = True,
+    noise_floor_out: str | Path | None = None,  # JSON of :func:`noise_floor` (needs the reference entry)
 ) -> dict[str, dict[str, float | None]]:
     """The ``evaluate`` stages: teacher reference and training-free solvers (unless
-    ``reference_and_solvers`` is false), then the distilled students."""
+    ``reference_and_solvers`` is false), then the distilled students; with ``noise_floor_out``,
+    the noise floor of this protocol too."""
     from pipeline.data.datasets import load_image_folder, load_split
     from pipeline.core.devices import resolve_device
     device = resolve_device(params.device)
@@ -179,14 +195,85 @@ def run_evaluation(
         entries += student_entries(name, path, device)
     if not entries:
         raise ParamError("evaluation: nothing to evaluate (no students given and the reference/solvers are off)")
+    if noise_floor_out is not None and not reference_and_solvers:
+        raise ParamError("evaluation: the noise floor needs the teacher's reference entry (drop --no-solvers)")
+    features: dict[str, torch.Tensor] = {}
     results = evaluate_entries(
         entries, seeds, space, reference, label_space=label_space, grids_dir=grids_dir, grid_seeds=params.grid_seeds,
         batch_size=params.batch_size, kid_subsets=params.kid_subsets, kid_subset_size=params.kid_subset_size,
-        device=device, cost=cost,
+        device=device, cost=cost, bootstrap=params.bootstrap, features_out=features,
     )
     if cost is not None:
         cost.extra.update({"samples_per_sampler": len(seeds), "samplers": len(entries), "features": space.kind})
+    if noise_floor_out is not None and params.noise_floor_seeds is None:
+        write_results(noise_floor_out, {"floor": None, "note": "evaluate.noise_floor_seeds is null: no noise floor"})
+    elif noise_floor_out is not None:
+        held_split = "held_out" if params.reference_stats is not None or params.reference_split == "train" else "train"
+        held_images, _ = load_split(data_dir, held_split)
+        floor = noise_floor(
+            params, entries[0], features[entries[0].key], space, reference, held_images, held_split=held_split,
+            device=device, cost=cost,
+        )  # fmt: skip
+        write_results(noise_floor_out, floor)
     return results
+
+
+def noise_floor(
+    params: EvalParams,
+    teacher: Entry,  # the teacher's reference sampler, already evaluated on params.seeds
+    teacher_features: torch.Tensor,  # its features on params.seeds
+    space: FeatureSpace,
+    reference: dict[str, torch.Tensor] | ReferenceStats,
+    held_images: torch.Tensor,  # data the reference does not hold (the held-out split)
+    *,
+    held_split: str = "held_out",
+    device: str | torch.device = "cpu",
+    cost: CostMeter | None = None,
+) -> dict[str, Any]:
+    """The protocol's FID noise floor (module docstring); ``floor`` is the teacher-vs-teacher FID.
+
+    The second teacher set uses ``evaluate.noise_floor_seeds`` (same count as ``evaluate.seeds``,
+    disjoint from them and from every training seed: checked by pipeline.config)."""
+    if params.noise_floor_seeds is None:
+        raise ParamError("evaluate.noise_floor_seeds: null; set a second seed range to compute the noise floor")
+    floor_seeds = params.noise_floor_seeds
+    if floor_seeds == "auto":  # unresolved (params not loaded through pipeline.config.params): evaluation seeds only
+        from pipeline.config.params import auto_noise_floor_seeds
+
+        floor_seeds = auto_noise_floor_seeds(params.seeds, [])
+    seeds_b = parse_seeds(floor_seeds)
+    counter = CountingDenoiser(make_denoiser(teacher.model, teacher.spec))
+    images = generate(counter, seeds_b, teacher.sample_shape, teacher.spec, labels=seed_labels(seeds_b, teacher.num_classes),
+                      batch_size=params.batch_size, device=device)  # fmt: skip
+    if cost is not None:
+        cost.add_teacher_forward(counter.images)
+        cost.extra["noise_floor_samples"] = len(seeds_b)
+    feats_b = space.extract(images)[space.layer]
+    ref = reference if isinstance(reference, ReferenceStats) else reference[space.layer]
+    fid_a, fid_b = fid_between(teacher_features, ref), fid_between(feats_b, ref)
+    between = fid_between(teacher_features, feats_b)
+    held = fid_between(space.extract(held_images)[space.layer], ref)
+    out = {
+        "sampler": teacher.key,
+        "samples": len(seeds_b),
+        "features": space.kind,
+        "seeds": params.seeds,
+        "noise_floor_seeds": floor_seeds,
+        "teacher_vs_teacher_fid": between,
+        "teacher_fid": fid_a,
+        "teacher_fid_second_seeds": fid_b,
+        "teacher_fid_seed_difference": abs(fid_a - fid_b),
+        "held_out_fid": held,
+        "held_out_split": held_split,
+        "held_out_samples": len(held_images),
+        "floor": between,
+        "rule": "FID differences smaller than `floor` (the FID between two independent teacher sample sets of the "
+                "evaluation's size) are not significant",
+    }
+    if params.bootstrap > 0:
+        out["teacher_fid_sd"] = bootstrap_fid(teacher_features, ref, resamples=params.bootstrap)["fid_sd"]
+    tqdm.write(f"noise floor: teacher vs teacher FID {between:.4g}, held-out FID {held:.4g} ({len(held_images)} images)")
+    return out
 
 
 def write_results(path: str | Path, results: dict[str, Any]) -> None:

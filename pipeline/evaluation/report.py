@@ -21,7 +21,7 @@ from pipeline.core.cost import load_cost_records
 from pipeline.config.evaluation import ENTRY, ReportParams
 from pipeline.core.param_checks import ParamError
 
-METRIC_COLUMNS = ("fid", "kid", "precision", "recall", "label_accuracy")
+METRIC_COLUMNS = ("fid", "fid_sd", "kid", "precision", "recall", "label_accuracy")
 
 
 def split_entry(key: str) -> tuple[str, int]:
@@ -64,6 +64,75 @@ def fid_pivot_table(evaluation: dict[str, dict[str, Any]]) -> str:
     nfes = sorted({n for d in by_sampler.values() for n in d})
     rows = [[s, *(by_sampler[s].get(n) for n in nfes)] for s in sorted(by_sampler)]
     return markdown_table(["sampler", *(f"NFE {n}" for n in nfes)], rows)
+
+
+def within_floor_lines(evaluation: dict[str, dict[str, Any]], floor: float | None) -> list[str]:
+    """Per NFE: the best FID and every other sampler whose FID is within the noise floor of it."""
+    if floor is None:
+        return []
+    by_nfe: dict[int, list[tuple[float, str]]] = defaultdict(list)
+    for key, m in evaluation.items():
+        sampler, nfe = split_entry(key)
+        if m.get("fid") is not None and sampler != "teacher":
+            by_nfe[nfe].append((float(m["fid"]), sampler))
+    lines = []
+    for nfe in sorted(by_nfe):
+        ranked = sorted(by_nfe[nfe])
+        best_fid, best = ranked[0]
+        tied = [f"{s} ({f:.3f})" for f, s in ranked[1:] if f - best_fid < floor]
+        lines.append(f"- NFE {nfe}: best {best} ({best_fid:.3f})"
+                     + (f"; not significantly different (within {floor:.3g}): {', '.join(tied)}" if tied else
+                        "; every other sampler is worse by more than the floor"))
+    return lines
+
+
+def noise_floor_section(floor: dict[str, Any] | None) -> list[str]:
+    """The report's *FID noise floor* section from the evaluate_solvers stage's noise-floor JSON."""
+    if not floor or floor.get("floor") is None:
+        note = (floor or {}).get("note", "no noise floor file given")
+        return [f"Not computed ({note}): FID differences are shown without a significance mark.", ""]
+    rows = [
+        ["teacher vs teacher (two independent sample sets, disjoint seeds)", floor["samples"], floor["teacher_vs_teacher_fid"]],
+        [f"teacher ({floor['sampler']}) vs reference, evaluation seeds", floor["samples"], floor["teacher_fid"]],
+        [f"teacher ({floor['sampler']}) vs reference, second seeds", floor["samples"], floor["teacher_fid_second_seeds"]],
+        [f"real images ({floor['held_out_split'].replace('_', '-')} split) vs reference", floor["held_out_samples"],
+         floor["held_out_fid"]],
+    ]
+    parts = [
+        f"For this protocol ({floor['samples']} samples per sampler, {floor['features']} features), the FID between "
+        f"two independent sample sets of the teacher's reference sampler — evaluation seeds `{floor['seeds']}` "
+        f"and `{floor['noise_floor_seeds']}` — is **{floor['floor']:.3g}**: that is the **noise floor**. FID "
+        f"differences smaller than it are marked not significant (n.s.). The same sampler's FID moves by "
+        f"{floor['teacher_fid_seed_difference']:.3g} between the two seed sets.",
+        "",
+        markdown_table(["FID", "samples", "value"], rows),
+        "",
+    ]
+    if floor.get("teacher_fid_sd") is not None:
+        parts += ["The `fid_sd` column of *All metrics* is each FID's bootstrap standard deviation (generated "
+                  "features resampled with replacement, reference fixed; no new images): ±1.96 sd is a 95% interval. "
+                  f"The teacher's: {floor['teacher_fid_sd']:.3g}.", ""]
+    parts += [f"The held-out FID uses only {floor['held_out_samples']} real images (FID is biased upward at small "
+              "sample counts), so it is a reference point for what real data scores, not a bound for the samplers.", ""]
+    return parts
+
+
+def stored_trajectories_table(costs: dict[str, dict[str, Any]]) -> str | None:
+    """What the stored trajectories cost (from the chunks' commit records), per trajectories stage."""
+    rows = []
+    for stage, c in costs.items():
+        stored = c.get("stored")
+        if not isinstance(stored, dict):
+            continue
+        unknown = stored.get("unknown_trajectories", 0)
+        rows.append([stage, stored.get("trajectories"), stored.get("teacher_forward_images") if not unknown else
+                     f"≥ {stored.get('teacher_forward_images')} ({unknown} without a cost record)",
+                     stored.get("wall_seconds"), ", ".join(stored.get("devices", [])),
+                     ", ".join(stored.get("precisions", [])), c.get("teacher_forward_images")])
+    if not rows:
+        return None
+    return markdown_table(["store (stage)", "trajectories", "teacher fwd (images)", "wall s", "device", "precision",
+                           "teacher fwd of the last run"], rows)
 
 
 def cost_table(costs: dict[str, dict[str, Any]]) -> str:
@@ -245,6 +314,8 @@ def build_report(
     params: ReportParams,
     merged_cost_path: Path | None = None,
     comparison: str | None = None,
+    noise_floor: dict[str, Any] | None = None,  # the evaluate_solvers stage's noise-floor JSON
+    extra_sections: Sequence[tuple[str, str]] = (),  # (title, markdown) after the comparison, e.g. a PD budget sweep
 ) -> Path:
     """Write ``out_dir/report.md`` and its PNGs; also merge the per-stage costs into one JSON."""
     costs = load_cost_records(cost_dir)
@@ -266,22 +337,40 @@ def build_report(
         "",
         fid_pivot_table(evaluation),
         "",
+    ]
+    floor_value = None if not noise_floor else noise_floor.get("floor")
+    lines = within_floor_lines(evaluation, floor_value)
+    if lines:
+        parts += [f"Differences smaller than the noise floor ({floor_value:.3g}) are not significant:", "", *lines, ""]
+    parts += [
         f"![FID vs NFE]({fid_png.name})",
         "",
+        "## FID noise floor",
+        "",
+        *noise_floor_section(noise_floor),
         "## All metrics",
         "",
         metrics_table(evaluation),
         "",
         "## Cost per stage",
         "",
-        "Counts are images through a network; forward-pass equivalents count a backward pass as two forwards.",
+        "What the **last run** of each stage spent (a stage that found its work cached spent little: a trajectories "
+        "stage that found every chunk committed spent 0 teacher forwards). Counts are images through a network; "
+        "forward-pass equivalents count a backward pass as two forwards. A method's cost is assembled from what the "
+        "trajectories it consumed cost when they were generated, not from these rows (see the comparison).",
         "",
         cost_table(costs),
         "",
     ]
+    stored = stored_trajectories_table(costs)
+    if stored is not None:
+        parts += ["What the stored trajectories cost when they were generated, from the chunks' commit records "
+                  "(whichever run generated them):", "", stored, ""]
     if comparison:
         parts += ["## SFD vs the baselines: quality against distillation cost", "", comparison, ""]
     parts += baseline_sections(evaluation)  # PD's compute to match SFD (bench/pd_sweep.json), SFDDM vs its control
+    for title, section in extra_sections:
+        parts += [f"## {title}", "", section, ""]
     if loss_png is not None:
         parts += ["## Distillation loss per student step", "", f"![distillation loss]({loss_png.name})", ""]
     parts += ["## Samples (same seeds)", ""]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.core.devices import describe_device
 from pipeline.diffusion.denoisers import Denoiser, guided
 from pipeline.core.param_checks import ParamError, check_int
 from pipeline.diffusion.schedules import student_indices
@@ -28,7 +29,7 @@ from pipeline.diffusion.solvers import CountingDenoiser, solve
 from pipeline.teachers.loader import TEACHER_SOURCES, Teacher, load_teacher
 from pipeline.config.trajectories import TrajectoryParams
 from pipeline.trajectories.spec import TrajectorySpec, trajectory_specs
-from pipeline.trajectories.store import TrajectoryKey, check_store_location, make_compressors, open_store
+from pipeline.trajectories.store import TrajectoryKey, check_store_location, make_compressors, open_store, sum_stored_costs
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -85,7 +86,7 @@ class _ChunkWriter:
 
     def __init__(self, key: TrajectoryKey, depth: int = 2) -> None:
         self.key = key
-        self.queue: queue.Queue[tuple[int, dict[str, np.ndarray]] | None] = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue[tuple[int, dict[str, np.ndarray], dict[str, Any]] | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.write_seconds = 0.0
         self.thread = threading.Thread(target=self._run, name="chunk-writer", daemon=True)
@@ -96,15 +97,16 @@ class _ChunkWriter:
             if self.error is None:
                 try:
                     start = time.perf_counter()
-                    self.key.write_chunk(*item)
+                    chunk, data, cost = item
+                    self.key.write_chunk(chunk, data, cost=cost)
                     self.write_seconds += time.perf_counter() - start
                 except BaseException as e:  # re-raised in the caller's thread
                     self.error = e
 
-    def put(self, chunk: int, data: dict[str, np.ndarray]) -> None:
+    def put(self, chunk: int, data: dict[str, np.ndarray], cost: dict[str, Any]) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((chunk, data))
+        self.queue.put((chunk, data, cost))
 
     def close(self) -> None:
         self.queue.put(None)
@@ -153,6 +155,8 @@ def generate_trajectories(
 
     start = time.perf_counter()
     solver_seconds = 0.0
+    device_name = describe_device(torch.device(device))
+    precision = str(getattr(spec, "precision", None) or spec.compute_dtype)  # the spec's compute setting
     chunks_per_group = max(1, batch_size // chunk_size)
     bar = tqdm(total=len(todo) * chunk_size, unit="traj", desc=f"trajectories {key.name[:8]}", disable=not progress)
     writer = _ChunkWriter(key)
@@ -161,14 +165,23 @@ def generate_trajectories(
             group = todo[g : g + chunks_per_group]
             group_seeds = [s for c in group for s in key.chunk_seeds(c)]
             parts: list[dict[str, np.ndarray]] = []
+            images_before, group_start = counting.images, time.perf_counter()
             for b in range(0, len(group_seeds), batch_size):
                 t0 = time.perf_counter()
                 parts.append(teacher_trajectories(counting, spec, group_seeds[b : b + batch_size], device=device))
                 solver_seconds += time.perf_counter() - t0
                 bar.update(len(parts[-1]["x_T"]))
             data = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+            # the group's teacher work, shared by its chunks in proportion to their trajectories (all equal)
+            share = chunk_size / len(group_seeds)
+            cost = {
+                "teacher_forward_images": int(round((counting.images - images_before) * share)),
+                "wall_seconds": round((time.perf_counter() - group_start) * share, 4),
+                "device": device_name,
+                "precision": precision,
+            }
             for j, c in enumerate(group):
-                writer.put(c, {name: a[j * chunk_size : (j + 1) * chunk_size] for name, a in data.items()})
+                writer.put(c, {name: a[j * chunk_size : (j + 1) * chunk_size] for name, a in data.items()}, dict(cost))
         writer.close()
     finally:
         bar.close()
@@ -193,6 +206,9 @@ def generate_trajectories(
         "traj_per_s": round(generated / seconds, 2) if generated and seconds > 0 else 0.0,
         "teacher_calls": counting.calls,
         "teacher_forward_images": counting.images,
+        # what every committed trajectory of the requested seeds cost, from the commit records
+        # (whichever run generated it): the same after a re-run that generates nothing
+        "stored_cost": key.stored_cost(seeds),
     }
 
 
@@ -273,6 +289,7 @@ def run_trajectories_stage(
         raise StoreError("no trajectory keys to generate")
     generated = sum(r["trajectories_generated"] for r in results)
     seconds = sum(r["seconds"] for r in results)
+    stored = sum_stored_costs([r["stored_cost"] for r in results])
     summary = {
         "section": section,
         "store": str(out),
@@ -284,5 +301,7 @@ def run_trajectories_stage(
         "chunks_reused": sum(r["chunks_reused"] for r in results),
         "trajectories_generated": generated,
         "traj_per_s": round(generated / seconds, 2) if generated and seconds > 0 else 0.0,
+        "stored_cost": stored,
     }
     return summary, teacher_images
+

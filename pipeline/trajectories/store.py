@@ -7,12 +7,15 @@ Layout::
     STORE/<key>/x_T/                     [capacity, *S]         start noise x_T = t_max * z(seed)
     STORE/<key>/states/                  [capacity, N-1, *S]    teacher states at t_1..t_{N-1}
     STORE/<key>/labels/                  [capacity] int64       only when the label policy is not "none"
-    STORE/<key>/commits/<c>.json         commit record of chunk c: seeds and xxh3 checksums
+    STORE/<key>/commits/<c>.json         commit record of chunk c: seeds, xxh3 checksums and what the chunk cost
 
 Row s holds seed s; chunk c holds seeds [c*chunk_size, (c+1)*chunk_size). A chunk is committed
 only when its record exists, parses, and (when verified) the checksums match the decoded bytes.
 Records are written last, one object per chunk, so a killed writer leaves at most an
 uncommitted chunk and concurrent writers of different chunks never touch the same object.
+The record also carries the chunk's generation cost (teacher forward images, wall seconds, device,
+precision): the cost of a stored trajectory travels with it, whichever run generated it, and a
+chunk regenerated after a kill is counted once (its earlier, uncommitted attempt left no record).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -326,9 +330,25 @@ class TrajectoryKey:
     def delete_record(self, chunk: int) -> None:
         sync(self.owner.store.delete(self._record_path(chunk)))
 
+    def chunk_cost(self, chunk: int) -> dict[str, Any] | None:
+        """What the committed chunk cost to generate (its record's ``cost``), or None: not committed, or
+        committed by a writer older than cost records (unknown)."""
+        record = self.read_record(chunk)
+        cost = None if record is None else record.get("cost")
+        return cost if isinstance(cost, dict) else None
+
+    def stored_cost(self, seeds: Sequence[int] | None = None) -> dict[str, Any]:
+        """The generation cost of the committed trajectories (all, or those among ``seeds``): each seed
+        counted once at its chunk's per-trajectory cost. See :func:`trajectory_cost`."""
+        return trajectory_cost(self, seeds)
+
     # --- chunk data -------------------------------------------------------------------------
-    def write_chunk(self, chunk: int, data: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """Write a whole chunk's arrays, read them back, then commit: the record is written last."""
+    def write_chunk(self, chunk: int, data: Mapping[str, np.ndarray], *, cost: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write a whole chunk's arrays, read them back, then commit: the record is written last.
+
+        ``cost`` (teacher_forward_images, wall_seconds, device, precision, ...) goes into the record,
+        with the time spent writing and verifying the chunk added as ``write_seconds``."""
+        start = time.perf_counter()
         if sorted(data) != sorted(self.array_names):
             raise StoreError(f"{self.name}: chunk data must hold {self.array_names}, got {sorted(data)}")
         rows = slice(chunk * self.chunk_size, (chunk + 1) * self.chunk_size)
@@ -350,6 +370,9 @@ class TrajectoryKey:
             "checksums": expected,
             "algorithm": CHECKSUM,
         }
+        if cost is not None:
+            record["cost"] = {**dict(cost), "trajectories": self.chunk_size,
+                              "write_seconds": round(time.perf_counter() - start, 4)}
         self._write_record(chunk, record)
         return record
 
@@ -451,6 +474,67 @@ def _create(target: Any, label: str, kwargs: dict[str, Any]) -> TrajectoryStore:
     return TrajectoryStore(root, label)
 
 
+COST_COUNTS = ("teacher_forward_images", "wall_seconds")  # summed per trajectory in trajectory_cost
+
+
+def trajectory_cost(key: TrajectoryKey, seeds: Sequence[int] | None = None) -> dict[str, Any]:
+    """Teacher cost of committed trajectories, from the chunks' commit records.
+
+    Every seed (all committed ones, or the committed ones among ``seeds``) is counted once at its
+    chunk's per-trajectory cost (the chunk's cost / its trajectories; wall seconds include the write).
+    Chunks committed without a cost (a store written before cost records) are counted in
+    ``unknown_trajectories``, never guessed. Returns {trajectories, teacher_forward_images,
+    wall_seconds, unknown_trajectories, devices, precisions}.
+    """
+    committed = key.committed_chunks()
+    per_chunk: dict[int, int]
+    if seeds is None:
+        per_chunk = {c: key.chunk_size for c in committed}
+    else:
+        per_chunk = {}
+        done = set(committed)
+        for s in set(int(s) for s in seeds):
+            c = s // key.chunk_size
+            if c in done:
+                per_chunk[c] = per_chunk.get(c, 0) + 1
+    totals = {"teacher_forward_images": 0.0, "wall_seconds": 0.0}
+    known, unknown = 0, 0
+    devices: set[str] = set()
+    precisions: set[str] = set()
+    for c, n in sorted(per_chunk.items()):
+        cost = key.chunk_cost(c)
+        if cost is None or not all(isinstance(cost.get(k), (int, float)) for k in COST_COUNTS):
+            unknown += n
+            continue
+        size = int(cost.get("trajectories") or key.chunk_size)
+        totals["teacher_forward_images"] += n * cost["teacher_forward_images"] / size
+        totals["wall_seconds"] += n * (cost["wall_seconds"] + float(cost.get("write_seconds", 0.0))) / size
+        known += n
+        devices.add(str(cost.get("device")))
+        precisions.add(str(cost.get("precision")))
+    return {
+        "trajectories": known + unknown,
+        "teacher_forward_images": int(round(totals["teacher_forward_images"])),
+        "wall_seconds": round(totals["wall_seconds"], 3),
+        "unknown_trajectories": unknown,
+        "devices": sorted(devices),
+        "precisions": sorted(precisions),
+    }
+
+
+def sum_stored_costs(costs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several keys' :func:`pipeline.trajectories.store.trajectory_cost` results added up."""
+    out: dict[str, Any] = {"trajectories": 0, "teacher_forward_images": 0, "wall_seconds": 0.0, "unknown_trajectories": 0,
+                           "devices": [], "precisions": []}
+    for c in costs:
+        for k in ("trajectories", "teacher_forward_images", "unknown_trajectories"):
+            out[k] += int(c.get(k, 0))
+        out["wall_seconds"] = round(out["wall_seconds"] + float(c.get("wall_seconds", 0.0)), 3)
+        out["devices"] = sorted(set(out["devices"]) | set(c.get("devices", [])))
+        out["precisions"] = sorted(set(out["precisions"]) | set(c.get("precisions", [])))
+    return out
+
+
 def store_info(store: TrajectoryStore) -> list[dict[str, Any]]:
     """One entry per key: key, description, chunk size, committed chunks/seeds and bytes on disk."""
     from pipeline.diffusion.seeds import format_seeds
@@ -470,6 +554,7 @@ def store_info(store: TrajectoryStore) -> list[dict[str, Any]]:
                 "committed_seeds": format_seeds(seeds) if seeds else "",
                 "num_seeds": len(seeds),
                 "size_bytes": k.size_bytes(),
+                "cost": trajectory_cost(k),
             }
         )
     return out

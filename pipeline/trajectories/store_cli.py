@@ -33,7 +33,7 @@ def ls(
     store: str = typer.Argument(..., help="store path or fsspec URL"),
     as_json: bool = typer.Option(False, "--json", help="print the full entries as JSON"),
 ) -> None:
-    """Keys, their description, committed seeds and size on disk."""
+    """Keys, their description, committed seeds, size on disk and what the committed trajectories cost."""
     entries = store_info(_open(store))
     if as_json:
         typer.echo(json.dumps(entries, indent=2))
@@ -50,6 +50,10 @@ def ls(
             f"t=[{sched['t_min']}, {sched['t_max']}] rho={sched['rho']}  compute {d['compute_dtype']}  "
             f"store {d['storage_dtype']}  labels {d['labels']['policy']}  chunk {e['chunk_size']}"
         )
+        c = e["cost"]
+        unknown = f", {c['unknown_trajectories']} without a cost record" if c["unknown_trajectories"] else ""
+        typer.echo(f"    cost {c['teacher_forward_images']} teacher forward images, {c['wall_seconds']:.1f} s "
+                   f"on {', '.join(c['devices']) or '-'} ({', '.join(c['precisions']) or '-'}){unknown}")
 
 
 @store_app.command("verify")
