@@ -21,7 +21,8 @@ from pipeline.distill.baselines.common import load_baseline_inputs
 from pipeline.distill.baselines.progressive import progressive_distillation
 from pipeline.distill.baselines.sfddm import sfddm_distillation
 from pipeline.distill.baselines.vanilla import vanilla_distillation
-from stages.common import fail, run, stage_params
+from pipeline.core.distributed import is_main, rank_device
+from stages.common import fail, loaded_device, run, stage_params
 
 
 class Method(str, Enum):
@@ -45,8 +46,8 @@ def main(
     name = f"baseline_{method.value}"
     if (method is Method.sfddm) != (control_out is not None):
         fail("--control-out is required with --method sfddm and only allowed with it")
-    p = stage_params(params).section(name)
-    device = resolve_device(p.device)
+    p = stage_params(params, distributed=True, device=loaded_device(params, name)).section(name)
+    device = rank_device(resolve_device(p.device))
     model, config, train, provenance = load_baseline_inputs(teacher, data, device)
     cost = CostMeter(name, device)
     common = dict(device=device, cost=cost, provenance=provenance, state_dir=state, live_dir=live)
@@ -58,6 +59,8 @@ def main(
         summary = vanilla_distillation(model, config, train, p, out, **common)
     cost.write(cost_out)
     write_json(metrics, summary)
+    if not is_main():
+        return
     typer.echo(f"{name}: -> {out} ({summary['wall_seconds']} s)")
 
 

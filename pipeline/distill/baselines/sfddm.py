@@ -20,7 +20,7 @@ keeps a resumable training state in ``<state_dir>/nfe<T'>`` (pipeline.training).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from pipeline.distill.baselines.common import TrainingData, fit_student
 from pipeline.distill.student import model_from_architecture, sampler_section, save_student, student_config
 from pipeline.training.live import LiveLog
 from pipeline.training.optim import frozen, trainable_copy
+from pipeline.config.validation import described
 from pipeline.core.cost import CostMeter
 from pipeline.diffusion.denoisers import EDMPrecond
 from pipeline.core.param_checks import ParamError, check_int
@@ -70,11 +71,15 @@ def sfddm_loss(
     sigmas: torch.Tensor,  # the student's T' + 1 timestamps sigma'_{t'}
     generator: torch.Generator,
     feature_weight: float = 1.0,
+    rows: tuple[int, int] | None = None,  # this process's rows of the global batch (torchrun); None: all
 ) -> torch.Tensor:
     """mean|o_S - o_T| + w_h mean|h_S - h_T| on x = y + sigma'_{t'} eps, t' ~ U{0..T'-1} (module docstring)."""
     b = y.shape[0]
     t_prime = torch.randint(len(sigmas) - 1, (b,), generator=generator)
     eps = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y.device, y.dtype)
+    if rows is not None:
+        y, t_prime, eps = y[rows[0] : rows[1]], t_prime[rows[0] : rows[1]], eps[rows[0] : rows[1]]
+        labels = None if labels is None else labels[rows[0] : rows[1]]
     sigma = sigmas[t_prime].to(y.device)
     x = reparameterised_input(y, eps, sigma)
     with torch.no_grad():
@@ -100,8 +105,9 @@ def train_sfddm_student(
     """Train one T'-step student in place; returns its loss summary."""
     sigmas = student_sigmas(params.teacher_sigmas(), student_steps)
 
-    def loss_fn(y: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        return sfddm_loss(student, teacher, y, labels, sigmas, generator, params.feature_weight), len(y)
+    def loss_fn(y: torch.Tensor, labels: torch.Tensor | None, rows: tuple[int, int] | None) -> tuple[torch.Tensor, int]:
+        computed = len(y) if rows is None else rows[1] - rows[0]
+        return sfddm_loss(student, teacher, y, labels, sigmas, generator, params.feature_weight, rows), computed
 
     summary = fit_student(
         f"sfddm T'={student_steps}", "sfddm", student, teacher, data, params, loss_fn,
@@ -147,7 +153,7 @@ def sfddm_distillation(
                                       cost=cost, progress=progress, live=live,
                                       state_dir=None if state_dir is None else Path(state_dir) / f"nfe{t_prime}")
         sampler = sampler_section(params.student_schedule(t_prime), afs=False)
-        prov = {"params": asdict(params), "index_map": index_map(t_prime, params.teacher_steps), **(provenance or {})}
+        prov = {"params": described(params), "index_map": index_map(t_prime, params.teacher_steps), **(provenance or {})}
         save_student(Path(out_dir) / f"nfe{t_prime}", student,
                      student_config(teacher_config, sampler, {"kind": "sfddm", "summary": summary, **prov}))
         save_student(Path(control_dir) / f"nfe{t_prime}", teacher,
