@@ -113,6 +113,55 @@ def do_gather(out: str) -> None:
         Path(out).write_text("ok")
 
 
+def _tiny_teacher_model(seed: int = 0):
+    from pipeline.diffusion.denoisers import EDMPrecond
+    from pipeline.networks.unet import build_network
+
+    torch.manual_seed(seed)
+    net = build_network(**UNET)
+    torch.nn.init.normal_(net.out_conv.weight, std=0.1)  # the output layer starts at zero; a teacher must say something
+    return EDMPrecond(net)
+
+
+UNET = {"img_resolution": 8, "in_channels": 1, "label_dim": 10, "model_channels": 8, "channel_mult": [1],
+        "num_blocks": 1, "attn_resolutions": []}
+
+
+def _images(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.rand((n, 1, 8, 8), generator=g) * 2 - 1, torch.randint(10, (n,), generator=g)
+
+
+def do_teacher(out: str) -> None:
+    from pipeline.config.teacher import TeacherParams
+    from pipeline.teachers.training import train_teacher
+
+    images, labels = _images()
+    p = TeacherParams.from_dict({"network": {k: UNET[k] for k in ("model_channels", "channel_mult", "num_blocks",
+                                                                  "attn_resolutions")},
+                                 "batch_size": 16, "steps": 6, "lr": 2e-3, "lr_rampup_steps": 2, "ema_halflife_kimg": 0.01,
+                                 "device": "cpu"})
+    train_teacher(p, images, labels, 10, Path(out) / "teacher", state_dir=Path(out) / "state",
+                  live_dir=Path(out) / "live", progress=False)
+
+
+def do_baselines(out: str) -> None:
+    from pipeline.config.baselines import PDParams, VanillaParams
+    from pipeline.distill.baselines.common import TrainingData
+    from pipeline.distill.baselines.progressive import progressive_distillation
+    from pipeline.distill.baselines.vanilla import vanilla_distillation
+
+    images, labels = _images()
+    data = TrainingData(images, labels)
+    config = {"network": UNET, "sigma_data": 0.5, "data": {"sample_shape": [1, 8, 8], "num_classes": 10},
+              "sampler": None, "provenance": {}}
+    pd = PDParams.from_dict({"start_steps": 4, "final_steps": 2, "updates_per_round": 4, "batch_size": 8, "device": "cpu"})
+    progressive_distillation(_tiny_teacher_model(), config, data, pd, Path(out) / "pd", progress=False,
+                             state_dir=Path(out) / "pd_state")
+    va = VanillaParams.from_dict({"updates": 4, "batch_size": 8, "lr": 1e-3, "M": 1, "device": "cpu"})
+    vanilla_distillation(_tiny_teacher_model(), config, data, va, Path(out) / "vanilla", progress=False)
+
+
 # ------------------------------------------------------------------ tests
 
 
@@ -341,3 +390,30 @@ def test_fp16_distill_with_grad_scaler_on_cpu(stores, tmp_path):
     do_distill(p, one, str(tmp_path / "run"))
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["precision"] == "fp16" and m["optimizer_steps"] > 0
+
+
+def test_teacher_training_two_processes_equal_one(tmp_path):
+    do_teacher(str(tmp_path / "one"))
+    spawn("do_teacher", out=str(tmp_path / "two"))
+    w1, w2 = _weights(tmp_path / "one" / "teacher"), _weights(tmp_path / "two" / "teacher")
+    init = _weights_of_fresh_teacher()
+    assert max(float((w1[k] - init[k]).abs().max()) for k in w1) > 1e-3  # it trained (a short EMA half-life)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=2e-6)
+
+
+def _weights_of_fresh_teacher() -> dict[str, torch.Tensor]:
+    from pipeline.networks.unet import build_network
+
+    torch.manual_seed(0)  # train_teacher seeds the global RNG with params.seed before building the net
+    return build_network(**UNET).state_dict()
+
+
+@pytest.mark.slow  # 2-process spawn of two baselines (~40 s on a 2-core CPU)
+def test_baselines_two_processes_equal_one(tmp_path):
+    do_baselines(str(tmp_path / "one"))
+    spawn("do_baselines", out=str(tmp_path / "two"))
+    for sub in ("pd/nfe2", "vanilla"):
+        w1, w2 = _weights(tmp_path / "one" / sub), _weights(tmp_path / "two" / sub)
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=2e-6, msg=lambda m: f"{sub}: {k}: {m}")

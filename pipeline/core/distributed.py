@@ -165,7 +165,7 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter], loss: torch.Tens
     import torch.distributed as dist
 
     grads = [p.grad for p in params]
-    device = _reduce_device(grads) if grads else (value.device if value is not None else torch.device("cpu"))
+    device = _reduce_device(grads) if grads else (value.device if value is not None else _comm_device())
     parts = [g.reshape(-1).to(torch.float32) for g in grads]
     if value is not None:
         parts.append(value.to(device))
@@ -202,13 +202,20 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def _comm_device() -> torch.device:
+    """Where a small tensor for a collective lives: the current GPU for nccl (it has no CPU tensors), else the CPU."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_sum(value: float | int) -> float:
     """Sum of a number over the processes (the number itself with one process)."""
     if not is_distributed():
         return value
     import torch.distributed as dist
 
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return float(t)
 

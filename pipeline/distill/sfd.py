@@ -221,6 +221,7 @@ def distill(
         counters={"rows": [0] * len(sources), "optimizer_steps": 0}, keys=keys, keep=max(100, RECENT),
         log_every=params.every_batches(params.log_every_kimg), images_per_batch=params.batch_size, live=live,
         cost=run.cost, hint="lower `lr`, or check the trajectories with `sfd store verify`", progress=progress,
+        scaler=scaler,
     )  # fmt: skip
     streams: dict[int, Iterator[TrajectoryBatch]] = {}
 

@@ -136,7 +136,7 @@ def train_teacher(
     live = LiveLog(live_dir) if live_dir is not None else None
     loop = TrainingLoop(
         "teacher", params.steps, unit="step", optimizers=[optimizer], keys=["loss"], state=state,
-        checkpoint_every=params.checkpoint_every, cost=cost, live=live, progress=progress,
+        checkpoint_every=params.checkpoint_every, cost=cost, live=live, progress=progress, scaler=scaler,
         lr=lambda b: params.lr * min(1.0, (b + 1) / max(1, params.lr_rampup_steps)),
     )  # fmt: skip
     loop.run(step)

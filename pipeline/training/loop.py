@@ -117,6 +117,7 @@ class TrainingLoop:
         live: "LiveLog | None" = None,
         live_prefix: str = "",
         cost: "CostMeter | None" = None,  # saved and restored with the state
+        scaler: "torch.amp.GradScaler | None" = None,  # fp16: its loss scale is saved and restored with the state
         hint: str = "lower the learning rate",  # advice after a non-finite loss
         progress: bool = True,
         leave: bool = True,
@@ -128,6 +129,7 @@ class TrainingLoop:
         self.keys = list(keys)
         self.keep, self.log_every = keep, max(1, int(log_every))
         self.images_per_batch = images_per_batch
+        self.scaler = scaler
         self.writer = is_main()  # rank 0 (or the only process) writes states, checkpoints and logs
         self.live = live if self.writer else None
         self.live_prefix, self.cost = live_prefix, cost
@@ -177,6 +179,7 @@ class TrainingLoop:
         return {
             "first": self.first, "recent": {k: list(v) for k, v in self.recent.items()}, "count": self.count,
             "window": self.window, "log": self.log, "cost": self.cost.to_dict() if self.cost is not None else None,
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }  # fmt: skip
 
     def resume(self) -> bool:
@@ -204,6 +207,8 @@ class TrainingLoop:
         self.log = list(m.get("log", []))
         if self.cost is not None and m.get("cost"):
             self.cost.restore(m["cost"])
+        if self.scaler is not None and m.get("scaler"):
+            self.scaler.load_state_dict(m["scaler"])
         self.saved_at, self.resumed = self.batch, True
         if self.batch < self.total:
             tqdm.write(f"{self.name}: resuming from {self.state.directory} at {self._where(self.batch)} of {self.total}")

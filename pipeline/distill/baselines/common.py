@@ -150,7 +150,7 @@ def fit_student(
     loop = TrainingLoop(
         label, updates, unit="upd", optimizers=[optimizer], lr=lr, state=state,
         checkpoint_every=checkpoint_every(updates), counters={"teacher_images": 0}, keys=["loss"], cost=cost,
-        live=live, live_prefix=live_prefix, progress=progress, leave=leave,
+        live=live, live_prefix=live_prefix, progress=progress, leave=leave, scaler=scaler,
     )  # fmt: skip
     loop.run(step)
     window = max(1, min(10, loop.count["loss"] // 4))
