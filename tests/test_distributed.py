@@ -260,7 +260,7 @@ def test_distill_two_processes_resume_is_bit_identical(stores, tmp_path):
 
 def test_distill_batch_must_split_evenly(stores, tmp_path):
     params, one, _ = stores
-    with pytest.raises(Exception):  # ParamError in the workers -> ProcessRaisedException here
+    with pytest.raises(mp.ProcessRaisedException, match="distill.batch_size: 15 is not a multiple of the 2 processes"):
         spawn("do_distill", params=make_params(batch_size=15), store=one, out=str(tmp_path / "odd"))
 
 

@@ -62,7 +62,7 @@ class SharedParams(Section):
     threads: NonNegativeInt = 1  # torch CPU threads per stage (0 = torch's default)
     precision: Precision = "fp32"  # fp32 | bf16 | fp16 for every section with a `precision` key (unless it sets one)
     nproc: PositiveInt = 1  # processes per stage on this machine (>1: the stage re-runs itself under torchrun)
-    compile: bool = False  # torch.compile the networks of trajectories, distill and evaluate (GPU only)
+    compile: bool = False  # torch.compile the trajectories teacher and the distill student (GPU only)
     channels_last: bool = False  # channels-last memory format for those networks (GPU only)
 
 
