@@ -22,7 +22,8 @@ from pipeline.distill.baselines.common import load_baseline_inputs
 from pipeline.distill.baselines.progressive import progressive_distillation
 from pipeline.distill.baselines.sfddm import sfd_stage1_budget, sfddm_distillation
 from pipeline.distill.baselines.vanilla import vanilla_distillation
-from stages.common import fail, run, stage_params
+from pipeline.core.distributed import is_main, rank_device
+from stages.common import fail, loaded_device, run, stage_params
 
 
 class Method(str, Enum):
@@ -46,9 +47,9 @@ def main(
     name = f"baseline_{method.value}"
     if (method is Method.sfddm) != (control_out is not None):
         fail("--control-out is required with --method sfddm and only allowed with it")
-    all_params = stage_params(params)
+    all_params = stage_params(params, distributed=True, device=loaded_device(params, name))
     p = all_params.section(name)
-    device = resolve_device(p.device)
+    device = rank_device(resolve_device(p.device))
     model, config, train, provenance = load_baseline_inputs(teacher, data, device)
     cost = CostMeter(name, device)
     common = dict(device=device, cost=cost, provenance=provenance, state_dir=state, live_dir=live)
@@ -63,6 +64,8 @@ def main(
         summary = vanilla_distillation(model, config, train, p, out, **common)
     cost.write(cost_out)
     write_json(metrics, summary)
+    if not is_main():
+        return
     typer.echo(f"{name}: -> {out} ({summary['wall_seconds']} s)")
 
 

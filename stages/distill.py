@@ -13,7 +13,8 @@ import typer
 
 from pipeline.config.distill import DistillParams
 from pipeline.distill.sfd import run_distill_stage
-from stages.common import run, stage_params
+from pipeline.core.distributed import is_main
+from stages.common import loaded_device, run, stage_params
 
 
 def main(
@@ -28,12 +29,15 @@ def main(
     cost: Path = typer.Option(..., help="cost record"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
-    loaded = stage_params(params)
+    loaded = stage_params(params, distributed=True, device=loaded_device(params, section))
     result = run_distill_stage(
         loaded.section(section, DistillParams), trajectories=loaded.trajectories_for(section), loss=loaded.loss, name=section,
         store=store, teacher_ckpt=teacher_ckpt, out=out, state_dir=state,
         metrics=metrics, live_dir=live, cost_path=cost, progress=progress,
+        compile=loaded.compile, channels_last=loaded.channels_last,
     )  # fmt: skip
+    if not is_main():
+        return
     final = ", ".join(f"{k}={v:.4g}" for k, v in result["final_loss"].items() if v is not None)
     typer.echo(
         f"{section}: {result['kimg']:g} kimg, {result['optimizer_steps']} optimizer steps, "

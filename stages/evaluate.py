@@ -10,7 +10,8 @@ import typer
 from pipeline.core.cost import CostMeter
 from pipeline.core.devices import resolve_device
 from pipeline.evaluation.evaluate import parse_student_args, run_evaluation, write_results
-from stages.common import run, stage_params
+from pipeline.core.distributed import is_main
+from stages.common import loaded_device, run, stage_params
 
 
 def main(
@@ -27,13 +28,15 @@ def main(
         None, help="write the protocol's FID noise floor here (teacher vs teacher on evaluate.noise_floor_seeds, held-out FID)"
     ),
 ) -> None:
-    p = stage_params(params).evaluate
+    p = stage_params(params, distributed=True, device=loaded_device(params, "evaluate")).evaluate
     cost = CostMeter(cost_out.stem, resolve_device(p.device))
     results = run_evaluation(
         p, teacher_dir=teacher, data_dir=data, feature_net_dir=feature_net,
         students=parse_student_args(student), grids_dir=grids, cost=cost,
         reference_and_solvers=solvers, noise_floor_out=noise_floor,
     )  # fmt: skip
+    if not is_main():  # rank 0 gathered the samples and writes every output
+        return
     write_results(out, results)
     cost.write(cost_out)
     typer.echo(f"evaluate: {len(results)} samplers -> {out}")

@@ -11,7 +11,8 @@ from pipeline.core.devices import resolve_device
 from pipeline.core.files import write_json
 from pipeline.data.datasets import dataset_info, load_split
 from pipeline.teachers.training import import_pretrained_teacher, train_teacher
-from stages.common import run, stage_params
+from pipeline.core.distributed import is_main
+from stages.common import loaded_device, run, stage_params
 
 
 def main(
@@ -23,11 +24,13 @@ def main(
     live: Path = typer.Option(..., help="DVCLive directory: loss and lr per step, final metrics"),
     cost_out: Path = typer.Option(..., "--cost", help="cost record"),
 ) -> None:
-    p = stage_params(params).teacher
+    p = stage_params(params, distributed=True, device=loaded_device(params, "teacher")).teacher
     info = dataset_info(data)
     cost = CostMeter("teacher", resolve_device(p.device))
     description = {k: info[k] for k in ("name", "sample_shape", "num_classes", "sizes", "provenance")}
     if p.pretrained is not None:
+        if not is_main():  # a copy, not training: rank 0 alone writes it
+            return
         summary = import_pretrained_teacher(p.pretrained, out, description)
         cost.extra["role"] = "pretrained teacher from teacher.pretrained: copied, or converted from an EDM pickle (no training)"
     else:
@@ -37,6 +40,8 @@ def main(
         cost.extra["role"] = "teacher training (the trained network's passes are counted as student passes)"
     cost.write(cost_out)
     write_json(metrics, summary)
+    if not is_main():
+        return
     typer.echo(f"teacher: {summary} -> {out}")
 
 

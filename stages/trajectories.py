@@ -13,6 +13,7 @@ import typer
 
 from pipeline.core.cost import CostMeter
 from pipeline.core.devices import resolve_device
+from pipeline.core.distributed import is_main
 from pipeline.core.files import write_json
 from pipeline.config.trajectories import TrajectoryParams
 from pipeline.trajectories.generation import parse_shard, run_trajectories_stage
@@ -33,17 +34,20 @@ def main(
     shard: Optional[str] = typer.Option(None, help="'i/n': generate only chunks c with c % n == i (default: torchrun rank)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
-    loaded = stage_params(params)
+    loaded = stage_params(params, distributed=True)
     meter = CostMeter(section, resolve_device(loaded.device))
     result, teacher_images = run_trajectories_stage(
         loaded.section(section, TrajectoryParams), out, name=section, device=loaded.device, teacher_ckpt=teacher_ckpt,
-        seeds=seeds, shard=parse_shard(shard), progress=progress,
+        seeds=seeds, shard=parse_shard(shard), progress=progress and is_main(),
+        compile=loaded.compile, channels_last=loaded.channels_last,
     )  # fmt: skip
     meter.add_teacher_forward(teacher_images)  # what this run spent (0 when every chunk was committed)
     meter.extra["trajectories_generated"] = result["trajectories_generated"]
     meter.extra["stored"] = result["stored_cost"]  # what the stored trajectories cost, from the commit records
     meter.write(cost)
     write_json(summary, result)
+    if not is_main():  # rank 0 has written the merged summary and cost
+        return
     for k in result["keys"]:
         typer.echo(
             f"trajectories: key {k['key']} N={k['description']['schedule']['num_steps']}: "

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field, model_validator
 
 from pipeline.config.fields import (
-    Device, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ScheduleDict, SolverName, check_schedule,
+    Precision, Device, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ScheduleDict, SolverName, check_schedule,
     num_steps_list, resolve_max_order,
 )  # fmt: skip
 from pipeline.config.validation import Section, fix, section
@@ -38,6 +38,7 @@ class PDParams(Section):
     t_max: PositiveFloat = 80.0
     rho: PositiveFloat = 7.0
     seed: NonNegativeInt = 0
+    precision: Precision = "fp32"  # fp32 | bf16 | fp16: autocast of the forwards (fp16: a gradient scaler)
     device: Device = "auto"
 
     @model_validator(mode="after")
@@ -82,6 +83,7 @@ class SFDDMParams(Section):
     t_max: PositiveFloat = 80.0
     rho: PositiveFloat = 7.0
     seed: NonNegativeInt = 0
+    precision: Precision = "fp32"  # fp32 | bf16 | fp16: autocast of the forwards (fp16: a gradient scaler)
     device: Device = "auto"
 
     @model_validator(mode="after")
@@ -120,6 +122,7 @@ class VanillaParams(Section):
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 5e-5  # x 0.1 once half the updates are done
     seed: NonNegativeInt = 0
+    precision: Precision = "fp32"  # fp32 | bf16 | fp16: autocast of the forwards (fp16: a gradient scaler)
     device: Device = "auto"
 
     @model_validator(mode="after")

@@ -7,7 +7,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from pipeline.config.fields import Device, Network, NonNegativeInt, PositiveFloat, PositiveInt
+from pipeline.config.fields import Precision, Device, Network, NonNegativeInt, PositiveFloat, PositiveInt
 from pipeline.config.validation import Section, section
 
 LOSSES = ("l1", "l2", "pseudo_huber", "lpips")  # the SFD distillation losses (top-level `loss` and per section)
@@ -42,6 +42,7 @@ class DistillParams(Section):
     student_network: Network | None = None  # architecture for a teacher without a network (gmm)
     seed: NonNegativeInt = 0  # new step-condition layers, reader shuffling, N draws
     prefetch: PositiveInt = 2  # chunks decoded ahead per trajectory key
+    precision: Precision = "fp32"  # fp32 | bf16 | fp16: autocast of the forwards (fp16 training: a gradient scaler)
     device: Device = "auto"
     threads: NonNegativeInt = 1  # torch CPU threads (0 = torch's default); small nets on a shared CPU run fastest on 1
 

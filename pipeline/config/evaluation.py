@@ -10,7 +10,7 @@ from pydantic import AfterValidator, Field, model_validator, with_config
 from typing_extensions import TypedDict
 
 from pipeline.config.fields import (
-    NESTED, Device, NonNegativeInt, PositiveFloat, PositiveInt, RangeDict, Seeds, check_schedule,
+    Precision, NESTED, Device, NonNegativeInt, PositiveFloat, PositiveInt, RangeDict, Seeds, check_schedule,
 )  # fmt: skip
 from pipeline.config.validation import Section, section
 from pipeline.diffusion.sampling import SOLVER_NAMES, SamplerSpec, resolve_solver
@@ -72,6 +72,7 @@ class EvalParams(Section):
     kid_subsets: PositiveInt = 100
     kid_subset_size: Annotated[int, Field(ge=2)] = 1000
     cache_dir: str = ".cache/fidelity"  # reference features, keyed by extractor weights hash
+    precision: Precision = "fp32"  # fp32 | bf16 | fp16: autocast of the forwards (fp16 training: a gradient scaler)
     device: Device = "auto"
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 
+Precision = Literal["fp32", "bf16", "fp16"]  # pipeline.core.distributed.PRECISIONS
 SolverName = Literal["euler", "heun", "dpm2", "ipndm", "dpmpp"]
 assert SolverName.__args__ == SOLVERS  # type: ignore[attr-defined]
 DEFAULT_MAX_ORDER = 3  # ipndm and dpmpp when max_order is absent

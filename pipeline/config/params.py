@@ -20,7 +20,7 @@ from pipeline.config.baselines import PDParams, SFDDMParams, VanillaParams
 from pipeline.config.data import DataParams
 from pipeline.config.distill import LOSSES, DistillParams, LossName
 from pipeline.config.evaluation import EvalParams, FeatureNetParams, ReportParams
-from pipeline.config.fields import Device, NonNegativeInt
+from pipeline.config.fields import Device, NonNegativeInt, PositiveInt, Precision
 from pipeline.config.teacher import TeacherParams
 from pipeline.config.trajectories import TrajectoryParams
 from pipeline.config.validation import Section, fix, section, validate_section
@@ -29,8 +29,8 @@ from pipeline.diffusion.seeds import parse_seeds
 
 __all__ = ["LOSSES", "SECTIONS", "Params", "load_params", "parse_params"]
 
-SHARED_KEYS = ("seed", "device", "loss", "threads")
-INHERITED = ("seed", "device", "threads")  # shared keys a section inherits when it has the field
+SHARED_KEYS = ("seed", "device", "loss", "threads", "precision", "nproc", "compile", "channels_last")
+INHERITED = ("seed", "device", "threads", "precision")  # shared keys a section inherits when it has the field
 SECTIONS: dict[str, type[Section]] = {
     "data": DataParams,
     "feature_net": FeatureNetParams,
@@ -61,6 +61,10 @@ class SharedParams(Section):
     device: Device = "auto"  # auto | cpu | cuda | cuda:N
     loss: LossName = "l1"  # the SFD stages' distillation loss unless a section sets its own
     threads: NonNegativeInt = 1  # torch CPU threads per stage (0 = torch's default)
+    precision: Precision = "fp32"  # fp32 | bf16 | fp16 for every section with a `precision` key (unless it sets one)
+    nproc: PositiveInt = 1  # processes per stage on this machine (>1: the stage re-runs itself under torchrun)
+    compile: bool = False  # torch.compile the trajectories teacher and the distill student (GPU only)
+    channels_last: bool = False  # channels-last memory format for those networks (GPU only)
 
 
 class Params:
@@ -88,6 +92,10 @@ class Params:
         self.device: str = shared.device
         self.loss: str = shared.loss
         self.threads: int = shared.threads
+        self.precision: str = shared.precision
+        self.nproc: int = shared.nproc
+        self.compile: bool = shared.compile
+        self.channels_last: bool = shared.channels_last
         self.given = tuple(k for k in sections if k in raw)
         self._sections = sections
         for name, value in sections.items():

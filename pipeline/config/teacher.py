@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, field
+from dataclasses import field
 from typing import Annotated, Any
 
 from pydantic import Field
 
-from pipeline.config.fields import Device, Network, NonNegativeInt, PositiveFloat, PositiveInt
-from pipeline.config.validation import Section, section
+from pipeline.config.fields import Precision, Device, Network, NonNegativeInt, PositiveFloat, PositiveInt
+from pipeline.config.validation import Section, described, section
 from pipeline.core.hashing import hash_description
 
 
@@ -30,6 +30,7 @@ class TeacherParams(Section):
     checkpoint_every: PositiveInt = 500  # steps between resumable training states
     pretrained: Annotated[str, Field(min_length=1)] | None = None  # a local teacher used instead of training: an EDM .pkl, its `sfd teacher import` folder, or our checkpoint directory
     seed: NonNegativeInt = 0
+    precision: Precision = "fp32"  # fp32 | bf16 | fp16: autocast of the forwards (fp16 training: a gradient scaler)
     device: Device = "auto"
 
     def training_key(self, data_description: dict[str, Any]) -> str:
@@ -37,5 +38,5 @@ class TeacherParams(Section):
 
         ``steps`` is left out so that a longer run continues a shorter one.
         """
-        d = {k: v for k, v in asdict(self).items() if k not in ("checkpoint_every", "device", "steps")}
+        d = described(self, leave_out=("checkpoint_every", "device", "steps"))
         return hash_description({"params": d, "data": data_description})

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import model_validator
 
 from pipeline.config.fields import (
-    NonNegativeInt, PositiveFloat, PositiveInt, ScheduleDict, Seeds, SolverName, check_schedule, num_steps_list,
+    Precision, NonNegativeInt, PositiveFloat, PositiveInt, ScheduleDict, Seeds, SolverName, check_schedule, num_steps_list,
     resolve_max_order,
 )  # fmt: skip
 from pipeline.config.validation import Section, fix, section
@@ -41,7 +41,8 @@ class TrajectoryParams(Section):
     seeds: Seeds = "0-1023"
     chunk_size: PositiveInt = 256
     batch_size: PositiveInt = 256
-    compute_dtype: Literal["float32", "float64"] = "float32"
+    compute_dtype: Literal["float32", "float64"] = "float32"  # the solver's arithmetic and x_T
+    precision: Precision = "fp32"  # the teacher's forwards: fp32, or bf16/fp16 autocast (float32 compute_dtype only)
     storage_dtype: Literal["float32", "float16"] = "float32"
     compressor: Literal["blosc-zstd", "blosc-lz4", "zstd", "none"] = "blosc-zstd"
     label_policy: Literal["auto", "none", "uniform_per_seed"] = "auto"  # auto: uniform_per_seed for a conditional teacher
@@ -51,6 +52,8 @@ class TrajectoryParams(Section):
     @model_validator(mode="after")
     def _check(self) -> "TrajectoryParams":
         fix(self, max_order=resolve_max_order(self.solver, self.max_order))
+        if self.precision != "fp32" and self.compute_dtype != "float32":
+            raise ValueError(f".precision: {self.precision} autocast needs compute_dtype float32, got {self.compute_dtype}")
         try:
             for n in num_steps_list(self.schedule, allow_list=True):
                 check_schedule(self.schedule, n)

@@ -193,3 +193,13 @@ def format_error(e: ValidationError, name: str, cls: type) -> str:
         tail = f"; known keys: {', '.join(sorted(known))}" if known else ""
         return f"{_path(name, parent)}: unknown key(s) {', '.join(sorted(unknown))}{tail}"
     return _one(first, name)
+
+
+def described(params: Any, *, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``dataclasses.asdict(params)`` for hashing and provenance, less ``leave_out``, and less ``precision``
+    when it is the default ``fp32``: keys, training keys and model.json of fp32 runs stay as they were
+    before the setting existed."""
+    d = {k: v for k, v in dataclasses.asdict(params).items() if k not in leave_out}
+    if d.get("precision", "fp32") == "fp32":
+        d.pop("precision", None)
+    return d

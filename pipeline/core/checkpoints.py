@@ -33,8 +33,14 @@ def save_checkpoint(
     *,
     name: str = "model",
 ) -> Path:
-    """Write ``<directory>/<name>.safetensors`` and ``<name>.json``; returns the directory."""
+    """Write ``<directory>/<name>.safetensors`` and ``<name>.json``; returns the directory.
+
+    Under torchrun only rank 0 writes (every rank holds the same weights); the others return the directory."""
+    from pipeline.core.distributed import is_main
+
     directory = Path(directory)
+    if not is_main():
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     _atomic_write(directory / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))

@@ -69,7 +69,12 @@ class CostMeter:
         self.student_backward_images = int(saved.get("student_backward_images", 0))
 
     def write(self, path: str | Path) -> dict[str, Any]:
+        """The record as JSON; under torchrun only rank 0 writes (the counts are the whole run's)."""
+        from pipeline.core.distributed import is_main
+
         path = Path(path)
+        if not is_main():
+            return self.to_dict()
         path.parent.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
         path.write_text(json.dumps(data, indent=2) + "\n")

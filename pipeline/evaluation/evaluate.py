@@ -16,6 +16,11 @@ The noise floor (:func:`noise_floor`, written by ``evaluate_solvers``): the FID 
 independent sample sets of the teacher's reference sampler (the evaluation seeds and
 ``evaluate.noise_floor_seeds``, same count), each set's FID against the reference, and the FID of
 the held-out data against the reference. FID differences smaller than the floor are not significant.
+
+Several processes (torchrun): the seeds are cut into blocks of ``batch_size`` (the batches one process
+samples), the blocks dealt round-robin to the ranks, and rank 0 gathers the samples in seed order and
+computes every metric, grid and file, so the results equal a one-process run's (the same batches give
+the same samples). ``precision`` bf16/fp16 runs the networks' forwards under autocast.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from tqdm import tqdm
 
 from pipeline.core.checkpoints import has_checkpoint
 from pipeline.core.cost import CostMeter
+from pipeline.core.distributed import (
+    all_gather_objects, all_reduce_sum, autocast_denoiser, enable_tf32, is_main, rank, rank_device, world_size,
+)  # fmt: skip
 from pipeline.diffusion.denoisers import Denoiser
 from pipeline.config.evaluation import EvalParams
 from pipeline.evaluation.fidelity import (
@@ -115,18 +123,26 @@ def evaluate_entries(
     cost: CostMeter | None = None,
     bootstrap: int = 0,  # resamples of the features for each FID's sd (0: none)
     features_out: dict[str, torch.Tensor] | None = None,  # filled with each entry's metric-layer features
+    precision: str = "fp32",  # bf16/fp16: the forwards under autocast
 ) -> dict[str, dict[str, float | None]]:
-    """Sample every entry on the same seeds and compute its metrics; grids named ``<sampler>_nfe<k>.png``."""
+    """Sample every entry on the same seeds and compute its metrics; grids named ``<sampler>_nfe<k>.png``.
+
+    Under torchrun every rank samples its seed blocks and only rank 0 computes metrics (the other ranks
+    return an empty mapping)."""
     results: dict[str, dict[str, float | None]] = {}
     keys = [e.key for e in entries]
     if len(set(keys)) != len(keys):
         raise ParamError(f"evaluation: duplicate sampler keys {sorted(k for k in keys if keys.count(k) > 1)}")
-    for entry in tqdm(entries, desc="evaluate", unit="sampler"):
+    for entry in tqdm(entries, desc="evaluate", unit="sampler", disable=not is_main()):
         labels = seed_labels(seeds, entry.num_classes)
-        counter = CountingDenoiser(make_denoiser(entry.model, entry.spec))
-        images = generate(counter, seeds, entry.sample_shape, entry.spec, labels=labels, batch_size=batch_size, device=device)
+        counter = CountingDenoiser(autocast_denoiser(make_denoiser(entry.model, entry.spec), precision, device))
+        images = generate_across_processes(counter, seeds, entry.sample_shape, entry.spec, labels=labels,
+                                           batch_size=batch_size, device=device)
         if cost is not None:
-            (cost.add_student_forward if entry.is_student else cost.add_teacher_forward)(counter.images)
+            count = counter.images if world_size() == 1 else int(all_reduce_sum(counter.images))
+            (cost.add_student_forward if entry.is_student else cost.add_teacher_forward)(count)
+        if images is None:  # not rank 0: its samples went to rank 0
+            continue
         feats = space.extract(images)
         metrics: dict[str, float | None]
         if isinstance(reference, ReferenceStats):
@@ -152,6 +168,34 @@ def evaluate_entries(
     return results
 
 
+def generate_across_processes(
+    denoiser: Denoiser,
+    seeds: Sequence[int],
+    sample_shape: Sequence[int],
+    spec: SamplerSpec,
+    *,
+    labels: torch.Tensor | None,
+    batch_size: int,
+    device: str | torch.device,
+) -> torch.Tensor | None:
+    """pipeline.diffusion.sampling.generate, with the batches dealt round-robin to the ranks under torchrun
+    and gathered on rank 0 in seed order (None on the other ranks); plain ``generate`` with one process."""
+    k = world_size()
+    if k == 1:
+        return generate(denoiser, seeds, sample_shape, spec, labels=labels, batch_size=batch_size, device=device)
+    starts = list(range(0, len(seeds), batch_size))
+    mine = {}
+    for i in starts[rank() :: k]:
+        lab = None if labels is None else labels[i : i + batch_size]
+        mine[i] = generate(denoiser, list(seeds[i : i + batch_size]), sample_shape, spec, labels=lab,
+                           batch_size=batch_size, device=device)
+    gathered = all_gather_objects(mine)
+    if not is_main():
+        return None
+    merged = {i: t for part in gathered for i, t in part.items()}
+    return torch.cat([merged[i] for i in starts]) if starts else torch.empty((0, *sample_shape))
+
+
 def run_evaluation(
     params: EvalParams,
     *,
@@ -169,13 +213,17 @@ def run_evaluation(
     the noise floor of this protocol too."""
     from pipeline.data.datasets import load_image_folder, load_split
     from pipeline.core.devices import resolve_device
-    device = resolve_device(params.device)
+    device = rank_device(resolve_device(params.device))
+    if params.precision != "fp32":
+        enable_tf32(device)
     seeds = parse_seeds(params.seeds)
     space = feature_space(params.features, feature_net=feature_net_dir, inception_weights=params.inception_weights, device=device)
     has_classifier = feature_net_dir is not None and has_checkpoint(feature_net_dir)  # none for unlabelled data
     label_space = space if space.kind == "classifier" else (classifier_space(feature_net_dir, device) if has_classifier else None)
     reference: dict[str, torch.Tensor] | ReferenceStats
-    if params.reference_stats is None:
+    if not is_main():  # only rank 0 computes metrics (and writes the reference cache)
+        reference = {}
+    elif params.reference_stats is None:
         ref_images, _ = load_split(data_dir, params.reference_split)
         reference = reference_features(space, ref_images, params.cache_dir)
     elif params.reference_stats.endswith(".npz"):
@@ -201,13 +249,13 @@ def run_evaluation(
     results = evaluate_entries(
         entries, seeds, space, reference, label_space=label_space, grids_dir=grids_dir, grid_seeds=params.grid_seeds,
         batch_size=params.batch_size, kid_subsets=params.kid_subsets, kid_subset_size=params.kid_subset_size,
-        device=device, cost=cost, bootstrap=params.bootstrap, features_out=features,
+        device=device, cost=cost, bootstrap=params.bootstrap, features_out=features, precision=params.precision,
     )
     if cost is not None:
         cost.extra.update({"samples_per_sampler": len(seeds), "samplers": len(entries), "features": space.kind})
     if noise_floor_out is not None and params.noise_floor_seeds is None:
         write_results(noise_floor_out, {"floor": None, "note": "evaluate.noise_floor_seeds is null: no noise floor"})
-    elif noise_floor_out is not None:
+    elif noise_floor_out is not None and is_main():  # rank 0 holds the gathered features (torchrun)
         held_split = "held_out" if params.reference_stats is not None or params.reference_split == "train" else "train"
         held_images, _ = load_split(data_dir, held_split)
         floor = noise_floor(

@@ -9,7 +9,7 @@ EMA with a half-life in images: beta = 0.5^(batch / (ema_halflife_kimg * 1000)).
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
+
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,12 @@ import torch
 
 from pipeline.core.checkpoints import save_checkpoint
 from pipeline.core.cost import CostMeter
+from pipeline.core.distributed import autocast_context, enable_tf32, grad_scaler, rank_device, share, world_size
 from pipeline.diffusion.denoisers import EDMPrecond
 from pipeline.core.hashing import hash_state_dict
 from pipeline.networks.unet import build_network, drop_labels, network_config
 from pipeline.config.teacher import TeacherParams
+from pipeline.config.validation import described
 from pipeline.training.loop import TrainingLoop, optimizer_step
 from pipeline.training.optim import adam
 from pipeline.training.state import TrainingState
@@ -34,15 +36,28 @@ def edm_loss(
     P_mean: float,
     P_std: float,
     generator: torch.Generator,
+    rows: tuple[int, int] | None = None,  # this process's rows of the global batch (torchrun); None: all
+    precision: str = "fp32",  # the forward under bf16/fp16 autocast
 ) -> torch.Tensor:
-    """EDM training loss lambda(sigma) ||D(y + n, sigma) - y||^2 with log-normal sigma (module docstring)."""
+    """EDM training loss lambda(sigma) ||D(y + n, sigma) - y||^2 with log-normal sigma (module docstring).
+
+    The noise is drawn for the whole global batch (the same draws with any number of processes); with
+    ``rows`` only those rows go through the network and into the mean."""
     b = images.shape[0]
     rnd = torch.randn((b,), generator=generator).to(images.device)
     sigma = (rnd * P_std + P_mean).exp()
     sd = model.sigma_data
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
     n = torch.randn(images.shape, generator=generator).to(images.device) * sigma[:, None, None, None]
-    d = model(images + n, sigma, labels)
+    if rows is not None:
+        lo, hi = rows
+        images, n, sigma, weight = images[lo:hi], n[lo:hi], sigma[lo:hi], weight[lo:hi]
+        labels = None if labels is None else labels[lo:hi]
+    if precision == "fp32":
+        d = model(images + n, sigma, labels)
+    else:
+        with autocast_context(precision, images.device):
+            d = model(images + n, sigma, labels).float()
     return (weight[:, None, None, None] * (d - images) ** 2).mean()
 
 
@@ -68,7 +83,9 @@ def train_teacher(
     from pipeline.core.devices import resolve_device
     from pipeline.training.live import LiveLog
 
-    device = resolve_device(params.device)
+    device = rank_device(resolve_device(params.device))
+    if params.precision != "fp32":
+        enable_tf32(device)
     conditional = params.conditional and labels is not None and num_classes > 0
     label_dim = num_classes if conditional else 0
     sample_shape = list(images.shape[1:])
@@ -97,6 +114,8 @@ def train_teacher(
     labels_dev = labels.to(device) if conditional else None
     beta = 0.5 ** (params.batch_size / (params.ema_halflife_kimg * 1000))
     n = len(images)
+    rows = share(params.batch_size, "teacher.batch_size") if world_size() > 1 else None  # torchrun: this rank's rows
+    scaler = grad_scaler(params.precision, device)
 
     def step(_: int) -> list[tuple[str, float]]:
         idx = torch.randint(n, (params.batch_size,), generator=generator).to(device)
@@ -104,8 +123,9 @@ def train_teacher(
         lab = None
         if conditional:
             lab = drop_labels(labels_dev[idx], label_dim, params.label_dropout, generator=generator)
-        loss = edm_loss(model, y, lab, P_mean=params.P_mean, P_std=params.P_std, generator=generator)
-        value = optimizer_step(optimizer, loss)
+        loss = edm_loss(model, y, lab, P_mean=params.P_mean, P_std=params.P_std, generator=generator, rows=rows,
+                        precision=params.precision)
+        value = optimizer_step(optimizer, loss, scaler=scaler)
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), net.parameters()):
                 p_ema.lerp_(p, 1 - beta)
@@ -116,7 +136,7 @@ def train_teacher(
     live = LiveLog(live_dir) if live_dir is not None else None
     loop = TrainingLoop(
         "teacher", params.steps, unit="step", optimizers=[optimizer], keys=["loss"], state=state,
-        checkpoint_every=params.checkpoint_every, cost=cost, live=live, progress=progress,
+        checkpoint_every=params.checkpoint_every, cost=cost, live=live, progress=progress, scaler=scaler,
         lr=lambda b: params.lr * min(1.0, (b + 1) / max(1, params.lr_rampup_steps)),
     )  # fmt: skip
     loop.run(step)
@@ -130,7 +150,7 @@ def train_teacher(
         "provenance": {
             "kind": "teacher",
             "trainer": "pipeline.teachers.training (EDM loss, Adam, EMA)",
-            "training": {k: v for k, v in asdict(params).items() if k != "device"},
+            "training": described(params, leave_out=("device",)),
             "training_key": key,
             "data": data_description,
             "weights_hash": hash_state_dict(ema.state_dict()),

@@ -28,6 +28,12 @@ class LiveLog:
     """One DVCLive run directory shared by the loops of a stage (PD rounds, SFDDM students use a prefix each)."""
 
     def __init__(self, directory: str | Path) -> None:
+        from pipeline.core.distributed import is_main
+
+        self.directory = Path(directory)
+        self.enabled = is_main()  # under torchrun only rank 0 logs; the others' calls do nothing
+        if not self.enabled:
+            return
         logger = logging.getLogger("dvclive")
         level = logger.level
         logger.setLevel(logging.WARNING)  # no "Logging to experiment ..." banner in the stage output
@@ -39,6 +45,8 @@ class LiveLog:
 
     def log_row(self, row: Mapping[str, Any], *, step: int, prefix: str = "") -> None:
         """Per-step metrics of one log row: lr, kimg and one loss per key (None: not drawn in this window)."""
+        if not self.enabled:
+            return
         self.live.step = int(step)
         for name, value in _ordered(row).items():
             if name == "step" or value is None:
@@ -48,7 +56,7 @@ class LiveLog:
 
     def log_table(self, rows: Sequence[Mapping[str, Any]], *, x: str, prefix: str = "", title: str | None = None) -> None:
         """Every log row as one custom plot (x = kimg for SFD); keys with no value in a row are left out of it."""
-        if not rows:
+        if not rows or not self.enabled:
             return
         keys = sorted({k for r in rows for k, v in r.items() if k not in ROW_FIELDS and v is not None})
         points = [{k: v for k, v in _ordered(r).items() if v is not None} for r in rows]
@@ -56,6 +64,8 @@ class LiveLog:
 
     def log_final(self, metrics: Mapping[str, Any], prefix: str = "final/") -> None:
         """Final metrics (numbers, or mappings of numbers) into metrics.json under ``final``."""
+        if not self.enabled:
+            return
         for name, value in metrics.items():
             if isinstance(value, Mapping):
                 self.log_final(value, prefix=f"{prefix}{name}/")
@@ -63,7 +73,8 @@ class LiveLog:
                 self.live.log_metric(f"{prefix}{name}", value, plot=False)
 
     def flush(self) -> None:
-        self.live.make_summary()
+        if self.enabled:
+            self.live.make_summary()
 
 
 def _files_only_live() -> type:

@@ -13,6 +13,13 @@ Before the loop it resumes from a saved state with the same training key (models
 states, counters, statistics, log rows, cost), so an interrupted run ends bit-identical to an
 uninterrupted one. A NaN/inf loss stops the run before its optimizer step
 (:class:`NonFiniteLossError`, naming the batch and the last good state).
+
+Several processes (torchrun, pipeline.core.distributed): every rank runs this loop over the same
+batches; ``step_fn`` computes the rank's share of each global batch (pipeline.core.distributed.share)
+and :func:`optimizer_step` averages the gradients (and the loss value) over the ranks before the
+step, so every rank takes the same step and holds the same weights, equal to one process's to float
+tolerance. Only rank 0 writes the training state, the ``on_save`` checkpoint, the DVCLive log and
+the progress bar; every rank resumes from the same saved state. With one process none of this runs.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
+from pipeline.core.distributed import average_gradients, broadcast_parameters, is_distributed, is_main
 from pipeline.core.param_checks import PipelineError
 from pipeline.training.optim import set_lr
 from pipeline.training.state import TrainingState
@@ -46,16 +54,43 @@ def optimizer_step(
     *,
     what: str = "the loss",
     clip: tuple[Any, float] | None = None,  # (parameters, max gradient norm)
+    scaler: "torch.amp.GradScaler | None" = None,  # fp16 training (pipeline.core.distributed.grad_scaler)
 ) -> float:
-    """Check the loss is finite, then zero_grad, backward, (clip,) step; returns the loss value."""
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise NonFiniteLossError(f"{what} is {value}")
+    """Check the loss is finite, then zero_grad, backward, (clip,) step; returns the loss value.
+
+    With several processes the gradients and the loss are averaged over the ranks after the backward
+    pass (the finiteness check then uses the averaged loss, so every rank stops or steps together).
+    With a GradScaler (fp16) the loss is scaled before the backward pass and the gradients unscaled
+    before clipping; a step whose gradients overflow is skipped by the scaler.
+    """
+    if scaler is None and not is_distributed():  # one process, fp32/bf16: the original path
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"{what} is {value}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip[0], clip[1])
+        optimizer.step()
+        return value
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip is not None:
-        torch.nn.utils.clip_grad_norm_(clip[0], clip[1])
-    optimizer.step()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    value = average_gradients(params, loss)
+    assert value is not None
+    if not math.isfinite(value):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"{what} is {value}")
+    if scaler is not None:
+        if clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(clip[0], clip[1])
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip[0], clip[1])
+        optimizer.step()
     return value
 
 
@@ -82,6 +117,7 @@ class TrainingLoop:
         live: "LiveLog | None" = None,
         live_prefix: str = "",
         cost: "CostMeter | None" = None,  # saved and restored with the state
+        scaler: "torch.amp.GradScaler | None" = None,  # fp16: its loss scale is saved and restored with the state
         hint: str = "lower the learning rate",  # advice after a non-finite loss
         progress: bool = True,
         leave: bool = True,
@@ -93,8 +129,11 @@ class TrainingLoop:
         self.keys = list(keys)
         self.keep, self.log_every = keep, max(1, int(log_every))
         self.images_per_batch = images_per_batch
-        self.live, self.live_prefix, self.cost = live, live_prefix, cost
-        self.hint, self.progress, self.leave = hint, progress, leave
+        self.scaler = scaler
+        self.writer = is_main()  # rank 0 (or the only process) writes states, checkpoints and logs
+        self.live = live if self.writer else None
+        self.live_prefix, self.cost = live_prefix, cost
+        self.hint, self.progress, self.leave = hint, progress and self.writer, leave
         self.batch = 0
         self.first: dict[str, list[float]] = {k: [] for k in self.keys}
         self.recent: dict[str, deque[float]] = {k: deque(maxlen=keep) for k in self.keys}
@@ -140,6 +179,7 @@ class TrainingLoop:
         return {
             "first": self.first, "recent": {k: list(v) for k, v in self.recent.items()}, "count": self.count,
             "window": self.window, "log": self.log, "cost": self.cost.to_dict() if self.cost is not None else None,
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }  # fmt: skip
 
     def resume(self) -> bool:
@@ -167,6 +207,8 @@ class TrainingLoop:
         self.log = list(m.get("log", []))
         if self.cost is not None and m.get("cost"):
             self.cost.restore(m["cost"])
+        if self.scaler is not None and m.get("scaler"):
+            self.scaler.load_state_dict(m["scaler"])
         self.saved_at, self.resumed = self.batch, True
         if self.batch < self.total:
             tqdm.write(f"{self.name}: resuming from {self.state.directory} at {self._where(self.batch)} of {self.total}")
@@ -175,8 +217,10 @@ class TrainingLoop:
     def save(self) -> None:
         if self.state is None:
             return
-        self.state.save({"batch": self.batch, **self.counters}, self._metadata())
         self.saved_at = self.batch
+        if not self.writer:
+            return
+        self.state.save({"batch": self.batch, **self.counters}, self._metadata())
         if self.on_save is not None:
             self.on_save(self)
         self._flush_live()
@@ -200,6 +244,8 @@ class TrainingLoop:
     def run(self, step_fn: Callable[[int], StepLosses], *, stop_after: int | None = None) -> bool:
         """Resume, then train to ``total`` batches; False when stopped at ``stop_after`` batches (tests)."""
         self.resume()
+        if is_distributed():  # same seeds give the same weights; rank 0's make it certain
+            broadcast_parameters(p for o in self.optimizers for g in o.param_groups for p in g["params"])
         if self.live is not None:
             for row in self.log:  # a resumed run rewrites the rows logged before the interruption
                 self.live.log_row(row, step=row["step"], prefix=self.live_prefix)

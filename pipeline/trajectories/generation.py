@@ -4,6 +4,12 @@ For each seed s: x_T = t_max * z(s) (pipeline.diffusion.seeds), the teacher solv
 spec.schedule.fine(M) (sfd-method.md section 4) and the states at the student timestamps
 t_1..t_{N-1} (fine indices (M+1), 2(M+1), ...) are stored. Whole chunks are generated: a seed
 range that covers part of a chunk generates the whole chunk.
+
+Several processes: each owns the chunks c with c % n == i (``--shard i/n``, or torchrun's RANK and
+WORLD_SIZE), so every chunk is written by one process and the store equals a one-process run's.
+Under torchrun rank 0 creates the key first, and the stage's summary and cost records are gathered
+and written by rank 0 alone. With ``precision`` bf16/fp16 the teacher's forwards run under autocast
+(the solver's arithmetic and the stored states stay float32; the precision is part of the key).
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from tqdm import tqdm
 
 from pipeline.core.devices import describe_device
 from pipeline.diffusion.denoisers import Denoiser, guided
+from pipeline.core.distributed import (
+    all_gather_objects, autocast_denoiser, enable_tf32, main_first, maybe_compile, to_channels_last,
+)  # fmt: skip
 from pipeline.core.param_checks import ParamError, check_int
 from pipeline.diffusion.schedules import student_indices
 from pipeline.diffusion.seeds import seed_labels, seed_noise
@@ -64,6 +73,8 @@ def teacher_trajectories(
 ) -> dict[str, np.ndarray]:
     """x_T [B,*S], states [B,N-1,*S] (and labels [B]) for a batch of seeds: the bare solver loop."""
     dtype = getattr(torch, spec.compute_dtype)
+    if spec.precision != "fp32":
+        denoiser = autocast_denoiser(denoiser, spec.precision, device)
     t_fine = spec.schedule.fine(spec.M)
     record = student_indices(spec.schedule.num_steps, spec.M)[1:]
     z = seed_noise(seeds, spec.sample_shape, device=device, dtype=torch.float64)
@@ -145,8 +156,9 @@ def generate_trajectories(
         denoiser = guided(denoiser, spec.guidance)
     counting = CountingDenoiser(denoiser)
 
-    store = open_store(store_path, mode="a", storage_options=storage_options)
-    key = store.create_key(spec, chunk_size=chunk_size, compressor=compressor)
+    with main_first():  # under torchrun rank 0 creates the key, the others then open it
+        store = open_store(store_path, mode="a", storage_options=storage_options)
+        key = store.create_key(spec, chunk_size=chunk_size, compressor=compressor)
     chunk_size = key.chunk_size
     wanted = key.chunks_for_seeds(seeds)
     owned = [c for c in wanted if c % shard[1] == shard[0]]
@@ -212,6 +224,24 @@ def generate_trajectories(
     }
 
 
+def merge_shard_results(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One entry per key from every rank's :func:`generate_trajectories` results (counts summed; the wall
+    time is the slowest rank's, so traj/s is the stage's throughput)."""
+    merged = []
+    for entries in zip(*per_rank):
+        first = dict(entries[0])
+        for name in ("chunks_owned", "chunks_reused", "chunks_generated", "trajectories_generated", "teacher_calls"):
+            first[name] = sum(e[name] for e in entries)
+        for name in ("seconds", "solver_seconds", "write_seconds"):
+            first[name] = max(e[name] for e in entries)
+        first["shard"] = [0, len(entries)]
+        first["processes"] = len(entries)
+        g, s = first["trajectories_generated"], first["seconds"]
+        first["traj_per_s"] = round(g / s, 2) if g and s > 0 else 0.0
+        merged.append(first)
+    return merged
+
+
 def load_trajectory_teacher(
     params_teacher: dict[str, Any] | None,
     teacher_ckpt: str | Path | None,
@@ -258,6 +288,8 @@ def run_trajectories_stage(
     seeds: str | None = None,  # overrides the section's seeds
     shard: tuple[int, int] | None = None,  # None: torchrun's RANK/WORLD_SIZE, else (0, 1)
     progress: bool = True,
+    compile: bool = False,  # run setting: torch.compile the teacher (GPU only)
+    channels_last: bool = False,  # run setting: channels-last teacher (GPU only)
 ) -> tuple[dict[str, Any], int]:
     """The `trajectories` stage: every key of the section, only uncommitted chunks; (summary, teacher images)."""
     from pipeline.core.devices import resolve_device
@@ -274,6 +306,14 @@ def run_trajectories_stage(
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     check_store_location(out)  # before the teacher is loaded; writes nothing
     teacher, denoiser, teacher_hash = load_trajectory_teacher(p.teacher, teacher_ckpt, device=device)
+    notes = []
+    if isinstance(getattr(teacher, "model", None), torch.nn.Module):
+        _, note = to_channels_last(teacher.model, channels_last, device)  # in place: the denoiser calls it
+        notes += [note] if note else []
+    denoiser, note = maybe_compile(denoiser, compile, device)
+    notes += [note] if note else []
+    if p.precision != "fp32":
+        enable_tf32(device)  # the matmuls autocast leaves in float32 (fp32 stays strict float32)
     specs = trajectory_specs(p, teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape)
     results = []
     teacher_images = 0
@@ -287,6 +327,10 @@ def run_trajectories_stage(
         results.append(stats)
     if not results:
         raise StoreError("no trajectory keys to generate")
+    gathered = all_gather_objects((results, teacher_images))  # [(results, images)] with one process
+    if len(gathered) > 1:
+        results, teacher_images = merge_shard_results([g[0] for g in gathered]), sum(g[1] for g in gathered)
+        shard = (0, len(gathered))  # the stage's summary covers every rank
     generated = sum(r["trajectories_generated"] for r in results)
     seconds = sum(r["seconds"] for r in results)
     stored = sum_stored_costs([r["stored_cost"] for r in results])
@@ -303,5 +347,8 @@ def run_trajectories_stage(
         "traj_per_s": round(generated / seconds, 2) if generated and seconds > 0 else 0.0,
         "stored_cost": stored,
     }
+    if p.precision != "fp32" or notes:
+        summary["precision"] = p.precision
+        summary["notes"] = notes
     return summary, teacher_images
 

@@ -1,8 +1,10 @@
 """What a cached teacher trajectory depends on, and the content-hash key derived from it.
 
 The teacher states at the student timestamps t_1..t_{N-1} (sfd-method.md section 4) are a
-function of (teacher weights, solver and its options, M, student schedule, compute dtype, seed,
-label) and never of the student. A :class:`TrajectorySpec` holds everything but the seed; its
+function of (teacher weights, solver and its options, M, student schedule, compute dtype, compute
+precision, seed, label) and never of the student. The compute precision (``precision``: the teacher's
+forwards in fp32, or under bf16/fp16 autocast) enters the description only when it is not fp32, so
+every fp32 key is the one it was before the setting existed. A :class:`TrajectorySpec` holds everything but the seed; its
 ``key`` (xxh3-128 of the canonical description) names the store group holding those states.
 :func:`trajectory_specs` gives a trajectories params section's specs, one per student schedule.
 """
@@ -15,6 +17,7 @@ from typing import Any
 from pipeline.config.trajectories import (
     COMPUTE_DTYPES, LABEL_POLICIES, STORAGE_DTYPES, LabelPolicy, TrajectoryParams,
 )  # fmt: skip
+from pipeline.core.distributed import PRECISIONS
 from pipeline.core.hashing import hash_description
 from pipeline.core.param_checks import ParamError, check_choice, check_int, check_positive
 from pipeline.diffusion.schedules import Schedule
@@ -36,6 +39,7 @@ class TrajectorySpec:
     M: int = 3  # teacher steps inserted between two student timestamps
     compute_dtype: str = "float32"
     storage_dtype: str = "float32"
+    precision: str = "fp32"  # the teacher's forwards: fp32, or bf16/fp16 autocast (pipeline.core.distributed)
     label_policy: LabelPolicy = "none"
     num_classes: int = 0
     sample_shape: tuple[int, ...] = (3, 32, 32)
@@ -51,6 +55,9 @@ class TrajectorySpec:
         check_int("M", self.M, minimum=0)
         check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         check_choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
+        check_choice("precision", self.precision, PRECISIONS)
+        if self.precision != "fp32" and self.compute_dtype != "float32":
+            raise ParamError(f"precision: {self.precision} autocast needs compute_dtype float32, got {self.compute_dtype}")
         check_choice("label_policy", self.label_policy, LABEL_POLICIES)
         check_int("num_classes", self.num_classes, minimum=0)
         if self.label_policy == "uniform_per_seed" and self.num_classes < 1:
@@ -73,7 +80,7 @@ class TrajectorySpec:
 
     def description(self) -> dict[str, Any]:
         """Readable, JSON-serialisable description; equal descriptions mean interchangeable states."""
-        return {
+        d = {
             "spec_version": SPEC_VERSION,
             "teacher_hash": self.teacher_hash,
             "solver": {
@@ -90,6 +97,9 @@ class TrajectorySpec:
             "sample_shape": list(self.sample_shape),
             "guidance": float(self.guidance),
         }
+        if self.precision != "fp32":  # fp32 keys stay those written before the setting existed
+            d["precision"] = self.precision
+        return d
 
     @property
     def key(self) -> str:
@@ -110,6 +120,7 @@ class TrajectorySpec:
             M=d["M"],
             compute_dtype=d["compute_dtype"],
             storage_dtype=d["storage_dtype"],
+            precision=d.get("precision", "fp32"),
             label_policy=d["labels"]["policy"],
             num_classes=d["labels"]["num_classes"],
             sample_shape=tuple(d["sample_shape"]),
@@ -134,6 +145,7 @@ def trajectory_specs(
             M=params.M,
             compute_dtype=params.compute_dtype,
             storage_dtype=params.storage_dtype,
+            precision=params.precision,
             label_policy=policy,  # type: ignore[arg-type]
             num_classes=num_classes if policy != "none" else 0,
             sample_shape=tuple(sample_shape),

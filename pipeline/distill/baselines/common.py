@@ -13,14 +13,16 @@ are pipeline.training's.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from pipeline.config.validation import described
 from pipeline.core.cost import CostMeter
+from pipeline.core.distributed import all_reduce_sum, autocast_context, grad_scaler, share, world_size
 from pipeline.diffusion.denoisers import EDMPrecond
 from pipeline.core.hashing import hash_description, hash_state_dict
 from pipeline.core.param_checks import ParamError
@@ -71,7 +73,7 @@ def baseline_training_key(kind: str, params: Any, data: TrainingData, teacher: A
     labels = {} if data.labels is None else {"labels": data.labels}
     return hash_description({
         "kind": kind,
-        "params": {k: v for k, v in asdict(params).items() if k != "device"},
+        "params": described(params, leave_out=("device",)),
         "data": hash_state_dict({"images": data.images, **labels}),
         "teacher": weights(teacher),
         "student_init": weights(student),
@@ -85,7 +87,9 @@ def checkpoint_every(updates: int) -> int:
     return max(1, updates // 10)
 
 
-BaselineLoss = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, int]]
+BaselineLoss = Callable[[torch.Tensor, "torch.Tensor | None", "tuple[int, int] | None"], tuple[torch.Tensor, int]]
+# (y, labels, rows) -> (loss, teacher images): draws its randomness for the whole global batch y, then computes
+# only ``rows`` (this process's share under torchrun; None: every row)
 
 
 def fit_student(
@@ -112,8 +116,15 @@ def fit_student(
 ) -> dict[str, Any]:
     """The baselines' training: per update, a batch of clean data, the method's loss, one Adam step.
 
+    Under torchrun every rank draws the same global batch and noise and computes its rows
+    (pipeline.core.distributed.share); the loop averages the gradients. ``params.precision`` bf16/fp16
+    runs the loss (teacher and student forwards) under autocast, fp16 with a gradient scaler.
+
     Returns {updates, loss_first, loss_last, teacher_images}."""
     optimizer = adam(student, params.lr)
+    precision = getattr(params, "precision", "fp32")
+    scaler = grad_scaler(precision, device)
+    rows = share(params.batch_size, f"{kind}.batch_size") if world_size() > 1 else None
     student.train()
     state = None
     if state_dir is not None:
@@ -123,9 +134,12 @@ def fit_student(
 
     def step(u: int) -> list[tuple[str, float]]:
         y, labels = data.draw(params.batch_size, generator, device)
-        loss, teacher_images = loss_fn(y, labels)
-        value = optimizer_step(optimizer, loss, what=f"the loss of update {u}",
-                               clip=None if clip is None else (student.parameters(), clip))
+        with autocast_context(precision, device):
+            loss, teacher_images = loss_fn(y, labels, rows)
+        value = optimizer_step(optimizer, loss.float(), what=f"the loss of update {u}",
+                               clip=None if clip is None else (student.parameters(), clip), scaler=scaler)
+        if rows is not None:
+            teacher_images = int(all_reduce_sum(teacher_images))  # the whole global batch's
         loop.counters["teacher_images"] += teacher_images
         if cost is not None:
             cost.add_teacher_forward(teacher_images)
@@ -136,7 +150,7 @@ def fit_student(
     loop = TrainingLoop(
         label, updates, unit="upd", optimizers=[optimizer], lr=lr, state=state,
         checkpoint_every=checkpoint_every(updates), counters={"teacher_images": 0}, keys=["loss"], cost=cost,
-        live=live, live_prefix=live_prefix, progress=progress, leave=leave,
+        live=live, live_prefix=live_prefix, progress=progress, leave=leave, scaler=scaler,
     )  # fmt: skip
     loop.run(step)
     window = max(1, min(10, loop.count["loss"] // 4))

@@ -19,7 +19,7 @@ interrupted run resumes inside its round and ends bit-identical to an uninterrup
 
 from __future__ import annotations
 
-from dataclasses import asdict
+
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from pipeline.distill.baselines.common import TrainingData, fit_student
 from pipeline.distill.student import sampler_section, save_student, student_config
 from pipeline.training.live import LiveLog
 from pipeline.training.optim import frozen, trainable_copy
+from pipeline.config.validation import described
 from pipeline.core.cost import CostMeter
 from pipeline.diffusion.denoisers import Denoiser, EDMPrecond
 from pipeline.diffusion.schedules import time_steps
@@ -92,12 +93,16 @@ def pd_loss(
     grid: torch.Tensor,  # teacher_grid(N): 2N + 1 timestamps
     generator: torch.Generator,
     weighting: str = "truncated_snr",
+    rows: tuple[int, int] | None = None,  # this process's rows of the global batch (torchrun); None: all
 ) -> torch.Tensor:
     """The round's loss on one batch of clean data y (module docstring)."""
     b = y.shape[0]
     n = (len(grid) - 1) // 2
     j = torch.randint(n, (b,), generator=generator)
     eps = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y.device, y.dtype)
+    if rows is not None:
+        y, j, eps = y[rows[0] : rows[1]], j[rows[0] : rows[1]], eps[rows[0] : rows[1]]
+        labels = None if labels is None else labels[rows[0] : rows[1]]
     sigma_a, sigma_m, sigma_b = (grid[2 * j + k].to(y.device) for k in (0, 1, 2))
     x_a = y + _col(sigma_a, y) * eps
     x_b, denoised_m = two_teacher_steps(teacher, x_a, sigma_a, sigma_m, sigma_b, labels)
@@ -124,8 +129,9 @@ def pd_round(
     """One round: train ``student`` (in place) to do in N Euler steps what ``teacher`` does in 2N."""
     grid = teacher_grid(student_steps, params.t_min, params.t_max, params.rho)
 
-    def loss_fn(y: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        return pd_loss(student, teacher, y, labels, grid, generator, params.weighting), 2 * len(y)
+    def loss_fn(y: torch.Tensor, labels: torch.Tensor | None, rows: tuple[int, int] | None) -> tuple[torch.Tensor, int]:
+        computed = len(y) if rows is None else rows[1] - rows[0]
+        return pd_loss(student, teacher, y, labels, grid, generator, params.weighting, rows), 2 * computed
 
     summary = fit_student(
         f"pd N={student_steps}", "progressive_distillation", student, teacher, data, params, loss_fn,
@@ -170,7 +176,7 @@ def progressive_distillation(
         config = student_config(
             teacher_config,
             sampler_section(params.student_schedule(n), afs=False),
-            {"kind": "progressive_distillation", "round": len(rounds) + 1, "params": asdict(params),
+            {"kind": "progressive_distillation", "round": len(rounds) + 1, "params": described(params),
              "round_summary": deterministic(summary), **(provenance or {})},
         )
         summary["checkpoint"] = str(save_student(out_dir / f"nfe{n}", student, config))

@@ -50,7 +50,7 @@ keeps a resumable training state in ``<state_dir>/nfe<T'>`` (pipeline.training).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ from pipeline.distill.baselines.common import TrainingData, fit_student
 from pipeline.distill.student import model_from_architecture, sampler_section, save_student, student_config
 from pipeline.training.live import LiveLog
 from pipeline.training.optim import frozen, trainable_copy
+from pipeline.config.validation import described
 from pipeline.core.cost import BACKWARD_FORWARD_RATIO, CostMeter
 from pipeline.diffusion.schedules import fine_num_steps
 from pipeline.diffusion.seeds import parse_seeds
@@ -140,6 +141,7 @@ def sfddm_loss(
     student_steps: int,  # T'
     generator: torch.Generator,
     feature_weight: float = 1.0,
+    rows: tuple[int, int] | None = None,  # this process's rows of the global batch (torchrun); None: all
 ) -> torch.Tensor:
     """mean|o_S(x_a) - o~| + w_h mean|h_S - h_T| with o~ from the teacher's c fine steps (module docstring)."""
     phi = torch.tensor(index_map(student_steps, len(teacher_sigmas) - 1))
@@ -147,6 +149,9 @@ def sfddm_loss(
     b = y.shape[0]
     t_prime = torch.randint(student_steps, (b,), generator=generator)
     eps = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y.device, y.dtype)
+    if rows is not None:
+        y, t_prime, eps = y[rows[0] : rows[1]], t_prime[rows[0] : rows[1]], eps[rows[0] : rows[1]]
+        labels = None if labels is None else labels[rows[0] : rows[1]]
     start = phi[t_prime]
     fine = teacher_sigmas[start[:, None] + torch.arange(c + 1)[None, :]]  # [B, c + 1], float64
     sigma_a, sigma_b = fine[:, 0], fine[:, -1]
@@ -216,9 +221,10 @@ def train_sfddm_student(
     c = params.teacher_steps // student_steps
     updates = params.updates if updates is None else updates
 
-    def loss_fn(y: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        loss = sfddm_loss(student, teacher, y, labels, sigmas, student_steps, generator, params.feature_weight)
-        return loss, c * len(y)
+    def loss_fn(y: torch.Tensor, labels: torch.Tensor | None, rows: tuple[int, int] | None) -> tuple[torch.Tensor, int]:
+        computed = len(y) if rows is None else rows[1] - rows[0]
+        loss = sfddm_loss(student, teacher, y, labels, sigmas, student_steps, generator, params.feature_weight, rows)
+        return loss, c * computed
 
     summary = fit_student(
         f"sfddm T'={student_steps}", "sfddm", student, teacher, data, params, loss_fn,
@@ -273,7 +279,7 @@ def sfddm_distillation(
                                       updates=updates, cost=cost, progress=progress, live=live,
                                       state_dir=None if state_dir is None else Path(state_dir) / f"nfe{t_prime}")
         sampler = sampler_section(params.student_schedule(t_prime), afs=False)
-        prov = {"params": asdict(params), "index_map": index_map(t_prime, params.teacher_steps), **(provenance or {})}
+        prov = {"params": described(params), "index_map": index_map(t_prime, params.teacher_steps), **(provenance or {})}
         save_student(Path(out_dir) / f"nfe{t_prime}", student,
                      student_config(teacher_config, sampler, {"kind": "sfddm", "summary": summary, **prov}))
         save_student(Path(control_dir) / f"nfe{t_prime}", teacher,

@@ -15,7 +15,7 @@ budget, as SFD's stage 1. Resumable from a ``state_dir`` (pipeline.training).
 
 from __future__ import annotations
 
-from dataclasses import asdict
+
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from pipeline.distill.baselines.common import TrainingData, fit_student
 from pipeline.distill.student import sampler_section, save_student, student_config
 from pipeline.training.live import LiveLog
 from pipeline.training.optim import frozen, trainable_copy
+from pipeline.config.validation import described
 from pipeline.core.cost import CostMeter
 from pipeline.diffusion.denoisers import Denoiser, EDMPrecond
 from pipeline.distill.losses import l1_loss, l2_loss
@@ -72,6 +73,7 @@ def vanilla_loss(
     params: VanillaParams,
     generator: torch.Generator,
     fine: torch.Tensor | None = None,
+    rows: tuple[int, int] | None = None,  # this process's rows of the global batch (torchrun); None: all
 ) -> torch.Tensor:
     """d(one student Euler step from x_n, the teacher's K sub-steps from x_n) on noised data (module docstring)."""
     sched = params.student_schedule()
@@ -81,6 +83,9 @@ def vanilla_loss(
     b = y.shape[0]
     n = torch.randint(first, sched.num_steps - 1, (b,), generator=generator)
     eps = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y.device, y.dtype)
+    if rows is not None:
+        y, n, eps = y[rows[0] : rows[1]], n[rows[0] : rows[1]], eps[rows[0] : rows[1]]
+        labels = None if labels is None else labels[rows[0] : rows[1]]
     t_cur, t_next = t[n].to(y.device), t[n + 1].to(y.device)
     x_n = y + t_cur.to(y.dtype).reshape(-1, *([1] * (y.ndim - 1))) * eps
     target = local_targets(teacher, x_n, n.to(y.device), fine, params.M, solver=params.solver,
@@ -106,9 +111,9 @@ def train_vanilla(
     counter = CountingDenoiser(teacher)
     fine = params.student_schedule().fine(params.M)
 
-    def loss_fn(y: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    def loss_fn(y: torch.Tensor, labels: torch.Tensor | None, rows: tuple[int, int] | None) -> tuple[torch.Tensor, int]:
         before = counter.images
-        loss = vanilla_loss(student, counter, y, labels, params, generator, fine)
+        loss = vanilla_loss(student, counter, y, labels, params, generator, fine, rows)
         return loss, counter.images - before
 
     return fit_student(
@@ -147,7 +152,7 @@ def vanilla_distillation(
     sampler = sampler_section(params.student_schedule(), afs=params.afs)
     save_student(out_dir, student, student_config(
         teacher_config, sampler,
-        {"kind": "vanilla_trajectory_distillation", "params": asdict(params), "summary": summary, **(provenance or {})},
+        {"kind": "vanilla_trajectory_distillation", "params": described(params), "summary": summary, **(provenance or {})},
     ))
     tqdm.write(f"vanilla: loss {summary['loss_first']:.4g} -> {summary['loss_last']:.4g}")
     return {**summary, "wall_seconds": round(cost.wall_seconds, 2), "forward_equivalents": cost.forward_equivalents()}
