@@ -1,0 +1,143 @@
+"""diffusers pixel teachers: D derived by hand from diffusers' own UNet output, DDIM (eta 0) = our Euler,
+bad folders, converted folders, the sigma-range defaults of discrete teachers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from pipeline.core.param_checks import PipelineError  # noqa: E402
+from pipeline.diffusion.solvers import solve  # noqa: E402
+from pipeline.teachers.loader import load_teacher  # noqa: E402
+
+
+def tiny_unet(**extra):
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=4, **extra,
+    )
+
+
+def save_pixel_folder(path, *, prediction_type="epsilon", beta_schedule="linear", num_train_timesteps=1000, **unet_extra):
+    unet = tiny_unet(**unet_extra)
+    sched = diffusers.DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                                    prediction_type=prediction_type)
+    diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(path)
+    return unet.eval(), sched
+
+
+def hand_d(unet, sched, x, tau, prediction_type, class_labels=None):
+    """x0 from diffusers' own UNet output at integer timestep tau, in the VE view (teachers.md)."""
+    abar = sched.alphas_cumprod[tau].double()
+    sigma = ((1 - abar) / abar).sqrt()
+    x_vp = (x.double() * abar.sqrt()).float()
+    with torch.no_grad():
+        o = unet(x_vp, torch.full((x.shape[0],), tau), class_labels=class_labels).sample.double()
+    if prediction_type == "epsilon":
+        return x.double() - sigma * o
+    if prediction_type == "v_prediction":
+        return abar.sqrt() * x_vp.double() - (1 - abar).sqrt() * o
+    return o
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_denoiser_equals_hand_derived(tmp_path, prediction_type, beta_schedule):
+    unet, sched = save_pixel_folder(tmp_path, prediction_type=prediction_type, beta_schedule=beta_schedule)
+    teacher = load_teacher(tmp_path)
+    model = teacher.model
+    assert teacher.sample_shape == (3, 8, 8) and teacher.num_classes == 0
+    # our float64 abar table matches diffusers' float32 one
+    torch.testing.assert_close(model.alphas_cumprod.float(), sched.alphas_cumprod, rtol=1e-5, atol=1e-6)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 3
+    for tau in (0, 17, 500, 999):
+        sigma = model.sigmas[tau]
+        assert float(model.sigma_to_t(sigma.reshape(1))) == tau  # exact on the grid
+        d = teacher.denoiser(x, torch.full((2,), float(sigma)))
+        # diffusers' abar is float32: near the end of squaredcos_cap_v2 (sigma ~ 1e4) x - sigma o cancels,
+        # so the tolerance scales with sigma
+        tol = 1e-4 * (1 + float(sigma))
+        torch.testing.assert_close(d.double(), hand_d(unet, sched, x, tau, prediction_type), rtol=1e-4, atol=tol)
+
+
+def test_sigma_between_grid_points_interpolates_log_sigma(tmp_path):
+    save_pixel_folder(tmp_path)
+    model = load_teacher(tmp_path).model
+    s = model.sigmas
+    mid = (s[100].log() * 0.25 + s[101].log() * 0.75).exp()
+    assert float(model.sigma_to_t(mid.reshape(1))) == pytest.approx(100.75, abs=1e-9)
+    # DDPM linear betas: sigma range 0.0100 ... 157.4 (teachers.md)
+    assert model.sigma_min == pytest.approx(0.0100, abs=1e-4) and model.sigma_max == pytest.approx(157.4, abs=0.1)
+
+
+def test_class_labels(tmp_path):
+    unet, sched = save_pixel_folder(tmp_path, num_class_embeds=5)
+    teacher = load_teacher(tmp_path)
+    assert teacher.num_classes == 5
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 3, 4])
+    tau = 250
+    d = teacher.denoiser(x, teacher.model.sigmas[tau].float().expand(3), labels)
+    torch.testing.assert_close(d.double(), hand_d(unet, sched, x, tau, "epsilon", labels), rtol=1e-4, atol=1e-4)
+    with pytest.raises(PipelineError, match="class embedding"):
+        teacher.denoiser(x, 1.0, None)
+
+
+def test_ddim_eta0_equals_euler(tmp_path):
+    unet, _ = save_pixel_folder(tmp_path, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    teacher = load_teacher(tmp_path)
+    ddim = diffusers.DDIMScheduler.from_pretrained(tmp_path / "scheduler", clip_sample=False, set_alpha_to_one=True)
+    assert ddim.config.prediction_type == "v_prediction"
+    num_steps = 6
+    ddim.set_timesteps(num_steps)
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    x_vp = z.clone()
+    with torch.no_grad():
+        for t in ddim.timesteps:
+            x_vp = ddim.step(unet(x_vp, t).sample, t, x_vp, eta=0.0).prev_sample
+    sig = teacher.model.sigmas
+    grid = torch.cat([sig[ddim.timesteps.long()], torch.zeros(1, dtype=torch.float64)])  # ends at abar = 1
+    x0 = z.double() * math.sqrt(1 + float(grid[0]) ** 2)  # x_ve = x_vp / sqrt(abar)
+    with torch.no_grad():
+        ours = solve(teacher.denoiser, x0, grid, "euler")
+    torch.testing.assert_close(ours, x_vp.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_folders_fail_with_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "unet").mkdir(parents=True)
+    (empty / "unet" / "config.json").write_text("{}")
+    with pytest.raises(PipelineError, match="model_index.json is missing") as e:
+        load_teacher(empty)
+    assert "\n" not in str(e.value)
+
+    bad_pred = tmp_path / "pred"
+    save_pixel_folder(bad_pred)
+    cfg_path = bad_pred / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "prediction_type": "flow"}))
+    with pytest.raises(PipelineError, match=r"scheduler_config.json: prediction_type 'flow'") as e:
+        load_teacher(bad_pred)
+    assert "\n" not in str(e.value)
+
+    no_abar = tmp_path / "noabar"
+    save_pixel_folder(no_abar)
+    cfg_path = no_abar / "scheduler" / "scheduler_config.json"
+    cfg = {k: v for k, v in json.loads(cfg_path.read_text()).items() if k not in ("beta_schedule", "trained_betas")}
+    cfg_path.write_text(json.dumps({**cfg, "_class_name": "ScoreSdeVeScheduler"}))
+    with pytest.raises(PipelineError, match=r"scheduler_config.json: no 'beta_schedule' key") as e:
+        load_teacher(no_abar)
+    assert "\n" not in str(e.value)
+
+    pickled = tmp_path / "bin"
+    save_pixel_folder(pickled)
+    (pickled / "unet" / "diffusion_pytorch_model.safetensors").rename(pickled / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(PipelineError, match="must be safetensors.*never loads"):
+        load_teacher(pickled)
