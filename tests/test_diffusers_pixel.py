@@ -141,3 +141,35 @@ def test_bad_folders_fail_with_one_line(tmp_path):
     (pickled / "unet" / "diffusion_pytorch_model.safetensors").rename(pickled / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(PipelineError, match="must be safetensors.*never loads"):
         load_teacher(pickled)
+
+
+def test_schedule_defaults_to_teacher_sigma_range_and_discrete_kind(tmp_path):
+    from pipeline.config.trajectories import TrajectoryParams
+    from pipeline.trajectories.spec import trajectory_specs
+
+    save_pixel_folder(tmp_path)
+    teacher = load_teacher(tmp_path)
+    lo, hi = teacher.sigma_range
+    params = TrajectoryParams.from_dict({"schedule": {"kind": "polynomial", "num_steps": 4}, "seeds": "0-3"})
+    (spec,) = trajectory_specs(params, teacher_hash=teacher.weights_hash, num_classes=0,
+                               sample_shape=teacher.sample_shape, **teacher.spec_options())
+    t = spec.schedule.t_steps()
+    assert float(t[0]) == pytest.approx(hi, rel=1e-12) and float(t[-1]) == pytest.approx(lo, rel=1e-12)
+    assert "prompt_set" not in spec.description()  # only text-to-image teachers add it
+
+    # the discrete kind runs on the teacher's own sigma grid
+    params = TrajectoryParams.from_dict({"schedule": {"kind": "discrete", "num_steps": 5, "rho": 1.0}, "M": 1})
+    (spec,) = trajectory_specs(params, teacher_hash=teacher.weights_hash, num_classes=0,
+                               sample_shape=teacher.sample_shape, **teacher.spec_options())
+    grid = teacher.model.sigmas
+    for s in spec.schedule.fine(spec.M):
+        assert torch.isclose(grid, s.to(torch.float64), rtol=1e-12, atol=0).any()
+    assert float(spec.schedule.t_steps()[0]) == pytest.approx(hi, rel=1e-12)
+
+    # a schedule asking for sigma outside the teacher's range: one line naming the key and the range
+    params = TrajectoryParams.from_dict({"schedule": {"kind": "polynomial", "num_steps": 4, "t_min": 0.002, "t_max": 80.0}})
+    with pytest.raises(PipelineError, match=r"trajectories.schedule.t_min: 0.002 is below the discrete teacher's smallest sigma 0.01"):
+        trajectory_specs(params, teacher_hash="x", num_classes=0, sample_shape=(3, 8, 8), **teacher.spec_options())
+    params = TrajectoryParams.from_dict({"schedule": {"kind": "polynomial", "num_steps": 4, "t_min": 0.02, "t_max": 200.0}})
+    with pytest.raises(PipelineError, match=r"t_max: 200.0 is above the discrete teacher's largest sigma 157"):
+        trajectory_specs(params, teacher_hash="x", num_classes=0, sample_shape=(3, 8, 8), **teacher.spec_options())

@@ -126,6 +126,31 @@ class Teacher:
         """The bound prompt set of a text-to-image teacher (labels index it); None otherwise."""
         return getattr(self.model, "prompts", None)
 
+    @property
+    def alphas_cumprod(self) -> list[float] | None:
+        """The abar table of a discrete (diffusers) teacher, float64 values; None for a continuous one."""
+        abar = getattr(self.model, "alphas_cumprod", None)
+        return None if abar is None else abar.double().cpu().tolist()
+
+    @property
+    def sigma_range(self) -> tuple[float, float] | None:
+        """(sigma_min, sigma_max) of a discrete teacher's table; None for a continuous one."""
+        if getattr(self.model, "alphas_cumprod", None) is None:
+            return None
+        return float(self.model.sigma_min), float(self.model.sigma_max)
+
+    @property
+    def prompt_set_hash(self) -> str | None:
+        """Hash of the bound prompt set of a text-to-image teacher (part of the store key); None otherwise."""
+        from pipeline.teachers.prompts import prompt_set_hash
+
+        return prompt_set_hash(self.prompts) if self.prompts else None
+
+    def spec_options(self) -> dict[str, Any]:
+        """What :func:`pipeline.trajectories.spec.trajectory_specs` needs beyond hash, classes and shape:
+        the abar table (schedule range and the discrete kind) and the prompt-set hash."""
+        return {"alphas_cumprod": self.alphas_cumprod, "prompt_set": self.prompt_set_hash}
+
     def sampling_denoiser(self, spec: SamplerSpec | None = None) -> Denoiser:
         """D(x, sigma, labels) for sampling with ``spec`` (default: its own sampler): the step condition
         bound at the spec's N and guidance applied (pipeline.diffusion.sampling.make_denoiser)."""

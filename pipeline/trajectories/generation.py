@@ -258,7 +258,8 @@ def run_trajectories_stage(
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     check_store_location(out)  # before the teacher is loaded; writes nothing
     teacher, denoiser, teacher_hash = load_trajectory_teacher(p.teacher, teacher_ckpt, device=device)
-    specs = trajectory_specs(p, teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape)
+    specs = trajectory_specs(p, teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape,
+                             **teacher.spec_options())
     results = []
     teacher_images = 0
     for spec in specs:
