@@ -28,8 +28,8 @@ def main(
     cost = CostMeter("teacher", resolve_device(p.device))
     description = {k: info[k] for k in ("name", "sample_shape", "num_classes", "sizes", "provenance")}
     if p.pretrained is not None:
-        summary = import_pretrained_teacher(p.pretrained, out, description)
-        cost.extra["role"] = "pretrained teacher from teacher.pretrained: copied, or converted from an EDM pickle (no training)"
+        summary = import_pretrained_teacher(p.pretrained, out, description, prompts=p.prompts)
+        cost.extra["role"] = "pretrained teacher from teacher.pretrained: copied, or converted from an EDM pickle or a diffusers folder (no training)"
     else:
         images, labels = load_split(data, "train")
         summary = train_teacher(p, images, labels, info["num_classes"], out, state_dir=state,
