@@ -181,3 +181,73 @@ def test_whole_pipeline_trajectories_distill_sample_decode(t2i, tmp_path):
     torch.testing.assert_close(x, lat, rtol=1e-4, atol=1e-4)
     ours, _, _ = sample_teacher(student, [0], labels="1", guidance=3.0)
     torch.testing.assert_close(image, ours, rtol=1e-4, atol=1e-4)
+
+
+class PooledFeatures:
+    """A stand-in feature space: per-channel means and stds of the decoded images (6-d)."""
+
+    kind, layer = "inception", "f"
+
+    def extract(self, images):
+        x = images.double().flatten(2)
+        return {"f": torch.cat([x.mean(-1), x.std(-1)], dim=1)}
+
+
+def test_evaluation_decodes_and_samples_students_at_any_w(t2i, tmp_path):
+    """The evaluate stage's entries: VAE-decoded images, extra guidance entries, CLIP score with a local CLIP."""
+    import transformers
+    from diffusers_fixtures import save_tiny_tokenizer
+
+    from pipeline.distill.student import sampler_section, save_student, student_config, student_from_checkpoint
+    from pipeline.diffusion.schedules import Schedule
+    from pipeline.evaluation.clip_score import ClipScorer
+    from pipeline.evaluation.evaluate import evaluate_entries, student_entries
+
+    root, _, _ = t2i
+    init = student_from_checkpoint(root / "converted")
+    schedule = Schedule("polynomial", 3, 0.1, 14.6, 7.0)
+    save_student(tmp_path / "s", init.model, student_config(init.config, sampler_section(schedule, afs=True), {}))
+    entries = student_entries("sfd", tmp_path / "s", "cpu", guidance=[1.0, 3.0])
+    assert [e.key for e in entries] == ["sfd/nfe1", "sfd-w3/nfe1"] and entries[1].spec.guidance == 3.0
+    assert entries[0].prompts == PROMPTS and entries[0].decode is not None
+
+    tok, vocab = save_tiny_tokenizer()
+    torch.manual_seed(0)
+    clip_model = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=8)).eval()
+    clip_model.save_pretrained(tmp_path / "clip")
+    tok.save_pretrained(tmp_path / "clip")
+    clip = ClipScorer(tmp_path / "clip")
+
+    seeds = list(range(6))
+    reference = {"f": torch.randn(32, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))}
+    results = evaluate_entries(entries, seeds, PooledFeatures(), reference, batch_size=6, kid_subsets=2,
+                               kid_subset_size=4, grids_dir=tmp_path / "grids", clip=clip)
+    assert set(results) == {"sfd/nfe1", "sfd-w3/nfe1"}
+    for r in results.values():
+        assert math.isfinite(r["fid"]) and 0 <= r["clip_score"] <= 100
+    assert results["sfd/nfe1"]["fid"] != results["sfd-w3/nfe1"]["fid"]
+    assert (tmp_path / "grids" / "sfd-w3_nfe1.png").is_file()
+
+    # the CLIP score by hand for the w = 3 entry's decoded images
+    from pipeline.diffusion.seeds import seed_labels
+
+    student = load_student(tmp_path / "s")
+    labels = seed_labels(seeds, 3)
+    imgs, _, _ = sample_teacher(student, seeds, labels=labels, guidance=3.0)
+    texts = [PROMPTS[i] for i in labels.tolist()]
+    with torch.no_grad():
+        x = torch.nn.functional.interpolate((imgs + 1) / 2, size=(32, 32), mode="bicubic", antialias=True)
+        x = (x.clamp(0, 1) - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)) / torch.tensor(
+            [0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+        img = clip_model.vision_model(pixel_values=x).pooler_output
+        img = clip_model.visual_projection(img)
+        ids = tok(texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+        txt = clip_model.text_projection(clip_model.text_model(input_ids=ids).pooler_output)
+        cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+    assert results["sfd-w3/nfe1"]["clip_score"] == pytest.approx(float((100 * cos).clamp(min=0).mean()), abs=1e-3)
+    assert clip.score(imgs, texts) == pytest.approx(float((100 * cos).clamp(min=0).mean()), abs=1e-3)
+    assert (cos > 0).any() and (cos < 0).any()  # the clamp matters on these samples
