@@ -173,3 +173,73 @@ def test_schedule_defaults_to_teacher_sigma_range_and_discrete_kind(tmp_path):
     params = TrajectoryParams.from_dict({"schedule": {"kind": "polynomial", "num_steps": 4, "t_min": 0.02, "t_max": 200.0}})
     with pytest.raises(PipelineError, match=r"t_max: 200.0 is above the discrete teacher's largest sigma 157"):
         trajectory_specs(params, teacher_hash="x", num_classes=0, sample_shape=(3, 8, 8), **teacher.spec_options())
+
+
+def test_import_cli_converted_folder_identical_and_teacher_stage(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.teachers.training import import_pretrained_teacher
+
+    src = tmp_path / "ddpm"
+    save_pixel_folder(src, prediction_type="v_prediction", num_class_embeds=3)
+    result = CliRunner().invoke(app, ["teacher", "import", str(src), "--out", str(tmp_path / "conv")])
+    assert result.exit_code == 0, result.output
+    assert "diffusers UNet2DModel (v_prediction)" in result.output and "3 classes" not in result.output
+    a, b = load_teacher(src), load_teacher(tmp_path / "conv")
+    assert a.weights_hash == b.weights_hash and b.num_classes == 3 and b.sigma_range == a.sigma_range
+    assert json.loads((tmp_path / "conv" / "model.json").read_text())["architecture"] == "diffusers"
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 10
+    labels = torch.tensor([0, 1, 2, 1])
+    for sigma in (0.02, 0.7, 3.3, 150.0):  # between grid points too
+        assert torch.equal(a.denoiser(x, sigma, labels), b.denoiser(x, sigma, labels))
+
+    # the teacher stage with teacher.pretrained pointing at the diffusers folder
+    info = import_pretrained_teacher(src, tmp_path / "models" / "teacher", {"sample_shape": [3, 8, 8]})
+    assert info["architecture"] == "diffusers" and info["weights_hash"] == a.weights_hash
+    assert load_teacher(tmp_path / "models" / "teacher").weights_hash == a.weights_hash
+    with pytest.raises(PipelineError, match=r"makes samples of shape \[3, 8, 8\], the data has \[1, 8, 8\]"):
+        import_pretrained_teacher(src, tmp_path / "other", {"sample_shape": [1, 8, 8]})
+
+    bad = CliRunner().invoke(app, ["teacher", "import", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2
+
+
+def test_pixel_student_export_samples_with_plain_diffusers(tmp_path):
+    """Distilled pixel student -> sfd export --format diffusers -> the README loop equals sfd sample."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.diffusion.schedules import Schedule
+    from pipeline.diffusion.seeds import seed_noise
+    from pipeline.distill.student import sampler_section, save_student, student_config, student_from_checkpoint
+    from pipeline.evaluation.samples import sample_teacher
+    from pipeline.teachers.loader import load_student
+
+    src = tmp_path / "ddpm"
+    save_pixel_folder(src)
+    CliRunner().invoke(app, ["teacher", "import", str(src), "--out", str(tmp_path / "teacher")])
+    init = student_from_checkpoint(tmp_path / "teacher")
+    with torch.no_grad():
+        for p in init.model.unet.parameters():  # pretend distillation changed it
+            p.add_(0.01 * torch.randn_like(p))
+    schedule = Schedule("polynomial", 4, 0.02, 80.0, 7.0)
+    save_student(tmp_path / "sfd", init.model, student_config(init.config, sampler_section(schedule, afs=True), {}))
+    result = CliRunner().invoke(app, ["export", "--ckpt", str(tmp_path / "sfd"), "--format", "diffusers",
+                                      "--out", str(tmp_path / "export")])
+    assert result.exit_code == 0, result.output
+    unet = diffusers.UNet2DModel.from_pretrained(tmp_path / "export" / "unet").eval()
+    s = json.loads((tmp_path / "export" / "sfd_sampler.json").read_text())
+    assert s["afs"] is True and s["guidance"] == 1.0 and s["nfe"] == 2 and len(s["sigmas"]) == 4
+    sig, ts = s["sigmas"], s["timesteps"]
+    x = sig[0] * seed_noise([0, 1], s["sample_shape"]).float()
+    with torch.no_grad():
+        for i in range(len(sig) - 1):
+            eps = x / (1 + sig[0] ** 2) ** 0.5 if (i == 0 and s["afs"]) else unet(x / (1 + sig[i] ** 2) ** 0.5, torch.tensor(ts[i])).sample
+            x = x + (sig[i + 1] - sig[i]) * eps
+    ours, _, _ = sample_teacher(load_student(tmp_path / "sfd"), [0, 1])
+    torch.testing.assert_close(x, ours, rtol=1e-4, atol=1e-4)
+    with pytest.raises(PipelineError, match="not a distilled diffusers UNet|no sampler section"):
+        from pipeline.teachers.diffusers_export import export_diffusers
+
+        export_diffusers(tmp_path / "teacher", tmp_path / "bad")

@@ -173,8 +173,8 @@ def test_whole_pipeline_trajectories_distill_sample_decode(t2i, tmp_path):
                 eps = x / (1 + sig[0] ** 2) ** 0.5
             else:
                 x_in = x / (1 + sig[i] ** 2) ** 0.5
-                e_c = unet(x_in, ts[i], encoder_hidden_states=cond).sample
-                e_u = unet(x_in, ts[i], encoder_hidden_states=uncond).sample
+                e_c = unet(x_in, torch.tensor(ts[i]), encoder_hidden_states=cond).sample
+                e_u = unet(x_in, torch.tensor(ts[i]), encoder_hidden_states=uncond).sample
                 eps = e_u + w * (e_c - e_u)
             x = x + (sig[i + 1] - sig[i]) * eps
         image = vae.decode(x / s["vae_scaling_factor"]).sample.clamp(-1, 1)
