@@ -251,3 +251,17 @@ def test_evaluation_decodes_and_samples_students_at_any_w(t2i, tmp_path):
     assert results["sfd-w3/nfe1"]["clip_score"] == pytest.approx(float((100 * cos).clamp(min=0).mean()), abs=1e-3)
     assert clip.score(imgs, texts) == pytest.approx(float((100 * cos).clamp(min=0).mean()), abs=1e-3)
     assert (cos > 0).any() and (cos < 0).any()  # the clamp matters on these samples
+
+
+def test_teacher_stage_import_of_a_latent_folder(t2i, tmp_path):
+    from pipeline.teachers.training import import_pretrained_teacher
+
+    root, _, _ = t2i
+    info = import_pretrained_teacher(root / "sd", tmp_path / "teacher", {"sample_shape": [3, 16, 16]}, prompts=root / "prompts.txt")
+    assert info["prompts"] == 3 and load_teacher(tmp_path / "teacher").prompts == PROMPTS
+    with pytest.raises(PipelineError, match=r"decodes its \[4, 8, 8\] latents to images of shape \[3, 16, 16\], the data has \[3, 32, 32\]"):
+        import_pretrained_teacher(root / "sd", tmp_path / "t2", {"sample_shape": [3, 32, 32]})
+    with pytest.raises(PipelineError, match="teacher.prompts: .*nope.txt does not exist"):
+        import_pretrained_teacher(root / "sd", tmp_path / "t3", {}, prompts=root / "nope.txt")
+    with pytest.raises(PipelineError, match="missing-folder/model.safetensors is missing.*a diffusers folder"):
+        import_pretrained_teacher(root / "missing-folder", tmp_path / "t4", {})

@@ -229,6 +229,17 @@ def build_diffusers_model(config: dict[str, Any], *, where: str = "model.json") 
     return model
 
 
+def image_shape(model: DiffusersVP) -> list[int]:
+    """Shape of one image the model makes: its sample shape, or for a latent model the VAE's decoded shape
+    (channels out_channels, each side times 2^(number of VAE blocks - 1))."""
+    vae = model.components.get("vae")
+    if vae is None:
+        return list(model.sample_shape)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    _, h, w = model.sample_shape
+    return [int(vae.config.out_channels), h * factor, w * factor]
+
+
 def diffusers_teacher_hash(model: DiffusersVP) -> str:
     """What determines D: the UNet's weights, the abar table and prediction type, the text encoder's weights."""
     enc = model.components.get("text_encoder")
@@ -282,8 +293,10 @@ def convert_diffusers_folder(source: str | Path, out_dir: str | Path, *, prompts
     prompts = read_prompts(prompts_file) if prompts_file is not None else None
     model = load_diffusers_folder(source, prompts=prompts)
     want = list((data_description or {}).get("sample_shape") or [])
-    if want and want != list(model.sample_shape):
-        raise DiffusersError(f"teacher.pretrained: {source} makes samples of shape {list(model.sample_shape)}, the data has {want}")
+    made = image_shape(model)
+    if want and want != made:
+        what = f"decodes its {list(model.sample_shape)} latents to images of shape" if model.latent else "makes samples of shape"
+        raise DiffusersError(f"teacher.pretrained: {source} {what} {made}, the data has {want}")
     config = checkpoint_config(model, provenance={
         "kind": "teacher", "source_folder": str(source), "importer": "pipeline.teachers.diffusers_folder",
         "prompts_file": None if prompts_file is None else str(prompts_file),
