@@ -188,7 +188,7 @@ class Schedule:
             raise ParamError(f"{section}: {e}") from None
 
 
-SIGMA_RANGE_RTOL = 1e-6  # slack when comparing a schedule's endpoints with the teacher's sigma range
+SIGMA_RANGE_RTOL = 1e-3  # slack (0.1%) for endpoints such as t_min 0.01 vs DDPM's sigma_0 = 0.0100005 (the denoiser clamps to the table)
 
 
 def fit_to_teacher(
