@@ -14,7 +14,13 @@
   solver oracles); options num_components, sample_shape, std, seed, conditional;
 - an NVlabs/edm snapshot pickle (a path ending in ``.pkl``, e.g. ``edm-cifar10-32x32-uncond-vp.pkl``),
   read safely by :func:`pipeline.teachers.edm_pickle.load_edm_pickle` (no pickled code runs), or the
-  checkpoint directory ``sfd teacher import`` converts it into.
+  checkpoint directory ``sfd teacher import`` converts it into;
+- a diffusers folder (``model_index.json``, or ``unet/`` + ``scheduler/``): a pixel ``UNet2DModel`` or a
+  latent text-to-image pipeline, read by :mod:`pipeline.teachers.diffusers_folder` (safetensors only) as a
+  :class:`pipeline.networks.diffusers_vp.DiffusersVP` (VE view, k-diffusion timestep interpolation);
+  option ``prompts`` (a prompt file or list) binds a text-to-image teacher's prompt set. Its converted
+  checkpoint has ``"architecture": "diffusers"`` in model.json (with side files for the VAE, text
+  encoder, tokenizer and prompts) and loads with identical outputs.
 
 Checkpoint formats (model.json): this project's U-Net has a ``"network"`` section (no
 ``"architecture"`` key); an EDM network has ``"architecture": "edm"`` and an ``"edm"`` section
