@@ -243,3 +243,46 @@ def test_pixel_student_export_samples_with_plain_diffusers(tmp_path):
         from pipeline.teachers.diffusers_export import export_diffusers
 
         export_diffusers(tmp_path / "teacher", tmp_path / "bad")
+
+
+def test_sfd_v_step_condition_on_a_diffusers_unet(tmp_path):
+    """SFD-v: zero-initialised step layers on the UNet's time embedding; trajectories_v -> distill_v end to end."""
+    from pipeline.config.params import parse_params
+    from pipeline.distill.sfd import run_distill_stage
+    from pipeline.distill.student import student_from_checkpoint
+    from pipeline.teachers.diffusers_folder import convert_diffusers_folder
+    from pipeline.teachers.loader import load_student
+    from pipeline.trajectories.generation import run_trajectories_stage
+
+    save_pixel_folder(tmp_path / "ddpm")
+    convert_diffusers_folder(tmp_path / "ddpm", tmp_path / "teacher")
+    teacher = load_teacher(tmp_path / "teacher")
+    init = student_from_checkpoint(tmp_path / "teacher", step_condition=True)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        n = torch.tensor([4, 4])
+        assert torch.equal(init.model(x, 2.0, None, num_steps=n), teacher.denoiser(x, 2.0))  # starts as the teacher
+        init.model.map_steps[2].weight.normal_()
+        assert not torch.allclose(init.model(x, 2.0, None, num_steps=n), init.model(x, 2.0, None, num_steps=n + 1))
+    with pytest.raises(PipelineError, match="step-conditioned"):
+        init.model(x, 2.0)
+
+    params = parse_params({
+        "loss": "l2",
+        "trajectories_v": {"seeds": "0-7", "chunk_size": 8, "batch_size": 8, "M": 1, "solver": "euler",
+                           "schedule": {"kind": "polynomial", "num_steps": [3, 4], "t_min": 0.02, "t_max": 80.0}},
+        "distill_v": {"trajectories": "trajectories_v", "step_condition": True, "kimg": 0.016, "batch_size": 8,
+                      "checkpoint_every_kimg": 0.008, "log_every_kimg": 0.008, "device": "cpu"},
+    })
+    store = tmp_path / "traj.zarr"
+    run_trajectories_stage(params.trajectories_v, store, name="trajectories_v", device="cpu",
+                           teacher_ckpt=tmp_path / "teacher", progress=False)
+    run_distill_stage(params.distill_v, trajectories=params.trajectories_v, loss="l2", name="distill_v", store=store,
+                      teacher_ckpt=tmp_path / "teacher", out=tmp_path / "sfd_v", state_dir=tmp_path / "state",
+                      metrics=tmp_path / "m.json", live_dir=None, cost_path=None, progress=False)
+    student = load_student(tmp_path / "sfd_v", num_steps=3)
+    assert student.model.step_condition and student.sampler.step_condition == (3, 4) and student.num_steps == 3
+    assert json.loads((tmp_path / "sfd_v" / "model.json").read_text())["diffusers"]["step_condition"] is True
+    a = student.denoiser(x, 2.0)
+    b = load_student(tmp_path / "sfd_v", num_steps=4).denoiser(x, 2.0)
+    assert a.shape == (2, 3, 8, 8) and not torch.equal(a, b)  # the bound N matters after distillation

@@ -10,7 +10,7 @@
   loaded by pipeline.teachers.loader (``load_student`` / ``load_teacher``).
 - A diffusers UNet (model.json ``"architecture": "diffusers"``, pipeline.networks.diffusers_vp): the
   student fine-tunes the same UNet; its VAE, text encoder and prompt set are copied into the student's
-  checkpoint (no SFD-v step condition).
+  checkpoint; SFD-v adds zero-initialised step layers (``sfd_map_steps.*``) to the UNet's time embedding.
 - Either architecture: this project's U-Net (:class:`EDMPrecond`, model.json ``"network"``) or an
   EDM network (a preconditioner of pipeline.diffusion.preconditioners, model.json
   ``"architecture": "edm"``). The code here and in pipeline.distill only uses their common
@@ -70,10 +70,18 @@ def student_from_checkpoint(
     teacher = load_teacher(teacher_ckpt)  # before the seed: building its network draws from the global RNG
     config, tensors = teacher.config, teacher.model.checkpoint_state_dict()
     if is_diffusers_config(config):  # the same diffusers UNet, fine-tuned (its VAE / text encoder ride along)
-        if step_condition:
-            raise ParamError("step_condition: the SFD-v step condition is not available for diffusers UNets; "
-                             "distil one N per model (step_condition: false)")
-        model = teacher.model.to(device).train().requires_grad_(True)
+        model = teacher.model
+        if step_condition and not model.step_condition:  # SFD-v: new zero-initialised step layers
+            from pipeline.networks.diffusers_vp import DiffusersVP
+
+            torch.manual_seed(seed)
+            stepped = DiffusersVP(model.unet, model.unet_class, model.scheduler_config, step_condition=True)
+            stepped.diffusers_section = model.diffusers_section
+            stepped.components.update(model.components)
+            stepped.prompts, stepped.cond_table, stepped.null_cond = model.prompts, model.cond_table, model.null_cond
+            stepped.source_dir = model.source_dir
+            model = stepped
+        model = model.to(device).train().requires_grad_(True)
         base = {**model.checkpoint_architecture(), "data": copy.deepcopy(config.get("data", {}))}
         return StudentInit(model, base, hash_state_dict(model.checkpoint_state_dict()), str(teacher_ckpt))
     if is_edm_config(config):

@@ -45,6 +45,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 DEFAULT_VAE_SCALING = 0.18215
+STEP_PREFIX = "sfd_map_steps."  # SFD-v step-condition layers in model.safetensors
+STEP_FREQS = 8  # sin/cos features of N
 INSTALL_HINT = "pip install sfd-pipeline[diffusers]"
 
 
@@ -128,7 +130,7 @@ class DiffusersVP(nn.Module):
     """D(x, sigma, labels) of a diffusers UNet + scheduler config (see the module docstring)."""
 
     def __init__(self, unet: nn.Module, unet_class: str, scheduler_config: dict[str, Any], *,
-                 where: str = "scheduler/scheduler_config.json") -> None:
+                 where: str = "scheduler/scheduler_config.json", step_condition: bool = False) -> None:
         super().__init__()
         self.unet = unet
         self.unet_class = unet_class
@@ -142,6 +144,15 @@ class DiffusersVP(nn.Module):
         self.prompts: list[str] | None = None
         # VAE, text encoder, tokenizer: outside the module tree (not trained, not in state_dict)
         object.__setattr__(self, "components", {})
+        # SFD-v: an embedding of N added to the UNet's time embedding (its last layer zero: starts as the UNet)
+        self.map_steps: nn.Module | None = None
+        self._step_emb: torch.Tensor | None = None
+        if step_condition:
+            dim = int(unet.time_embedding.linear_2.out_features)
+            self.map_steps = nn.Sequential(nn.Linear(STEP_FREQS * 2, dim), nn.SiLU(), nn.Linear(dim, dim))
+            nn.init.zeros_(self.map_steps[2].weight)
+            nn.init.zeros_(self.map_steps[2].bias)
+            unet.time_embedding.register_forward_hook(self._add_step_embedding)
 
     # -- the schedule ------------------------------------------------------------------------------
     @property
@@ -192,10 +203,33 @@ class DiffusersVP(nn.Module):
         self.prompts = None if prompts is None else list(prompts)
 
     # -- the denoiser ------------------------------------------------------------------------------
+    def _add_step_embedding(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if self._step_emb is None:
+            raise DiffusersError("num_steps: this UNet is step-conditioned (SFD-v); pass num_steps=[B] (the sampler's N)")
+        return output + self._step_emb.to(output.dtype)
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None,
                 **net_kwargs: Any) -> torch.Tensor:
+        num_steps = net_kwargs.pop("num_steps", None)
         if net_kwargs:
-            raise TypeError(f"a diffusers UNet takes no extra inputs, got {sorted(net_kwargs)}")
+            raise TypeError(f"a diffusers UNet takes no extra inputs but num_steps, got {sorted(net_kwargs)}")
+        if self.map_steps is None:
+            if num_steps is not None:
+                raise DiffusersError("num_steps: this UNet is not step-conditioned (SFD-v)")
+            return self._forward(x, sigma, labels)
+        if num_steps is None:
+            raise DiffusersError("num_steps: this UNet is step-conditioned (SFD-v); pass num_steps=[B] (the sampler's N)")
+        n = torch.as_tensor(num_steps, device=x.device).reshape(-1).expand(x.shape[0]).to(torch.float32)
+        freqs = torch.arange(STEP_FREQS, device=x.device, dtype=torch.float32)
+        angles = n[:, None] * (0.5 ** freqs)[None, :]  # N = 1..~100 resolved by the low frequencies
+        features = torch.cat([angles.sin(), angles.cos()], dim=1).to(next(self.map_steps.parameters()).dtype)
+        self._step_emb = self.map_steps(features)
+        try:
+            return self._forward(x, sigma, labels)
+        finally:
+            self._step_emb = None
+
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None) -> torch.Tensor:
         if self.text_conditioned:
             if labels is None or labels.is_floating_point():  # None: empty prompt; float [B, L, D]: a cond
                 cond = labels
@@ -243,19 +277,37 @@ class DiffusersVP(nn.Module):
     # -- the distillation interface (as EDMPrecond's) ----------------------------------------------
     @property
     def step_condition(self) -> bool:
-        return False
+        return self.map_steps is not None
 
     def checkpoint_module(self) -> nn.Module:
-        return self.unet
+        return self
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.unet.state_dict()
+        """model.safetensors: the UNet's state dict (diffusers' names), plus ``sfd_map_steps.*`` for SFD-v."""
+        state = dict(self.unet.state_dict())
+        if self.map_steps is not None:
+            state.update({f"{STEP_PREFIX}{k}": v for k, v in self.map_steps.state_dict().items()})
+        return state
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], where: str, *, allow_missing_steps: bool = False) -> None:
+        """Load :meth:`checkpoint_state_dict`'s tensors strictly (``allow_missing_steps``: new SFD-v layers stay)."""
+        unet = {k: v for k, v in tensors.items() if not k.startswith(STEP_PREFIX)}
+        steps = {k[len(STEP_PREFIX):]: v for k, v in tensors.items() if k.startswith(STEP_PREFIX)}
+        missing, unexpected = self.unet.load_state_dict(unet, strict=False)
+        if self.map_steps is not None and (steps or not allow_missing_steps):
+            m2, u2 = self.map_steps.load_state_dict(steps, strict=False)
+            missing, unexpected = missing + [STEP_PREFIX + k for k in m2], unexpected + [STEP_PREFIX + k for k in u2]
+        elif self.map_steps is None and steps:
+            unexpected = unexpected + [STEP_PREFIX + k for k in steps]
+        if missing or unexpected:
+            raise DiffusersError(f"{where} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
     def checkpoint_architecture(self) -> dict[str, Any]:
         """model.json's architecture part: ``{"architecture": "diffusers", "diffusers": {...}}`` (see
         :func:`pipeline.teachers.diffusers_folder.diffusers_section`)."""
         section = copy.deepcopy(getattr(self, "diffusers_section", None) or {})
-        section.update(unet_class=self.unet_class, unet=dict(self.unet.config), scheduler=self.scheduler_config)
+        section.update(unet_class=self.unet_class, unet=dict(self.unet.config), scheduler=self.scheduler_config,
+                       step_condition=self.step_condition)
         return {"architecture": DIFFUSERS_ARCHITECTURE, "diffusers": _plain(section)}
 
     # -- latent models -----------------------------------------------------------------------------

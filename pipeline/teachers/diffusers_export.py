@@ -38,6 +38,9 @@ def export_diffusers(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     if not isinstance(model, DiffusersVP):
         raise ParamError(f"--format diffusers: {ckpt} is not a distilled diffusers UNet (its teacher was not a diffusers folder)")
     spec = student.sampler_spec()
+    if model.step_condition:
+        raise ParamError(f"--format diffusers: {ckpt} is step-conditioned (SFD-v); its step layers have no diffusers "
+                         "equivalent, export a single-N student (distill, distill_stage2)")
     if spec.solver != "euler":
         raise ParamError(f"--format diffusers: the checkpoint's sampler is {spec.solver!r}; the export describes Euler samplers only")
     sigmas = spec.t_steps()

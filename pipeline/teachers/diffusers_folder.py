@@ -196,7 +196,7 @@ def load_converted_diffusers(path: str | Path, config: dict[str, Any], tensors: 
     """A converted checkpoint folder (model.json ``"architecture": "diffusers"``) as a DiffusersVP in eval mode."""
     path = Path(path)
     model = build_diffusers_model(config, where=f"{path}/model.json")
-    _load_strict(model.unet, tensors, f"{path}/model.safetensors")
+    model.load_checkpoint_state(tensors, f"{path}/model.safetensors")
     section = config["diffusers"]
     if section.get("vae"):
         cls, vae = _build_vae(section["vae"]["config"], f"{path}/model.json: diffusers.vae")
@@ -219,12 +219,14 @@ def load_converted_diffusers(path: str | Path, config: dict[str, Any], tensors: 
 
 
 def build_diffusers_model(config: dict[str, Any], *, where: str = "model.json") -> DiffusersVP:
-    """The bare DiffusersVP (random UNet, no VAE / text encoder) that a model.json describes."""
+    """The bare DiffusersVP (random UNet, no VAE / text encoder) that a model.json describes (with its SFD-v
+    step condition when ``diffusers.step_condition`` is true)."""
     section = config.get("diffusers")
     if not isinstance(section, dict) or not all(k in section for k in ("unet_class", "unet", "scheduler")):
         raise DiffusersError(f"{where}: architecture 'diffusers' needs a diffusers section with unet_class, unet, scheduler")
     unet = build_unet(section["unet_class"], section["unet"], where=f"{where}: diffusers.unet")
-    model = DiffusersVP(unet, section["unet_class"], section["scheduler"], where=f"{where}: diffusers.scheduler")
+    model = DiffusersVP(unet, section["unet_class"], section["scheduler"], where=f"{where}: diffusers.scheduler",
+                        step_condition=bool(section.get("step_condition", False)))
     model.diffusers_section = {k: section.get(k) for k in ("vae", "text_encoder", "tokenizer")}
     return model
 

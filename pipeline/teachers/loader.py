@@ -287,10 +287,7 @@ def build_denoiser(config: dict[str, Any], tensors: dict[str, torch.Tensor], whe
     """
     if is_diffusers_config(config):  # the UNet alone (no VAE / text encoder): load_network adds them
         model = build_diffusers_model(config, where=where.removesuffix("/model.safetensors") + "/model.json")
-        missing, unexpected = model.unet.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{where} does not match its diffusers unet config: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
+        model.load_checkpoint_state(tensors, where)
         return model
     if is_edm_config(config):
         edm = config.get("edm")
