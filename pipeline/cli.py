@@ -64,7 +64,7 @@ def sample(
     schedule: str = typer.Option(None, help="schedule kind: polynomial|logsnr|time_uniform"),
     afs: bool = typer.Option(None, "--afs/--no-afs", help="analytical first step"),
     guidance: float = typer.Option(None, help="classifier-free guidance scale w (1 = conditional only)"),
-    labels: str = typer.Option(None, help="'seed' (per-seed, default), 'none', a class k, or one per seed 'a,b,...'"),
+    labels: str = typer.Option(None, help="'seed' (per-seed, default), 'none', a class k, or one per seed 'a,b,...' (text-to-image: prompt indices)"),
     batch_size: int = typer.Option(500, help="samples per batch (results do not depend on it)"),
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
 ) -> None:
@@ -76,6 +76,24 @@ def sample(
         solver=solver, max_order=max_order, num_steps=num_steps, schedule=schedule, afs=afs, guidance=guidance,
     )
     typer.echo(f"sample: {info['count']} samples, NFE {info['sampler']['nfe']} -> {out}")
+
+
+@app.command("export")
+def export(
+    ckpt: str = typer.Option(..., help="a distilled checkpoint directory, e.g. models/sfd"),
+    format: str = typer.Option("diffusers", "--format", help="export format: diffusers"),
+    out: str = typer.Option(..., help="output folder"),
+) -> None:
+    """Export a distilled student of a diffusers teacher as a diffusers folder + sfd_sampler.json (sigmas, AFS, guidance)."""
+    from pipeline.core.param_checks import PipelineError
+    from pipeline.teachers.diffusers_export import export_command
+
+    try:
+        info = export_command(ckpt, format, out)
+    except PipelineError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"export: {info['unet_class']}, {info['num_steps']} timestamps (NFE {info['nfe']}) -> {out}")
 
 
 if __name__ == "__main__":

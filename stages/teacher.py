@@ -31,8 +31,8 @@ def main(
     if p.pretrained is not None:
         if not is_main():  # a copy, not training: rank 0 alone writes it
             return
-        summary = import_pretrained_teacher(p.pretrained, out, description)
-        cost.extra["role"] = "pretrained teacher from teacher.pretrained: copied, or converted from an EDM pickle (no training)"
+        summary = import_pretrained_teacher(p.pretrained, out, description, prompts=p.prompts)
+        cost.extra["role"] = "pretrained teacher from teacher.pretrained: copied, or converted from an EDM pickle or a diffusers folder (no training)"
     else:
         images, labels = load_split(data, "train")
         summary = train_teacher(p, images, labels, info["num_classes"], out, state_dir=state,

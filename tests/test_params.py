@@ -82,12 +82,30 @@ def test_every_preset_validates(preset):
     result = CliRunner().invoke(app, ["params", "check", str(preset)])
     assert result.exit_code == 0, result.output
     p = load_params(preset)
-    assert p.teacher.pretrained and p.teacher.pretrained.endswith(".pkl")
-    assert p.evaluate.seeds == "0-49999" and p.evaluate.features == "inception" and p.evaluate.reference_stats
+    if preset.stem in DIFFUSERS_PRESETS:  # a diffusers folder; SD 1.5 evaluates FID-30k as the authors
+        assert p.teacher.pretrained and not p.teacher.pretrained.endswith(".pkl")
+        assert p.evaluate.seeds == ("0-29999" if preset.stem == "sd15" else "0-49999")
+    else:
+        assert p.teacher.pretrained and p.teacher.pretrained.endswith(".pkl")
+        assert p.evaluate.seeds == "0-49999"
+    assert p.evaluate.features == "inception" and p.evaluate.reference_stats
+
+
+DIFFUSERS_PRESETS = ("ddpm-cifar10", "sd15")
+
+
+def test_diffusers_presets():
+    sd = load_params(Path(__file__).parents[1] / "presets" / "sd15.yaml")
+    (s,) = sd.trajectories.schedules()
+    assert s.t_min == 0.1 and "t_max" not in sd.trajectories.schedule  # t_max: the teacher's sigma_max, 14.6146
+    assert sd.teacher.prompts.endswith(".csv") and sd.distill.guidance == 1.0 and 7.5 in sd.evaluate.student_guidance
+    assert sd.evaluate.clip_weights and sd.trajectories.M == 3 and sd.distill.kimg == 200 and sd.distill.lr == 5e-5
+    ddpm = load_params(Path(__file__).parents[1] / "presets" / "ddpm-cifar10.yaml")
+    assert ddpm.trajectories.schedule["t_min"] == 0.01  # DDPM's smallest sigma (0.0100005, within 0.1%)
 
 
 def test_the_presets_are_there():
-    assert {p.stem for p in PRESETS} >= {"cifar10", "ffhq64", "afhqv2-64", "imagenet64"}
+    assert {p.stem for p in PRESETS} >= {"cifar10", "ffhq64", "afhqv2-64", "imagenet64", "ddpm-cifar10", "sd15"}
 
 
 

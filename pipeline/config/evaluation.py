@@ -14,7 +14,7 @@ from pipeline.config.fields import (
 )  # fmt: skip
 from pipeline.config.validation import Section, section
 from pipeline.diffusion.sampling import SOLVER_NAMES, SamplerSpec, resolve_solver
-from pipeline.diffusion.schedules import Schedule
+from pipeline.diffusion.schedules import Schedule, fit_to_teacher
 from pipeline.diffusion.solvers import num_steps_for_nfe
 
 FEATURE_SPACES = ("classifier", "inception")
@@ -65,6 +65,8 @@ class EvalParams(Section):
                                  "append_zero": True}
     )  # the teacher's reference sampler (EDM: 35 NFE)
     guidance: PositiveFloat = 1.0  # classifier-free guidance for the teacher entries
+    student_guidance: list[PositiveFloat] = field(default_factory=list)  # extra guidance scales w for every distilled student (entries "<name>-w<w>/nfe<k>")
+    clip_weights: str | None = None  # text-to-image: a local CLIP folder (transformers CLIPModel, safetensors) for the CLIP score
     features: Literal["classifier", "inception"] = "classifier"  # classifier (feature_net) or inception (local weights)
     inception_weights: str | None = None  # path of torch-fidelity's pt_inception-2015-12-05-6726825d.pth
     reference_split: Literal["train", "held_out"] = "train"
@@ -101,21 +103,25 @@ class EvalParams(Section):
             raise ValueError(f".reference: {e}") from None
         return self
 
-    def reference_spec(self) -> SamplerSpec:
+    def reference_spec(self, alphas_cumprod: Any = None) -> SamplerSpec:
+        """The teacher's reference sampler; ``alphas_cumprod``: a discrete teacher's table (fit_to_teacher)."""
         ref: dict[str, Any] = dict(self.reference)
         solver, order = resolve_solver(ref.pop("solver"))
         append_zero = bool(ref.pop("append_zero", False))
-        sched = Schedule.from_dict({"kind": "polynomial", **ref}, section="evaluate.reference")
+        ref = fit_to_teacher({"kind": "polynomial", **ref}, alphas_cumprod, where="evaluate.reference")
+        sched = Schedule.from_dict(ref, section="evaluate.reference")
         return SamplerSpec(solver, order, sched, guidance=self.guidance, append_zero=append_zero)
 
-    def solver_specs(self) -> dict[str, SamplerSpec]:
-        """{"<solver>/nfe<k>": spec} for the training-free solvers on the student schedule."""
+    def solver_specs(self, alphas_cumprod: Any = None) -> dict[str, SamplerSpec]:
+        """{"<solver>/nfe<k>": spec} for the training-free solvers on the student schedule (fitted to a
+        discrete teacher's table ``alphas_cumprod`` when given)."""
         out = {}
+        schedule = fit_to_teacher(dict(self.schedule), alphas_cumprod, where="evaluate.schedule")
         for name in self.solvers:
             solver, order = resolve_solver(name)
             for k in self.nfes:
                 n = num_steps_for_nfe(solver, k)
-                sched = Schedule.from_dict({**self.schedule, "num_steps": n}, section="evaluate.schedule")
+                sched = Schedule.from_dict({**schedule, "num_steps": n}, section="evaluate.schedule")
                 out[f"{name}/nfe{k}"] = SamplerSpec(solver, order, sched, guidance=self.guidance)
         return out
 

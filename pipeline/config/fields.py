@@ -74,7 +74,7 @@ def resolve_max_order(solver: str, max_order: int | None) -> int:
 class ScheduleDict(TypedDict, total=False):
     """A student schedule (diffusion.schedules.Schedule); num_steps is an int, or a list for SFD-v."""
 
-    kind: Literal["polynomial", "logsnr", "time_uniform"]
+    kind: Literal["polynomial", "logsnr", "time_uniform", "discrete"]  # discrete: a discrete (diffusers) teacher's table
     num_steps: Any  # checked by num_steps_list: an int >= 2, or (trajectories only) a non-empty list of them
     t_min: PositiveFloat
     t_max: PositiveFloat
@@ -85,7 +85,7 @@ class ScheduleDict(TypedDict, total=False):
 class RangeDict(TypedDict, total=False):
     """A schedule without num_steps (the evaluation sets N per NFE)."""
 
-    kind: Literal["polynomial", "logsnr", "time_uniform"]
+    kind: Literal["polynomial", "logsnr", "time_uniform", "discrete"]  # discrete: a discrete (diffusers) teacher's table
     t_min: PositiveFloat
     t_max: PositiveFloat
     rho: PositiveFloat

@@ -28,7 +28,8 @@ class TeacherParams(Section):
     lr_rampup_steps: NonNegativeInt = 100
     ema_halflife_kimg: PositiveFloat = 20.0
     checkpoint_every: PositiveInt = 500  # steps between resumable training states
-    pretrained: Annotated[str, Field(min_length=1)] | None = None  # a local teacher used instead of training: an EDM .pkl, its `sfd teacher import` folder, or our checkpoint directory
+    pretrained: Annotated[str, Field(min_length=1)] | None = None  # a local teacher used instead of training: an EDM .pkl, a diffusers folder, a folder `sfd teacher import` wrote, or our checkpoint directory
+    prompts: Annotated[str, Field(min_length=1)] | None = None  # text-to-image teachers: a local prompt file (one per line, or JSON/CSV of captions); labels are its indices
     seed: NonNegativeInt = 0
     precision: Precision = "fp32"  # fp32 | bf16 | fp16: autocast of the forwards (fp16 training: a gradient scaler)
     device: Device = "auto"

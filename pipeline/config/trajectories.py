@@ -16,7 +16,7 @@ from pipeline.config.fields import (
 )  # fmt: skip
 from pipeline.config.validation import Section, fix, section
 from pipeline.core.param_checks import ParamError, check_int
-from pipeline.diffusion.schedules import Schedule
+from pipeline.diffusion.schedules import Schedule, fit_to_teacher
 
 COMPUTE_DTYPES = ("float32", "float64")
 STORAGE_DTYPES = ("float32", "float16")
@@ -62,15 +62,18 @@ class TrajectoryParams(Section):
             raise ValueError(f".schedule{msg}" if msg.startswith(".") else f".schedule: {msg}") from None
         return self
 
-    def schedules(self) -> list[Schedule]:
-        """One student schedule per N (a list of num_steps gives one key per N, for SFD-v)."""
+    def schedules(self, alphas_cumprod: Any = None) -> list[Schedule]:
+        """One student schedule per N (a list of num_steps gives one key per N, for SFD-v). ``alphas_cumprod``:
+        a discrete teacher's abar table (t_min / t_max default to its sigma range, the discrete kind uses it;
+        pipeline.diffusion.schedules.fit_to_teacher)."""
         n = self.schedule.get("num_steps", 4)
         values = n if isinstance(n, list) else [n]
         if not values:
             raise ParamError("schedule.num_steps: empty list")
         for v in values:
             check_int("schedule.num_steps", v, minimum=2)
-        return [Schedule.from_dict({**self.schedule, "num_steps": v}) for v in values]
+        fitted = fit_to_teacher(dict(self.schedule), alphas_cumprod, where=f"{self.SECTION}.schedule")
+        return [Schedule.from_dict({**fitted, "num_steps": v}) for v in values]
 
     def resolve_label_policy(self, num_classes: int) -> str:
         if self.label_policy == "auto":

@@ -130,35 +130,54 @@ def student_indices(num_steps: int, M: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Schedule:
-    """A student schedule: kind, number of timestamps N, t_min, t_max, rho."""
+    """A student schedule: kind, number of timestamps N, t_min, t_max, rho; for the ``discrete`` kind
+    also the teacher's abar table (filled in from the teacher by :func:`fit_to_teacher`)."""
 
     kind: ScheduleKind = "polynomial"
     num_steps: int = 4
     t_min: float = 0.006
     t_max: float = 80.0
     rho: float = 7.0
+    alphas_cumprod: tuple[float, ...] | None = None  # discrete only: abar_tau of the teacher's T steps
 
     def __post_init__(self) -> None:
         check_choice("schedule.kind", self.kind, SCHEDULE_KINDS)
-        if self.kind == "discrete":
-            raise ParamError("schedule.kind: 'discrete' needs an abar table; call time_steps(..., alphas_cumprod=)")
         _check_range(self.num_steps, self.t_min, self.t_max, self.rho)
+        if self.alphas_cumprod is not None:
+            if self.kind != "discrete":
+                raise ParamError(f"schedule.alphas_cumprod: only the 'discrete' kind takes an abar table, got kind {self.kind!r}")
+            object.__setattr__(self, "alphas_cumprod", tuple(float(a) for a in self.alphas_cumprod))
+            discrete_sigmas(self.alphas_cumprod)  # validates
+
+    def _table(self) -> tuple[float, ...] | None:
+        if self.kind == "discrete" and self.alphas_cumprod is None:
+            raise ParamError(
+                "schedule.kind: 'discrete' needs the teacher's abar table: use a discrete (diffusers) teacher, "
+                "whose table the pipeline fills in"
+            )
+        return self.alphas_cumprod
 
     def t_steps(self) -> torch.Tensor:
-        return time_steps(self.kind, self.num_steps, self.t_min, self.t_max, self.rho)
+        return time_steps(self.kind, self.num_steps, self.t_min, self.t_max, self.rho, alphas_cumprod=self._table())
 
     def fine(self, M: int) -> torch.Tensor:
-        return fine_time_steps(self.kind, self.num_steps, M, self.t_min, self.t_max, self.rho)
+        return fine_time_steps(self.kind, self.num_steps, M, self.t_min, self.t_max, self.rho,
+                               alphas_cumprod=self._table())
 
     def with_num_steps(self, num_steps: int) -> "Schedule":
-        return Schedule(self.kind, num_steps, self.t_min, self.t_max, self.rho)
+        return Schedule(self.kind, num_steps, self.t_min, self.t_max, self.rho, self.alphas_cumprod)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.alphas_cumprod is None:
+            del d["alphas_cumprod"]  # absent unless discrete with a table: existing keys stay as they were
+        else:
+            d["alphas_cumprod"] = list(self.alphas_cumprod)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, section: str = "schedule") -> "Schedule":
-        check_keys(section, d, ("kind", "num_steps", "t_min", "t_max", "rho"))
+        check_keys(section, d, ("kind", "num_steps", "t_min", "t_max", "rho", "alphas_cumprod"))
         d = dict(d)
         for key in ("t_min", "t_max", "rho"):
             if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
@@ -167,3 +186,45 @@ class Schedule:
             return cls(**d)
         except ParamError as e:
             raise ParamError(f"{section}: {e}") from None
+
+
+SIGMA_RANGE_RTOL = 1e-3  # slack (0.1%) for endpoints such as t_min 0.01 vs DDPM's sigma_0 = 0.0100005 (the denoiser clamps to the table)
+
+
+def fit_to_teacher(
+    schedule: dict[str, Any],
+    alphas_cumprod: Sequence[float] | torch.Tensor | None,
+    *,
+    where: str = "schedule",
+    given: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """A schedule dict fitted to a discrete teacher with the table ``alphas_cumprod`` (None: unchanged).
+
+    - t_min / t_max default to the teacher's sigma range [sigma_0, sigma_{T-1}] when absent (or not in
+      ``given``, the keys the user wrote);
+    - a t_min below sigma_0 or a t_max above sigma_{T-1} is an error naming the key and the range;
+    - the ``discrete`` kind gets the table (``alphas_cumprod``).
+    """
+    if alphas_cumprod is None:
+        return dict(schedule)
+    sig = discrete_sigmas(alphas_cumprod)
+    lo, hi = float(sig[0]), float(sig[-1])
+    d = dict(schedule)
+    written = set(d) if given is None else set(given)
+    if "t_min" not in written:
+        d["t_min"] = lo
+    if "t_max" not in written:
+        d["t_max"] = hi
+    if d["t_min"] < lo * (1 - SIGMA_RANGE_RTOL):
+        raise ParamError(
+            f"{where}.t_min: {d['t_min']} is below the discrete teacher's smallest sigma {lo:.6g} (its range is "
+            f"{lo:.6g} ... {hi:.6g}); set t_min >= {lo:.6g}, or leave t_min out to use the teacher's range"
+        )
+    if d["t_max"] > hi * (1 + SIGMA_RANGE_RTOL):
+        raise ParamError(
+            f"{where}.t_max: {d['t_max']} is above the discrete teacher's largest sigma {hi:.6g} (its range is "
+            f"{lo:.6g} ... {hi:.6g}); set t_max <= {hi:.6g}, or leave t_max out to use the teacher's range"
+        )
+    if d.get("kind") == "discrete":
+        d["alphas_cumprod"] = [float(a) for a in torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()]
+    return d

@@ -378,7 +378,8 @@ def run_distill_stage(
         torch.set_num_threads(p.threads)  # measured: 30 s on 1 thread vs 233 s on 2 for the default, on a busy 2-core CPU
 
     teacher, _, teacher_hash = load_trajectory_teacher(traj.teacher, teacher_ckpt, device="cpu")
-    specs = trajectory_specs(traj, teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape)
+    specs = trajectory_specs(traj, teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape,
+                             **teacher.spec_options())
     schedules = [s.schedule for s in specs]
     if len(specs) > 1 and not p.step_condition:
         raise ParamError(

@@ -8,6 +8,9 @@
 - A distilled checkpoint is the network plus a ``"sampler"`` section (solver euler, schedule,
   AFS, step condition, guidance), so ``sfd sample --ckpt PATH`` needs no other option. It is
   loaded by pipeline.teachers.loader (``load_student`` / ``load_teacher``).
+- A diffusers UNet (model.json ``"architecture": "diffusers"``, pipeline.networks.diffusers_vp): the
+  student fine-tunes the same UNet; its VAE, text encoder and prompt set are copied into the student's
+  checkpoint; SFD-v adds zero-initialised step layers (``sfd_map_steps.*``) to the UNet's time embedding.
 - Either architecture: this project's U-Net (:class:`EDMPrecond`, model.json ``"network"``) or an
   EDM network (a preconditioner of pipeline.diffusion.preconditioners, model.json
   ``"architecture": "edm"``). The code here and in pipeline.distill only uses their common
@@ -33,6 +36,7 @@ from pipeline.networks.unet import build_network, network_config
 from pipeline.core.param_checks import ParamError
 from pipeline.diffusion.schedules import Schedule
 from pipeline.networks.edm import build_edm_model
+from pipeline.teachers.diffusers_folder import is_diffusers_config
 from pipeline.teachers.loader import is_edm_config, load_teacher
 
 STEP_CONDITION_PREFIXES = ("map_steps.", "steps_layer0.", "steps_layer1.")  # our U-Net's step-condition layers
@@ -65,6 +69,21 @@ def student_from_checkpoint(
         )
     teacher = load_teacher(teacher_ckpt)  # before the seed: building its network draws from the global RNG
     config, tensors = teacher.config, teacher.model.checkpoint_state_dict()
+    if is_diffusers_config(config):  # the same diffusers UNet, fine-tuned (its VAE / text encoder ride along)
+        model = teacher.model
+        if step_condition and not model.step_condition:  # SFD-v: new zero-initialised step layers
+            from pipeline.networks.diffusers_vp import DiffusersVP
+
+            torch.manual_seed(seed)
+            stepped = DiffusersVP(model.unet, model.unet_class, model.scheduler_config, step_condition=True)
+            stepped.diffusers_section = model.diffusers_section
+            stepped.components.update(model.components)
+            stepped.prompts, stepped.cond_table, stepped.null_cond = model.prompts, model.cond_table, model.null_cond
+            stepped.source_dir = model.source_dir
+            model = stepped
+        model = model.to(device).train().requires_grad_(True)
+        base = {**model.checkpoint_architecture(), "data": copy.deepcopy(config.get("data", {}))}
+        return StudentInit(model, base, hash_state_dict(model.checkpoint_state_dict()), str(teacher_ckpt))
     if is_edm_config(config):
         edm = config["edm"]
         kwargs = dict(edm["init_kwargs"])
@@ -96,7 +115,11 @@ def model_from_architecture(config: dict[str, Any], *, seed: int, device: torch.
     """A freshly initialised (seeded) network of the architecture a model.json ``config`` describes:
     an EDM preconditioner (``"architecture": "edm"``) or EDMPrecond around our U-Net (``"network"``)."""
     torch.manual_seed(seed)
-    if is_edm_config(config):
+    if is_diffusers_config(config):
+        from pipeline.teachers.diffusers_folder import build_diffusers_model
+
+        model = build_diffusers_model(config)
+    elif is_edm_config(config):
         model = build_edm_model(config["edm"]["precond"], dict(config["edm"]["init_kwargs"]))
     else:
         model = EDMPrecond(build_network(**config["network"]), sigma_data=float(config.get("sigma_data", 0.5)))
@@ -157,7 +180,9 @@ def student_config(base: dict[str, Any], sampler: dict[str, Any], provenance: di
 
     ``base``: a :class:`StudentInit` config or the teacher checkpoint's model.json (the baselines keep
     the teacher's architecture); only its architecture part and data are kept."""
-    if is_edm_config(base):
+    if is_diffusers_config(base):
+        arch = {"architecture": base["architecture"], "diffusers": copy.deepcopy(base["diffusers"])}
+    elif is_edm_config(base):
         arch = {"architecture": base["architecture"], "edm": copy.deepcopy(base["edm"])}
     else:
         arch = {"network": copy.deepcopy(base["network"]), "sigma_data": float(base.get("sigma_data", 0.5))}
@@ -168,5 +193,10 @@ def save_student(directory: str | Path, model: nn.Module, config: dict[str, Any]
     """Write model.safetensors (``model.checkpoint_state_dict()``) + model.json; the weights hash goes into the provenance."""
     state = model.checkpoint_state_dict()
     config = {**config, "provenance": {**config.get("provenance", {}), "weights_hash": hash_state_dict(state)}}
-    return save_checkpoint(directory, state, config)
+    out = save_checkpoint(directory, state, config)
+    if is_diffusers_config(config):  # VAE, text encoder, tokenizer, prompt set: copied from the teacher
+        from pipeline.teachers.diffusers_folder import save_components
+
+        save_components(model, out)
+    return out
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ from pipeline.core.images import save_grid
 from pipeline.diffusion.sampling import SamplerSpec, generate, make_denoiser
 from pipeline.diffusion.seeds import parse_seeds, seed_labels
 from pipeline.diffusion.solvers import CountingDenoiser
-from pipeline.teachers.loader import load_teacher
+from pipeline.teachers.loader import Teacher, load_teacher
 
 
 @dataclass
@@ -61,6 +62,8 @@ class Entry:
     sample_shape: tuple[int, ...]
     num_classes: int
     is_student: bool = False
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # latent models: the VAE decoder (samples -> images)
+    prompts: list[str] | None = None  # text-to-image models: the prompt set the labels index (CLIP score)
 
 
 def student_dirs(ckpt_dir: str | Path) -> list[Path]:
@@ -77,13 +80,15 @@ def student_dirs(ckpt_dir: str | Path) -> list[Path]:
     return rounds
 
 
-def student_entries(name: str, ckpt_dir: str | Path, device: str | torch.device) -> list[Entry]:
+def student_entries(name: str, ckpt_dir: str | Path, device: str | torch.device,
+                    guidance: Sequence[float] = ()) -> list[Entry]:
     """Entries of a distilled checkpoint: its own sampler, at every supported N when step-conditioned.
 
-    A directory of ``nfe<k>/`` checkpoints gives one entry per checkpoint."""
+    A directory of ``nfe<k>/`` checkpoints gives one entry per checkpoint. Each ``guidance`` w other than the
+    checkpoint's own adds entries ``<name>-w<w>/nfe<k>``: the same network on both branches."""
     dirs = student_dirs(ckpt_dir)
     if len(dirs) > 1 or dirs[0] != Path(ckpt_dir):
-        return [e for d in dirs for e in student_entries(name, d, device)]
+        return [e for d in dirs for e in student_entries(name, d, device, guidance)]
     student = load_teacher(Path(ckpt_dir), device)
     if not student.is_distilled:
         raise ParamError(f"--student {name}={ckpt_dir}: the checkpoint has no sampler section (is it a teacher?)")
@@ -92,9 +97,19 @@ def student_entries(name: str, ckpt_dir: str | Path, device: str | torch.device)
     entries = []
     for n in ns:
         spec = student.sampler_spec(num_steps=n) if base.step_condition else base
+        extra = latent_options(student)
         entries.append(Entry(f"{name}/nfe{spec.nfe}", student.model, spec, student.sample_shape,
-                             student.num_classes, is_student=True))
+                             student.num_classes, is_student=True, **extra))
+        for w in guidance:
+            if float(w) != spec.guidance:
+                entries.append(Entry(f"{name}-w{float(w):g}/nfe{spec.nfe}", student.model, replace(spec, guidance=float(w)),
+                                     student.sample_shape, student.num_classes, is_student=True, **extra))
     return entries
+
+
+def latent_options(model: Teacher) -> dict[str, Any]:
+    """Entry fields of a diffusers latent / text-to-image model: its VAE decoder and its prompt set."""
+    return {"decode": model.decode if model.latent else None, "prompts": model.prompts or None}
 
 
 def parse_student_args(values: Sequence[str]) -> list[tuple[str, str]]:
@@ -124,9 +139,11 @@ def evaluate_entries(
     bootstrap: int = 0,  # resamples of the features for each FID's sd (0: none)
     features_out: dict[str, torch.Tensor] | None = None,  # filled with each entry's metric-layer features
     precision: str = "fp32",  # bf16/fp16: the forwards under autocast
+    clip: Any = None,  # a pipeline.evaluation.clip_score.ClipScorer: CLIP score of text-to-image entries
 ) -> dict[str, dict[str, float | None]]:
     """Sample every entry on the same seeds and compute its metrics; grids named ``<sampler>_nfe<k>.png``.
 
+    Latent entries are decoded by their VAE first; labels of text-to-image entries are prompt indices.
     Under torchrun every rank samples its seed blocks and only rank 0 computes metrics (the other ranks
     return an empty mapping)."""
     results: dict[str, dict[str, float | None]] = {}
@@ -138,6 +155,8 @@ def evaluate_entries(
         counter = CountingDenoiser(autocast_denoiser(make_denoiser(entry.model, entry.spec), precision, device))
         images = generate_across_processes(counter, seeds, entry.sample_shape, entry.spec, labels=labels,
                                            batch_size=batch_size, device=device)
+        if images is not None and entry.decode is not None:
+            images = entry.decode(images)
         if cost is not None:
             count = counter.images if world_size() == 1 else int(all_reduce_sum(counter.images))
             (cost.add_student_forward if entry.is_student else cost.add_teacher_forward)(count)
@@ -161,6 +180,8 @@ def evaluate_entries(
             logits = (feats if label_space is space else label_space.extract(images))["logits"]
             acc = label_accuracy(logits, labels)
         metrics["label_accuracy"] = acc
+        if clip is not None and entry.prompts and labels is not None:
+            metrics["clip_score"] = clip.score(images, [entry.prompts[i] for i in labels.tolist()])
         results[entry.key] = metrics
         if grids_dir is not None and grid_seeds > 0:
             save_grid(Path(grids_dir) / f"{entry.key.replace('/', '_')}.png", images[:grid_seeds])
@@ -234,13 +255,20 @@ def run_evaluation(
 
     loaded = load_teacher(Path(teacher_dir), device)
     teacher, shape, k = loaded.model, loaded.sample_shape, loaded.num_classes
-    ref_spec = params.reference_spec()
+    abar = loaded.alphas_cumprod  # a discrete teacher: its sigma range bounds the schedules
+    ref_spec = params.reference_spec(abar)
+    extra = latent_options(loaded)
     entries = []
     if reference_and_solvers:
-        entries += [Entry(f"teacher/nfe{ref_spec.nfe}", teacher, ref_spec, shape, k)]
-        entries += [Entry(key, teacher, spec, shape, k) for key, spec in params.solver_specs().items()]
+        entries += [Entry(f"teacher/nfe{ref_spec.nfe}", teacher, ref_spec, shape, k, **extra)]
+        entries += [Entry(key, teacher, spec, shape, k, **extra) for key, spec in params.solver_specs(abar).items()]
     for name, path in students:
-        entries += student_entries(name, path, device)
+        entries += student_entries(name, path, device, params.student_guidance)
+    clip = None
+    if params.clip_weights is not None and any(e.prompts for e in entries):
+        from pipeline.evaluation.clip_score import ClipScorer
+
+        clip = ClipScorer(params.clip_weights, device=device)
     if not entries:
         raise ParamError("evaluation: nothing to evaluate (no students given and the reference/solvers are off)")
     if noise_floor_out is not None and not reference_and_solvers:
@@ -250,6 +278,7 @@ def run_evaluation(
         entries, seeds, space, reference, label_space=label_space, grids_dir=grids_dir, grid_seeds=params.grid_seeds,
         batch_size=params.batch_size, kid_subsets=params.kid_subsets, kid_subset_size=params.kid_subset_size,
         device=device, cost=cost, bootstrap=params.bootstrap, features_out=features, precision=params.precision,
+        clip=clip,
     )
     if cost is not None:
         cost.extra.update({"samples_per_sampler": len(seeds), "samplers": len(entries), "features": space.kind})

@@ -40,15 +40,19 @@ def sample_teacher(
     batch_size: int = 500,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    decode: bool = True,  # latent models: decode with the VAE (False: return the latents)
     **overrides: Any,  # solver, max_order, num_steps, schedule, afs, guidance (None = its own sampler)
 ) -> tuple[torch.Tensor, torch.Tensor | None, SamplerSpec]:
     """(images, labels, sampler) of a loaded teacher or student: its own sampler (a teacher: the default)
-    unless overridden."""
+    unless overridden. For a text-to-image model labels are prompt indices (``guidance`` w: the same
+    network on both branches, the empty prompt being the unconditional one)."""
     spec = teacher.sampler_spec(**overrides)
     seed_list = parse_seeds(seeds) if isinstance(seeds, (str, int)) else list(seeds)
     lab = resolve_labels(labels, seed_list, teacher.num_classes)
     images = generate(teacher.sampling_denoiser(spec), seed_list, teacher.sample_shape, spec, labels=lab,
                       batch_size=batch_size, device=device, progress=progress)
+    if decode and teacher.latent:  # a latent (diffusers text-to-image) model: the VAE decodes to images
+        images = teacher.decode(images)
     return images, lab, spec
 
 

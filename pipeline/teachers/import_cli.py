@@ -7,6 +7,11 @@ The folder is this project's checkpoint format for an EDM network (see pipeline.
 :func:`pipeline.core.checkpoints.save_checkpoint`. The pickle is read by the safe reader
 (:mod:`pipeline.teachers.edm_pickle`): none of its code runs. ``load_teacher(DIR)`` then gives the same
 network, bit for bit, and the same weights hash as ``load_teacher(SRC.pkl)``.
+
+`sfd teacher import FOLDER --out DIR [--prompts FILE]` converts a diffusers folder (pixel UNet2DModel, or
+a latent text-to-image pipeline) the same way (pipeline.teachers.diffusers_folder): safetensors + JSON
+holding the diffusers configs, the VAE and text encoder as their own safetensors; it loads with
+identical outputs.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import typer
 from pipeline.core.checkpoints import save_checkpoint
 from pipeline.core.param_checks import PipelineError
 
-teacher_app = typer.Typer(help="Bring your own teacher: convert EDM snapshot pickles.", no_args_is_help=True)
+teacher_app = typer.Typer(help="Bring your own teacher: convert EDM snapshot pickles and diffusers folders.", no_args_is_help=True)
 
 
 def import_edm_pickle(source: str | Path, out_dir: str | Path) -> dict[str, Any]:
@@ -47,11 +52,27 @@ def import_edm_pickle(source: str | Path, out_dir: str | Path) -> dict[str, Any]
 
 @teacher_app.command("import")
 def import_command(
-    source: Path = typer.Argument(..., help="an NVlabs/edm snapshot pickle, e.g. edm-cifar10-32x32-uncond-vp.pkl"),
+    source: Path = typer.Argument(..., help="an NVlabs/edm snapshot pickle (edm-cifar10-32x32-uncond-vp.pkl) or a diffusers folder"),
     out: Path = typer.Option(..., "--out", help="checkpoint directory to write (model.safetensors + model.json)"),
+    prompts: Path = typer.Option(None, "--prompts", help="text-to-image diffusers teachers: a prompt file to bind "
+                                 "(one per line, or JSON/CSV of captions)"),
 ) -> None:
-    """Convert an EDM snapshot pickle (read safely, no pickled code runs) into a checkpoint folder."""
+    """Convert an EDM snapshot pickle (read safely, no pickled code runs) or a diffusers folder (safetensors
+    only) into a checkpoint folder."""
+    from pipeline.teachers.diffusers_folder import convert_diffusers_folder, is_diffusers_folder
+
     try:
+        if is_diffusers_folder(source):
+            info = convert_diffusers_folder(source, out, prompts_file=prompts)
+            typer.echo(
+                f"teacher import: {source}: diffusers {info['class']} ({info['prediction_type']}), "
+                f"{info['parameters']:,} parameters, samples {'x'.join(map(str, info['sample_shape']))}"
+                f"{' (latents)' if info['latent'] else ''}, sigma {info['sigma_range'][0]:.4g} ... "
+                f"{info['sigma_range'][1]:.4g}, {info['prompts'] or 'no'} prompts, weights hash {info['weights_hash']} -> {out}"
+            )
+            return
+        if prompts is not None:
+            raise PipelineError(f"--prompts: {source} is not a diffusers text-to-image folder")
         info = import_edm_pickle(source, out)
     except PipelineError as e:
         typer.echo(f"error: {e}", err=True)

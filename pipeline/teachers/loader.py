@@ -14,7 +14,13 @@
   solver oracles); options num_components, sample_shape, std, seed, conditional;
 - an NVlabs/edm snapshot pickle (a path ending in ``.pkl``, e.g. ``edm-cifar10-32x32-uncond-vp.pkl``),
   read safely by :func:`pipeline.teachers.edm_pickle.load_edm_pickle` (no pickled code runs), or the
-  checkpoint directory ``sfd teacher import`` converts it into.
+  checkpoint directory ``sfd teacher import`` converts it into;
+- a diffusers folder (``model_index.json``, or ``unet/`` + ``scheduler/``): a pixel ``UNet2DModel`` or a
+  latent text-to-image pipeline, read by :mod:`pipeline.teachers.diffusers_folder` (safetensors only) as a
+  :class:`pipeline.networks.diffusers_vp.DiffusersVP` (VE view, k-diffusion timestep interpolation);
+  option ``prompts`` (a prompt file or list) binds a text-to-image teacher's prompt set. Its converted
+  checkpoint has ``"architecture": "diffusers"`` in model.json (with side files for the VAE, text
+  encoder, tokenizer and prompts) and loads with identical outputs.
 
 Checkpoint formats (model.json): this project's U-Net has a ``"network"`` section (no
 ``"architecture"`` key); an EDM network has ``"architecture": "edm"`` and an ``"edm"`` section
@@ -46,6 +52,11 @@ from pipeline.diffusion.gmm import GaussianMixture
 from pipeline.diffusion.preconditioners import EDM_ARCHITECTURE
 from pipeline.diffusion.sampling import SamplerSpec, make_denoiser, resolve_sampler
 from pipeline.networks.edm import build_edm_model
+from pipeline.teachers.diffusers_folder import (
+    build_diffusers_model, diffusers_teacher_hash, is_diffusers_config, is_diffusers_folder, load_converted_diffusers,
+    load_diffusers_folder,
+)  # fmt: skip
+from pipeline.teachers.diffusers_folder import checkpoint_config as diffusers_checkpoint_config
 from pipeline.networks.unet import build_network
 
 TEACHER_SOURCES = ("gmm", "checkpoint")  # "checkpoint": the old form load_teacher("checkpoint", path=...)
@@ -98,6 +109,53 @@ class Teacher:
         if self.sampler is not None and all(v is None for v in overrides.values()):
             return self.sampler
         return resolve_sampler(sampler_section(self.config), **overrides)
+
+    # -- diffusers teachers (pipeline.networks.diffusers_vp): text-to-image and latent models ------------
+    @property
+    def latent(self) -> bool:
+        """Whether samples are latents that :meth:`decode` turns into images (a VAE is attached)."""
+        return bool(getattr(self.model, "latent", False))
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from samples: the VAE decoder of a latent model, identity otherwise."""
+        return self.model.decode(samples) if self.latent else samples
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder hidden states [P, L, D] of a text-to-image teacher: ``denoiser(x, sigma, cond)``
+        takes them (a float tensor) in place of labels, cond=None being the empty prompt."""
+        if not hasattr(self.model, "encode_prompts"):
+            raise ParamError(f"teacher ({self.description.get('source')}) is not a text-to-image model")
+        return self.model.encode_prompts(list(prompts))
+
+    @property
+    def prompts(self) -> list[str] | None:
+        """The bound prompt set of a text-to-image teacher (labels index it); None otherwise."""
+        return getattr(self.model, "prompts", None)
+
+    @property
+    def alphas_cumprod(self) -> list[float] | None:
+        """The abar table of a discrete (diffusers) teacher, float64 values; None for a continuous one."""
+        abar = getattr(self.model, "alphas_cumprod", None)
+        return None if abar is None else abar.double().cpu().tolist()
+
+    @property
+    def sigma_range(self) -> tuple[float, float] | None:
+        """(sigma_min, sigma_max) of a discrete teacher's table; None for a continuous one."""
+        if getattr(self.model, "alphas_cumprod", None) is None:
+            return None
+        return float(self.model.sigma_min), float(self.model.sigma_max)
+
+    @property
+    def prompt_set_hash(self) -> str | None:
+        """Hash of the bound prompt set of a text-to-image teacher (part of the store key); None otherwise."""
+        from pipeline.teachers.prompts import prompt_set_hash
+
+        return prompt_set_hash(self.prompts) if self.prompts else None
+
+    def spec_options(self) -> dict[str, Any]:
+        """What :func:`pipeline.trajectories.spec.trajectory_specs` needs beyond hash, classes and shape:
+        the abar table (schedule range and the discrete kind) and the prompt-set hash."""
+        return {"alphas_cumprod": self.alphas_cumprod, "prompt_set": self.prompt_set_hash}
 
     def sampling_denoiser(self, spec: SamplerSpec | None = None) -> Denoiser:
         """D(x, sigma, labels) for sampling with ``spec`` (default: its own sampler): the step condition
@@ -161,6 +219,8 @@ def load_teacher(path_or_source: str | os.PathLike, device: str | torch.device =
         )
     if is_edm_pickle_path(path_or_source):
         return _edm_pickle_teacher(Path(path_or_source), device, **options)
+    if is_diffusers_folder(path_or_source):
+        return _diffusers_teacher(Path(path_or_source), device, **options)
     return _checkpoint_teacher(Path(path_or_source), device, **options)
 
 
@@ -225,6 +285,10 @@ def build_denoiser(config: dict[str, Any], tensors: dict[str, torch.Tensor], whe
     being the bare network's. An EDM network (``"architecture": "edm"``): the preconditioner built by
     :func:`build_edm_model`, the tensors being its whole state dict (loaded strictly).
     """
+    if is_diffusers_config(config):  # the UNet alone (no VAE / text encoder): load_network adds them
+        model = build_diffusers_model(config, where=where.removesuffix("/model.safetensors") + "/model.json")
+        model.load_checkpoint_state(tensors, where)
+        return model
     if is_edm_config(config):
         edm = config.get("edm")
         if not isinstance(edm, dict) or "precond" not in edm or "init_kwargs" not in edm:
@@ -261,6 +325,8 @@ def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     path = Path(path)
     check_checkpoint_dir(path)
     tensors, config = load_checkpoint(path, device=device)
+    if is_diffusers_config(config):  # with its VAE, text encoder and prompt set (pipeline.teachers.diffusers_folder)
+        return load_converted_diffusers(path, config, tensors, device), config
     model = build_denoiser(config, tensors, where=f"{path}/model.safetensors")
     return model.to(device).eval().requires_grad_(False), config
 
@@ -301,7 +367,13 @@ def _teacher_from(model: nn.Module, config: dict[str, Any], path: Path, *, sampl
         raise CheckpointError(f"{path}/model.json: the sampler has a step_condition but the network is not step-conditioned")
     network_hash = network_weights_hash(model)
     data = config.get("data", {})
-    if is_edm_config(config):
+    content_hash = network_hash
+    if is_diffusers_config(config):
+        default_shape, arch = list(model.sample_shape), {"diffusers": {"unet_class": model.unet_class}}
+        default_classes = model.num_classes
+        data = {**data, "num_classes": model.num_classes}  # the bound prompt set decides, not model.json
+        content_hash = diffusers_teacher_hash(model)
+    elif is_edm_config(config):
         default_shape = [model.img_channels, model.img_resolution, model.img_resolution]
         default_classes, arch = model.label_dim, {"edm": config["edm"]}
     else:
@@ -311,7 +383,7 @@ def _teacher_from(model: nn.Module, config: dict[str, Any], path: Path, *, sampl
         denoiser=bind_num_steps(model, num_steps),
         sample_shape=tuple(data.get("sample_shape", default_shape)),
         num_classes=int(data.get("num_classes", default_classes)),
-        weights_hash=bound_teacher_hash(network_hash, num_steps),
+        weights_hash=bound_teacher_hash(content_hash, num_steps),
         description={"source": source, "path": str(path), **arch,
                      "distilled": sampler is not None, "num_steps": num_steps,
                      "provenance": config.get("provenance", {})},
@@ -321,6 +393,21 @@ def _teacher_from(model: nn.Module, config: dict[str, Any], path: Path, *, sampl
         network_hash=network_hash,
         path=path,
     )
+
+
+def _diffusers_teacher(path: Path, device: str | torch.device, *, prompts: Any = None, **options: Any) -> Teacher:
+    """A diffusers folder (pipeline.teachers.diffusers_folder); ``prompts``: a prompt file or list (text-to-image)."""
+    from pipeline.teachers.prompts import read_prompts
+
+    check_keys(f"teacher ({path})", options, SAMPLER_OPTIONS)
+    if any(v is not None for v in options.values()):
+        raise ParamError(f"{path} is a diffusers teacher folder (no sampler section); the options "
+                         f"{', '.join(sorted(options))} set a distilled student's sampler")
+    if isinstance(prompts, (str, os.PathLike)):
+        prompts = read_prompts(prompts)
+    model = load_diffusers_folder(path, device, prompts=prompts)
+    config = diffusers_checkpoint_config(model, provenance={"kind": "teacher", "source_folder": str(path)})
+    return _teacher_from(model, config, path, sampler=None, source="diffusers")
 
 
 def _checkpoint_teacher(path: Path, device: str | torch.device, **options: Any) -> Teacher:

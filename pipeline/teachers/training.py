@@ -171,7 +171,8 @@ def train_teacher(
     return summary
 
 
-def import_pretrained_teacher(source: str | Path, out_dir: str | Path, data_description: dict[str, Any]) -> dict[str, Any]:
+def import_pretrained_teacher(source: str | Path, out_dir: str | Path, data_description: dict[str, Any],
+                              prompts: str | Path | None = None) -> dict[str, Any]:
     """Use a teacher that was trained elsewhere: check it loads and fits the data, put it in ``out_dir``.
 
     ``source`` is one of
@@ -182,21 +183,36 @@ def import_pretrained_teacher(source: str | Path, out_dir: str | Path, data_desc
     - a checkpoint folder of this project's U-Net (``model.safetensors`` + ``model.json`` with its
       ``network`` config): copied, byte for byte.
 
+    - a diffusers folder (``model_index.json``, or ``unet/`` + ``scheduler/``): converted as
+      ``sfd teacher import FOLDER --out DIR`` does (pipeline.teachers.diffusers_folder); ``prompts`` (a
+      local prompt file) binds a text-to-image teacher's prompt set. A latent teacher's samples are
+      latents, so its shape is not compared with the data's images.
+
     The teacher's sample shape must equal the data's (a clear error names both).
     """
     import shutil
 
     from pipeline.core.checkpoints import CheckpointError
+    from pipeline.teachers.diffusers_folder import convert_diffusers_folder, is_diffusers_folder
     from pipeline.teachers.loader import is_edm_pickle_path, load_teacher
 
     source = Path(source)
+    if prompts is not None and not Path(prompts).is_file():
+        raise CheckpointError(f"teacher.prompts: {prompts} does not exist (a local file: one prompt per line, or a JSON/CSV of captions)")
+    if is_diffusers_folder(source):
+        info = convert_diffusers_folder(source, out_dir, prompts_file=prompts, data_description=data_description)
+        return {"pretrained": str(source), "weights_hash": info["weights_hash"], "steps": 0, "architecture": "diffusers",
+                "unet_class": info["class"], "prediction_type": info["prediction_type"], "prompts": info["prompts"]}
+    if prompts is not None:
+        raise CheckpointError(f"teacher.prompts: {source} is not a diffusers text-to-image folder; remove teacher.prompts")
     is_pickle = is_edm_pickle_path(source)
     if not is_pickle:
         for name, what in (("model.safetensors", "the weights"), ("model.json", "the network config")):
             if not (source / name).is_file():
                 raise CheckpointError(
                     f"teacher.pretrained: {source / name} is missing ({what}). teacher.pretrained is an EDM snapshot "
-                    f"pickle (*.pkl, e.g. edm-cifar10-32x32-uncond-vp.pkl), a folder converted from one by "
+                    f"pickle (*.pkl, e.g. edm-cifar10-32x32-uncond-vp.pkl), a diffusers folder (model_index.json, "
+                    f"or unet/ + scheduler/), a folder converted from either by "
                     f"`sfd teacher import SRC.pkl --out DIR`, or a teacher checkpoint directory holding "
                     f"model.safetensors and model.json as written by `dvc repro teacher` (pipeline/networks.py U-Net); "
                     f"put the files in {source}/ or set teacher.pretrained: null to train the teacher"

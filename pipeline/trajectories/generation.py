@@ -314,7 +314,8 @@ def run_trajectories_stage(
     notes += [note] if note else []
     if p.precision != "fp32":
         enable_tf32(device)  # the matmuls autocast leaves in float32 (fp32 stays strict float32)
-    specs = trajectory_specs(p, teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape)
+    specs = trajectory_specs(p, teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape,
+                             **teacher.spec_options())
     results = []
     teacher_images = 0
     for spec in specs:

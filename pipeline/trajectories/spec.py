@@ -44,6 +44,7 @@ class TrajectorySpec:
     num_classes: int = 0
     sample_shape: tuple[int, ...] = (3, 32, 32)
     guidance: float = 1.0
+    prompt_set: str | None = None  # text-to-image teachers: the prompt set's hash (labels are prompt indices)
 
     def __post_init__(self) -> None:
         if not isinstance(self.teacher_hash, str) or not self.teacher_hash:
@@ -63,6 +64,8 @@ class TrajectorySpec:
         if self.label_policy == "uniform_per_seed" and self.num_classes < 1:
             raise ParamError("label_policy: 'uniform_per_seed' needs num_classes >= 1 (the teacher is unconditional)")
         check_positive("guidance", self.guidance)
+        if self.prompt_set is not None and (not isinstance(self.prompt_set, str) or not self.prompt_set):
+            raise ParamError(f"prompt_set: expected a prompt-set hash (a non-empty string) or None, got {self.prompt_set!r}")
         if self.schedule.num_steps < 2:
             raise ParamError(f"schedule.num_steps: must be >= 2, got {self.schedule.num_steps}")
         object.__setattr__(self, "sample_shape", tuple(int(s) for s in self.sample_shape))
@@ -99,6 +102,8 @@ class TrajectorySpec:
         }
         if self.precision != "fp32":  # fp32 keys stay those written before the setting existed
             d["precision"] = self.precision
+        if self.prompt_set is not None:  # only with a prompt set, so the keys of other teachers do not change
+            d["prompt_set"] = self.prompt_set
         return d
 
     @property
@@ -125,14 +130,17 @@ class TrajectorySpec:
             num_classes=d["labels"]["num_classes"],
             sample_shape=tuple(d["sample_shape"]),
             guidance=d["guidance"],
+            prompt_set=d.get("prompt_set"),
         )
 
 
 def trajectory_specs(
-    params: TrajectoryParams, *, teacher_hash: str, num_classes: int, sample_shape: tuple[int, ...]
+    params: TrajectoryParams, *, teacher_hash: str, num_classes: int, sample_shape: tuple[int, ...],
+    alphas_cumprod: Any = None, prompt_set: str | None = None,
 ) -> list[TrajectorySpec]:
     """The trajectory specs (one per schedule) of a trajectories section for a teacher; readers build the same
-    to find their key."""
+    to find their key. A discrete teacher passes its abar table ``alphas_cumprod`` (its sigma range bounds the
+    schedule), a text-to-image teacher its ``prompt_set`` hash (labels are then prompt indices)."""
     policy = params.resolve_label_policy(num_classes)
     return [
         TrajectorySpec(
@@ -150,8 +158,9 @@ def trajectory_specs(
             num_classes=num_classes if policy != "none" else 0,
             sample_shape=tuple(sample_shape),
             guidance=params.guidance,
+            prompt_set=prompt_set,
         )
-        for s in params.schedules()
+        for s in params.schedules(alphas_cumprod)
     ]
 
 

@@ -1,0 +1,96 @@
+"""``sfd export --ckpt models/sfd --format diffusers --out DIR``: a distilled diffusers student as a diffusers folder.
+
+DIR holds ``model_index.json``, ``unet/`` (the distilled UNet, ``save_pretrained`` with safetensors),
+``scheduler/`` (the teacher's scheduler config, unchanged), for a latent text-to-image model also
+``vae/``, ``text_encoder/`` and ``tokenizer/``, and ``sfd_sampler.json``, the sampler the student was
+distilled for:
+
+- ``sigmas``: the VE noise levels t_0 = t_max > ... > t_{N-1} (float64), ``timesteps``: the UNet timestep
+  of each (fractional between the scheduler's grid points, linear in log sigma);
+- ``solver`` (``euler``), ``afs`` (analytical first step: no UNet call at t_0, eps = x / sqrt(1 + t_0^2)),
+  ``guidance`` (the w it was distilled at; any w works: eps = eps_u + w (eps_c - eps_u)), ``nfe``;
+- ``prediction_type``, ``sample_shape``, ``latent`` and ``vae_scaling_factor``.
+
+The README ("Use your own teacher") shows the few lines of diffusers code that sample with it; the
+test (tests/test_diffusers_export.py) runs exactly that loop against ``sfd sample``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.param_checks import ParamError
+from pipeline.networks.diffusers_vp import DEFAULT_VAE_SCALING, DiffusersVP, require_diffusers
+from pipeline.teachers.loader import load_student
+
+EXPORT_FORMATS = ("diffusers",)
+SAMPLER_FILE = "sfd_sampler.json"
+
+
+def export_diffusers(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write the distilled checkpoint ``ckpt`` (of a diffusers teacher) as a diffusers folder ``out``."""
+    diffusers = require_diffusers()
+    student = load_student(ckpt)
+    model = student.model
+    if not isinstance(model, DiffusersVP):
+        raise ParamError(f"--format diffusers: {ckpt} is not a distilled diffusers UNet (its teacher was not a diffusers folder)")
+    spec = student.sampler_spec()
+    if model.step_condition:
+        raise ParamError(f"--format diffusers: {ckpt} is step-conditioned (SFD-v); its step layers have no diffusers "
+                         "equivalent, export a single-N student (distill, distill_stage2)")
+    if spec.solver != "euler":
+        raise ParamError(f"--format diffusers: the checkpoint's sampler is {spec.solver!r}; the export describes Euler samplers only")
+    sigmas = spec.t_steps()
+    timesteps = model.sigma_to_t(sigmas.to(model.log_sigmas.device)).cpu()
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model.unet.save_pretrained(out / "unet", safe_serialization=True)
+    (out / "scheduler").mkdir()
+    sched_cfg = dict(model.scheduler_config)
+    sched_cls = sched_cfg.get("_class_name", "DDPMScheduler")
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2) + "\n")
+    index: dict[str, Any] = {"_diffusers_version": diffusers.__version__, "unet": ["diffusers", model.unet_class],
+                             "scheduler": ["diffusers", sched_cls]}
+    if model.latent:
+        model.components["vae"].save_pretrained(out / "vae", safe_serialization=True)
+        index["vae"] = ["diffusers", type(model.components["vae"]).__name__]
+    if "text_encoder" in model.components:
+        model.components["text_encoder"].save_pretrained(out / "text_encoder", safe_serialization=True)
+        index["text_encoder"] = ["transformers", type(model.components["text_encoder"]).__name__]
+        (out / "tokenizer").mkdir()
+        for f in sorted(Path(model.components["tokenizer_dir"]).iterdir()):
+            if f.is_file():
+                shutil.copyfile(f, out / "tokenizer" / f.name)
+        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+        index["_class_name"] = "StableDiffusionPipeline"
+    else:
+        index["_class_name"] = "DDPMPipeline"
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    vae = model.components.get("vae")
+    sampler = {
+        "solver": spec.solver,
+        "sigmas": [float(s) for s in sigmas],
+        "timesteps": [float(t) for t in timesteps],
+        "afs": bool(spec.afs),
+        "guidance": float(spec.guidance),
+        "nfe": spec.nfe,
+        "prediction_type": model.prediction_type,
+        "sample_shape": list(model.sample_shape),
+        "latent": model.latent,
+        "vae_scaling_factor": None if vae is None else float(vae.config.get("scaling_factor") or DEFAULT_VAE_SCALING),
+        "source_checkpoint": str(ckpt),
+    }
+    (out / SAMPLER_FILE).write_text(json.dumps(sampler, indent=2) + "\n")
+    return {"out": str(out), "nfe": spec.nfe, "num_steps": len(sampler["sigmas"]), "unet_class": model.unet_class}
+
+
+def export_command(ckpt: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
+    if fmt not in EXPORT_FORMATS:
+        raise ParamError(f"--format: got {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
+    return export_diffusers(ckpt, out)
