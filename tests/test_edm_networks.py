@@ -414,4 +414,5 @@ def test_matches_edm_reference_outputs(case):
             d_u = model(stored["x"], stored["sigma"], None, **extra)
             torch.testing.assert_close(d_u, stored["D_uncond"], rtol=1e-5, atol=2e-6 * float(stored["D_uncond"].abs().max()))
         if "u" in stored:
-            assert torch.equal(model.u, stored["u"])
+            # iDDPM's u table is a float64 recursion: its last bits depend on the CPU's math library
+            torch.testing.assert_close(model.u, stored["u"], rtol=1e-6, atol=0)

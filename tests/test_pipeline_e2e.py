@@ -78,6 +78,8 @@ def repo(tmp_path_factory) -> Path:
     for name in ("pipeline", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    (repo / "bench").mkdir()
+    shutil.copy(ROOT / "bench" / "pd_sweep.json", repo / "bench" / "pd_sweep.json")  # the report's PD budget sweep
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     (repo / ".gitignore").write_text("__pycache__/\n.cache/\n")
     run(["git", "init", "-q"], repo)

@@ -21,24 +21,59 @@ from pipeline.training.optim import adam
 from pipeline.training.state import STATE_NAME, TrainingState
 
 REFERENCE_TORCH = "2.14.1"
-REFERENCE = {
+# Bit-exact weights depend on the CPU's instruction set (oneDNN/MKL pick different kernels and summation
+# orders), so the references are kept per CPU vendor; a CPU without references skips these tests.
+_AMD = {
     "teacher": "00273bf77459941e5c59ac900286d90c",
     "distill": "a0f8d0d379444712ada0b575a9441580",
     "distill_v": "b258d4f1d14a40ff354afba960eeb277",
     "pd": {"2": "8d3d84c311bd8f60c42330464489740b", "1": "b6a68ce3a5da3a2c3020555bf4505b72"},
-    "sfddm": {"2": "1fb94ba892f312ee7a11e7afb7df1676", "4": "86fc2b470d31f395aea1f306ae229e71"},
+    "sfddm": None,  # recorded before SFDDM got its multi-step target (issue 15): not re-recorded on this CPU
     "vanilla": "c0e599630cced9ad55d1f01f4e952326",
 }
-REFERENCE_LOSSES = {
+_AMD_LOSSES = {
     "teacher": [1.6883648037910461, 1.4834909439086914],
     "distill": {"step2": 4.560807168483734, "step3": 7.51742023229599},
     "distill_v": {"N3/step2": 5.8292906284332275, "N4/step2": 4.532858331998189, "N4/step3": 7.564059495925903},
     "pd": [[0.017857566475868225, 0.015517856925725937], [0.005787496920675039, 0.003909311257302761]],
-    "sfddm": [[0.1606825888156891, 0.1676037460565567], [0.5635082721710205, 0.5319911241531372]],
+    "sfddm": None,
     "vanilla": [7.798097133636475, 7.961877346038818],
 }
-same_torch = pytest.mark.skipif(not torch.__version__.startswith(REFERENCE_TORCH),
-                                reason=f"reference hashes were taken with torch {REFERENCE_TORCH}")
+# Recorded on the Intel Xeon dev machine (2026-11-23): teacher, distill, distill_v, pd and vanilla were
+# checked to equal the pre-issue-13/14/15 code (f2fc49a) on the same machine; sfddm is the new multi-step target.
+_INTEL = {
+    "teacher": "03bd6966dfd9de4ae6acbb68e6da2c6e",
+    "distill": "9ef4b4d818a773a13c6999fe5297f525",
+    "distill_v": "d10799a0fcaedc1e8a95f106396bb8cd",
+    "pd": {"1": "7cc148ca6fadfb194bb696b38fb4ba20", "2": "c00cfd72eaf7b56e7abb05fc5b4b3547"},
+    "sfddm": {"2": "ef5efece923e0f009d7e58cf7029346a", "4": "4855c1f08b78c66e2f421b62ce829a75"},
+    "vanilla": "feb93134eaa4f8dd1432a844c87266ff",
+}
+_INTEL_LOSSES = {
+    "teacher": [1.6883648037910461, 1.4834909439086914],
+    "distill": {"step2": 4.560807168483734, "step3": 7.51742023229599},
+    "distill_v": {"N3/step2": 5.8292906284332275, "N4/step2": 4.532858371734619, "N4/step3": 7.564059495925903},
+    "pd": [[0.017857564613223076, 0.01551785971969366], [0.005787496455013752, 0.003909308463335037]],
+    "sfddm": [[0.11958103626966476, 0.12283016741275787], [0.0325825959444046, 0.03889068588614464]],
+    "vanilla": [7.798097133636475, 7.961877822875977],
+}
+
+
+def _cpu_vendor() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+CPU_VENDOR = _cpu_vendor()
+REFERENCE, REFERENCE_LOSSES = {"AuthenticAMD": (_AMD, _AMD_LOSSES), "GenuineIntel": (_INTEL, _INTEL_LOSSES)}.get(CPU_VENDOR, ({}, {}))
+same_torch = pytest.mark.skipif(not torch.__version__.startswith(REFERENCE_TORCH) or not REFERENCE,
+                                reason=f"reference hashes were taken with torch {REFERENCE_TORCH} on AMD and Intel CPUs "
+                                       f"(this: torch {torch.__version__}, {CPU_VENDOR})")
 
 
 def tiny_mlp(seed: int = 0) -> torch.nn.Module:
@@ -216,10 +251,11 @@ def test_baseline_weights_unchanged(tmp_path):
     assert {n: weights(tmp_path / "pd" / f"nfe{n}") for n in ("2", "1")} == REFERENCE["pd"]
     assert [[r["loss_first"], r["loss_last"]] for r in s["rounds"]] == REFERENCE_LOSSES["pd"]
     s = sfddm_distillation(teacher().eval().requires_grad_(False), cfg, data,
-                           SFDDMParams(teacher_steps=8, student_steps=[2, 4], updates=4, batch_size=8),
+                           SFDDMParams(teacher_steps=8, student_steps=[2, 4], updates=4, batch_size=8, budget="updates"),
                            tmp_path / "sfddm", tmp_path / "ctl", progress=False, state_dir=tmp_path / "s_sfddm")
-    assert {n: weights(tmp_path / "sfddm" / f"nfe{n}") for n in ("2", "4")} == REFERENCE["sfddm"]
-    assert [[r["loss_first"], r["loss_last"]] for r in s["students"]] == REFERENCE_LOSSES["sfddm"]
+    if REFERENCE["sfddm"] is not None:
+        assert {n: weights(tmp_path / "sfddm" / f"nfe{n}") for n in ("2", "4")} == REFERENCE["sfddm"]
+        assert [[r["loss_first"], r["loss_last"]] for r in s["students"]] == REFERENCE_LOSSES["sfddm"]
     s = vanilla_distillation(teacher(), cfg, data, VanillaParams(updates=6, batch_size=8), tmp_path / "vanilla",
                              progress=False, state_dir=tmp_path / "s_vanilla")
     assert weights(tmp_path / "vanilla") == REFERENCE["vanilla"]
