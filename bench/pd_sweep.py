@@ -3,13 +3,17 @@
     .venv/bin/python bench/pd_sweep.py [--params params.yaml] [--teacher models/teacher] [--data data/digits]
         [--feature-net models/feature_net] [--sfd-eval metrics/eval.json] [--multipliers 1 4 16 64]
         [--work .cache/pd_sweep] [--out bench/pd_sweep.json]
+    .venv/bin/python bench/pd_sweep.py --merge A.json B.json [...] --out bench/pd_sweep.json
 
 Runs PD via the pipeline's functions (pipeline.evaluation.pd_sweep_run.run_pd_sweep) with the
 ``baseline_pd`` params and ``updates_per_round`` x each multiplier, rounds down to NFE 2 (the 2 -> 1
 round is skipped), evaluates each NFE-2 student with the ``evaluate`` protocol and stops at the
-first multiplier whose FID reaches SFD's NFE-2 FID (read from ``--sfd-eval``, key ``sfd/nfe2``).
-Writes ``--out`` after every point (the report reads it) and prints the markdown table. Outside
-the default ``dvc repro``: x64 alone is ~30 CPU minutes on the embedded default.
+first multiplier whose FID reaches SFD's NFE-2 FID (read from ``--sfd-eval``, key ``sfd/nfe2``;
+``--no-stop`` runs them all). Writes ``--out`` after every point (the report reads it) and prints
+the markdown table. Outside the default ``dvc repro``: x64 alone is about an hour on one CPU core
+of the embedded default. Multipliers run in separate processes (``--multipliers 64`` in one,
+``--multipliers 1 4 16`` in another, each with its own ``--out``) combine with ``--merge``, which
+refuses sweeps of different teachers, PD settings or evaluation protocols.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config.params import load_params  # noqa: E402
-from pipeline.evaluation.pd_sweep import MULTIPLIERS, pd_sweep_markdown  # noqa: E402
+from pipeline.evaluation.pd_sweep import MULTIPLIERS, merge_sweeps, pd_sweep_markdown  # noqa: E402
 from pipeline.evaluation.pd_sweep_run import run_pd_sweep  # noqa: E402
 
 
@@ -42,7 +46,14 @@ def main() -> None:
     ap.add_argument("--no-stop", action="store_true", help="run every multiplier even after PD reached SFD")
     ap.add_argument("--work", default=".cache/pd_sweep")
     ap.add_argument("--out", default="bench/pd_sweep.json")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge these sweep files into --out (runs nothing)")
     args = ap.parse_args()
+
+    if args.merge:
+        merged = merge_sweeps([json.loads(Path(f).read_text()) for f in args.merge], sources=args.merge)
+        Path(args.out).write_text(json.dumps(merged, indent=2) + "\n")
+        print(pd_sweep_markdown(merged))
+        return
 
     params = load_params(args.params)
     params.apply_threads()
@@ -55,13 +66,16 @@ def main() -> None:
         result.update({"command": command, "when": started, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                        "loadavg_1min_at_start": round(load, 2), "sfd_fid_source": args.sfd_eval if args.sfd_fid is None else "--sfd-fid"})
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    def on_point(result: dict) -> None:
+        write(result)
         p = result["points"][-1]
         print(f"x{p['multiplier']}: PD NFE-2 FID {p['fid_nfe2']:.4f} at {p['forward_equivalents']:.4g} FE "
               f"({p['ratio_to_sfd']:.2f}x SFD), {p['train_seconds']:.0f} s train", flush=True)
 
     result = run_pd_sweep(params, teacher_dir=args.teacher, data_dir=args.data, feature_net_dir=args.feature_net,
                           sfd_fid=sfd_fid, work_dir=args.work, multipliers=args.multipliers,
-                          stop_when_reached=not args.no_stop, on_point=write)
+                          stop_when_reached=not args.no_stop, on_point=on_point)
     write(result)
     print(pd_sweep_markdown(json.loads(Path(args.out).read_text())))
 

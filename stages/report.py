@@ -10,6 +10,7 @@ import typer
 
 from pipeline.core.param_checks import ParamError
 from pipeline.evaluation.comparison import build_comparison
+from pipeline.evaluation.pd_sweep import PD_SWEEP_JSON, load_sweep, sweep_on_teacher, teacher_file_hash
 from pipeline.evaluation.report import build_report, merge_evaluations, parse_named_paths
 from stages.common import run, stage_params
 
@@ -26,6 +27,8 @@ def main(
     ),
     noise_floor: Optional[Path] = typer.Option(None, help="the evaluate_solvers stage's FID noise floor JSON"),
     comparison_json: Optional[Path] = typer.Option(None, help="write the method comparison (FID, total/marginal cost) here"),
+    pd_sweep: Path = typer.Option(PD_SWEEP_JSON, help="the PD budget sweep JSON (bench/pd_sweep.py)"),
+    teacher: Optional[Path] = typer.Option(None, help="the teacher checkpoint folder: a PD sweep of another teacher is flagged"),
 ) -> None:
     p = stage_params(params).report
     evaluations = merge_evaluations(evaluation)
@@ -35,14 +38,18 @@ def main(
         if not noise_floor.is_file():
             raise ParamError(f"--noise-floor {noise_floor}: does not exist (run the evaluate_solvers stage first)")
         floor = json.loads(noise_floor.read_text())
+    sweep = load_sweep(pd_sweep)
+    teacher_hash = None if teacher is None else teacher_file_hash(teacher)
     out.mkdir(parents=True, exist_ok=True)
-    data, comparison = build_comparison(evaluations, cost_dir, plot_path=out / "comparison.png", noise_floor=floor)
+    data, comparison = build_comparison(evaluations, cost_dir, plot_path=out / "comparison.png", noise_floor=floor,
+                                        pd_sweep=sweep if sweep_on_teacher(sweep, teacher_hash) else None)
     if comparison_json is not None:
         comparison_json.parent.mkdir(parents=True, exist_ok=True)
         comparison_json.write_text(json.dumps(data, indent=2) + "\n")
     report = build_report(
         evaluation=evaluations, cost_dir=cost_dir, grids_dirs=grids, out_dir=out,
         loss_logs=logs, params=p, merged_cost_path=merged_cost, comparison=comparison, noise_floor=floor,
+        pd_sweep=sweep, pd_sweep_source=pd_sweep, teacher_hash=teacher_hash,
     )  # fmt: skip
     typer.echo(f"report: {report}")
 

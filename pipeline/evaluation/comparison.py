@@ -35,6 +35,7 @@ from typing import Any
 
 from pipeline.core.cost import BACKWARD_FORWARD_RATIO, load_cost_records
 from pipeline.config.evaluation import ENTRY
+from pipeline.evaluation.pd_sweep import match_summary, sweep_sentence
 from pipeline.evaluation.report import markdown_table
 
 COUNT_KEYS = ("teacher_forward_images", "student_forward_images", "student_backward_images")
@@ -189,7 +190,8 @@ def significance(fid: float | None, other: float | None, floor: float | None) ->
 
 
 def headline(rows: Sequence[Row], *, nfe: int = 2, reference: str = "sfd", baseline: str = "pd",
-             target_ratio: float = TARGET_RATIO, floor: float | None = None) -> dict[str, Any]:
+             target_ratio: float = TARGET_RATIO, floor: float | None = None,
+             pd_sweep: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """SFD's cost to reach its FID at ``nfe`` vs the baseline's cost to reach at most that FID at ``nfe``.
 
     - baseline FID <= SFD's: ratio = baseline cost / SFD cost (the baseline's spending when its NFE
@@ -197,7 +199,8 @@ def headline(rows: Sequence[Row], *, nfe: int = 2, reference: str = "sfd", basel
     - baseline FID > SFD's: the baseline never reached SFD's quality in this run; the ratio is a
       lower bound (it would have to spend more).
     Costs are totals (SFD: including its teacher trajectories). With a noise ``floor``, an FID
-    difference below it is stated as not significant.
+    difference below it is stated as not significant. ``pd_sweep`` (bench/pd_sweep.json, run on this teacher)
+    adds PD's measured compute to match the reference at NFE 2 (``pd_sweep`` key, against this run's FID).
     """
     find = {(r.method, r.nfe): r for r in rows}
     ref, base = find.get((reference, nfe)), find.get((baseline, nfe))
@@ -245,11 +248,16 @@ def headline(rows: Sequence[Row], *, nfe: int = 2, reference: str = "sfd", basel
             f"At NFE {nfe}, {sfd} reached FID {ref.fid:.3f} with {ref_fe:.4g} forward-pass equivalents; {pd} spent "
             f"{base_fe:.4g} ({ratio:.3g}x, {wall_ratio:.3g}x the wall time) and reached only FID {base.fid:.3f}, so {pd} "
             f"needs more than {ratio:.3g}x {sfd}'s compute to match it (a lower bound). Target (>= {target_ratio:g}x): "
-            + ("met." if status == "met" else f"not shown by this run (the lower bound is below {target_ratio:g}x; "
-                                              f"a longer {pd} run would tell).")
+            + ("met." if status == "met" else f"not shown by this run (the lower bound is below {target_ratio:g}x"
+                                              + ("; the PD budget sweep measures more)." if pd_sweep is not None
+                                                 else f"; a longer {pd} run would tell)."))
         )
     if floor is not None and not within:
         statement += f" The FID difference ({delta:.3g}) exceeds the noise floor ({floor:.3g}): significant."
+    if pd_sweep is not None and baseline == "pd" and nfe == 2:
+        m = match_summary(pd_sweep["points"], ref.fid, ref_fe)
+        out["pd_sweep"] = m
+        statement += f" PD budget sweep on this teacher (bench/pd_sweep.json): {sweep_sentence(m, ref.fid, ref_fe)}"
     if ref.marginal is not None:
         out["reference_marginal_forward_equivalents"] = ref.marginal.forward_equivalents
         statement += (f" Given the trajectory cache, re-running {sfd} (e.g. `dvc exp run -S loss=l2`) costs "
@@ -366,6 +374,7 @@ def build_comparison(
     nfe: int = 2,
     plot_path: str | Path | None = None,
     noise_floor: Mapping[str, Any] | None = None,  # pipeline.evaluation.evaluate.noise_floor's result
+    pd_sweep: Mapping[str, Any] | None = None,  # the PD budget sweep, only when it ran on this run's teacher
 ) -> tuple[dict[str, Any], str]:
     """(data, markdown): ``metrics/comparison.json``'s content (:func:`comparison_json`) and the report's section."""
     if not isinstance(evaluation, Mapping):
@@ -373,7 +382,7 @@ def build_comparison(
     records = load_cost_records(cost_dir)
     rows = comparison_rows(evaluation, records, plans=plans)
     floor = None if not noise_floor else noise_floor.get("floor")
-    head = headline(rows, nfe=nfe, floor=floor)
+    head = headline(rows, nfe=nfe, floor=floor, pd_sweep=pd_sweep)
     plot = plot_comparison(rows, plot_path) if plot_path is not None else None
     parts = [
         "Distillation cost counted the same way for every method: teacher forward images + student forward "

@@ -15,7 +15,7 @@ from pipeline.distill.baselines.common import load_baseline_inputs
 from pipeline.distill.baselines.progressive import progressive_distillation
 from pipeline.distill.baselines.sfddm import sfd_stage1_budget
 from pipeline.evaluation.evaluate import run_evaluation
-from pipeline.evaluation.pd_sweep import MULTIPLIERS, match_summary
+from pipeline.evaluation.pd_sweep import MULTIPLIERS, match_summary, teacher_file_hash
 
 
 def run_pd_sweep(
@@ -39,6 +39,8 @@ def run_pd_sweep(
     result: dict[str, Any] = {
         "sfd": {"fid_nfe2": sfd_fid, **sfd_cost},
         "baseline_pd": {k: v for k, v in asdict(base).items() if k != "device"},
+        "teacher_file_hash": teacher_file_hash(teacher_dir),
+        "protocol": {k: str(getattr(params.evaluate, k)) for k in ("seeds", "features", "reference_split", "reference_stats")},
         "device": describe_device(torch.device(device)),
         "torch_threads": torch.get_num_threads(),
         "points": points,

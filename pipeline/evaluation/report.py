@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.evaluation.pd_sweep import baseline_sections
+from pipeline.evaluation.pd_sweep import PD_SWEEP_JSON, baseline_sections
 from pipeline.core.cost import load_cost_records
 from pipeline.config.evaluation import ENTRY, ReportParams
 from pipeline.core.param_checks import ParamError
@@ -315,7 +315,10 @@ def build_report(
     merged_cost_path: Path | None = None,
     comparison: str | None = None,
     noise_floor: dict[str, Any] | None = None,  # the evaluate_solvers stage's noise-floor JSON
-    extra_sections: Sequence[tuple[str, str]] = (),  # (title, markdown) after the comparison, e.g. a PD budget sweep
+    extra_sections: Sequence[tuple[str, str]] = (),  # (title, markdown) after the comparison
+    pd_sweep: dict[str, Any] | None = None,  # the PD budget sweep (pd_sweep.load_sweep), compared with this run's SFD
+    pd_sweep_source: str | Path = PD_SWEEP_JSON,  # the file it came from
+    teacher_hash: str | None = None,  # this run's teacher weights file hash (pd_sweep.teacher_file_hash)
 ) -> Path:
     """Write ``out_dir/report.md`` and its PNGs; also merge the per-stage costs into one JSON."""
     costs = load_cost_records(cost_dir)
@@ -368,7 +371,8 @@ def build_report(
                   "(whichever run generated them):", "", stored, ""]
     if comparison:
         parts += ["## SFD vs the baselines: quality against distillation cost", "", comparison, ""]
-    parts += baseline_sections(evaluation)  # PD's compute to match SFD (bench/pd_sweep.json), SFDDM vs its control
+    parts += baseline_sections(evaluation, pd_sweep, source=pd_sweep_source, teacher_hash=teacher_hash,
+                               floor=floor_value)  # PD's compute to match SFD, SFDDM vs its control
     for title, section in extra_sections:
         parts += [f"## {title}", "", section, ""]
     if loss_png is not None:
