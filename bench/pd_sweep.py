@@ -49,15 +49,22 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge these sweep files into --out (runs nothing)")
     args = ap.parse_args()
 
-    if args.merge:
-        merged = merge_sweeps([json.loads(Path(f).read_text()) for f in args.merge], sources=args.merge)
+    def sfd_fid_given() -> float:
+        return args.sfd_fid if args.sfd_fid is not None else json.loads(Path(args.sfd_eval).read_text())["sfd/nfe2"]["fid"]
+
+    if args.merge:  # against --sfd-fid or the --sfd-eval file when one is given, else the first sweep's SFD FID
+        given = args.sfd_fid is not None or Path(args.sfd_eval).is_file()
+        merged = merge_sweeps([json.loads(Path(f).read_text()) for f in args.merge], sources=args.merge,
+                              sfd_fid=sfd_fid_given() if given else None)
+        if given:
+            merged["sfd_fid_source"] = args.sfd_eval if args.sfd_fid is None else "--sfd-fid"
         Path(args.out).write_text(json.dumps(merged, indent=2) + "\n")
         print(pd_sweep_markdown(merged))
         return
 
     params = load_params(args.params)
     params.apply_threads()
-    sfd_fid = args.sfd_fid if args.sfd_fid is not None else json.loads(Path(args.sfd_eval).read_text())["sfd/nfe2"]["fid"]
+    sfd_fid = sfd_fid_given()
     command = " ".join(["python", *sys.argv])
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load = os.getloadavg()[0]

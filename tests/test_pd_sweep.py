@@ -72,6 +72,9 @@ def test_merge_joins_multipliers_in_order_and_refuses_mismatches():
     assert [p["device"] for p in merged["points"]] == ["cuda (H200)", "cuda (H200)", "cpu (1 threads)"]
     assert merged["match"]["multiplier"] == 64 and merged["match"]["lower_ratio"] == pytest.approx(12.8)
     assert merged["merged_from"] == ["b.json", "a.json"] and merged["device"] == "cuda (H200), cpu (1 threads)"
+    again = merge_sweeps([b, a], sfd_fid=0.5)  # against another SFD FID: x16 (0.45) now reaches it
+    assert again["sfd"]["fid_nfe2"] == 0.5 and again["match"]["multiplier"] == 16
+    assert [p["reaches_sfd"] for p in again["points"]] == [False, True, True] and b["sfd"]["fid_nfe2"] == 0.4
     with pytest.raises(PipelineError, match="a.json: multiplier x16 is also in b.json"):
         merge_sweeps([b, _sweep([point(16, 0.4, 1280.0)])], sources=["b.json", "a.json"])
     with pytest.raises(PipelineError, match="teacher_file_hash differs"):

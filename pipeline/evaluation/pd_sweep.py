@@ -66,10 +66,11 @@ def match_summary(points: Sequence[dict[str, Any]], sfd_fid: float, sfd_fe: floa
 _SAME_IN_MERGED = ("baseline_pd", "teacher_file_hash", "protocol")
 
 
-def merge_sweeps(sweeps: Sequence[dict[str, Any]], sources: Sequence[str] | None = None) -> dict[str, Any]:
+def merge_sweeps(sweeps: Sequence[dict[str, Any]], sources: Sequence[str] | None = None,
+                 sfd_fid: float | None = None) -> dict[str, Any]:
     """One sweep from several (multipliers run in separate processes or machines): the teacher, ``baseline_pd`` and
     the evaluation protocol must agree, and each multiplier may come from one sweep only. The match is recomputed
-    against the first sweep's SFD FID."""
+    against ``sfd_fid`` (default: the first sweep's SFD FID)."""
     if not sweeps:
         raise PipelineError("merge_sweeps: no sweep to merge")
     names = list(sources) if sources is not None else [f"sweep {i + 1}" for i in range(len(sweeps))]
@@ -91,7 +92,11 @@ def merge_sweeps(sweeps: Sequence[dict[str, Any]], sources: Sequence[str] | None
     merged["points"] = [points[m] for m in sorted(points)]
     merged["device"] = ", ".join(dict.fromkeys(str(s.get("device")) for s in sweeps))
     merged["merged_from"] = names
-    merged["match"] = match_summary(merged["points"], first["sfd"]["fid_nfe2"], first["sfd"]["forward_equivalents"])
+    if sfd_fid is not None:
+        merged["sfd"] = {**first["sfd"], "fid_nfe2": sfd_fid}
+    merged["match"] = match_summary(merged["points"], merged["sfd"]["fid_nfe2"], merged["sfd"]["forward_equivalents"])
+    for p in merged["points"]:
+        p["reaches_sfd"] = p["fid_nfe2"] <= merged["sfd"]["fid_nfe2"]
     return merged
 
 
