@@ -7,9 +7,9 @@ feature space and reference as the report). PD's cost is the cumulative forward-
 of its rounds up to the NFE-2 student (pipeline.core.cost: a backward counts 2 forwards); SFD's is
 its stage 1 (trajectories + distillation, :func:`pipeline.distill.baselines.sfddm.sfd_stage1_budget`).
 It is too slow for the default ``make repro`` (x64 is about an hour on one CPU core), so it runs
-from ``bench/pd_sweep.py`` and writes ``bench/pd_sweep.json``; the report reads that file
-(:func:`baseline_sections`). The runner lives in :mod:`pipeline.evaluation.pd_sweep_run` so that
-the report stage does not import the trainers.
+from ``bench/pd_sweep.py`` and writes ``bench/pd_sweep.json``; the report stage reads that file
+(:func:`load_sweep`, :func:`baseline_sections`). The runner lives in
+:mod:`pipeline.evaluation.pd_sweep_run` so that the report stage does not import the trainers.
 
 A sweep's points depend on the teacher, ``baseline_pd`` and the evaluation protocol, not on SFD:
 the report compares them with **this run's** SFD NFE-2 FID, and says so when the sweep ran on
