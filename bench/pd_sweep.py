@@ -54,8 +54,13 @@ def main() -> None:
 
     if args.merge:  # against --sfd-fid or the --sfd-eval file when one is given, else the first sweep's SFD FID
         given = args.sfd_fid is not None or Path(args.sfd_eval).is_file()
-        merged = merge_sweeps([json.loads(Path(f).read_text()) for f in args.merge], sources=args.merge,
-                              sfd_fid=sfd_fid_given() if given else None)
+        sweeps = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged = merge_sweeps(sweeps, sources=args.merge, sfd_fid=sfd_fid_given() if given else None)
+        run_keys = ("command", "when", "machine", "device", "loadavg_1min_at_start")  # each input run's, not the first's
+        merged["runs"] = {f: {k: s.get(k) for k in run_keys} for f, s in zip(args.merge, sweeps)}
+        for k in ("command", "machine", "loadavg_1min_at_start"):
+            merged.pop(k, None)
+        merged["when"] = ", ".join(dict.fromkeys(str(s.get("when")) for s in sweeps))
         if given:
             merged["sfd_fid_source"] = args.sfd_eval if args.sfd_fid is None else "--sfd-fid"
         Path(args.out).write_text(json.dumps(merged, indent=2) + "\n")
