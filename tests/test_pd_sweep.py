@@ -108,6 +108,11 @@ def test_comparison_headline_carries_the_sweeps_ratio_against_this_runs_sfd():
     assert head["pd_sweep"]["reached"] and head["pd_sweep"]["ratio"] == pytest.approx(51.2)
     assert head["pd_sweep"]["lower_ratio"] == pytest.approx(12.8) and "a longer PD run" not in head["statement"]
     assert "PD budget sweep on this teacher (bench/pd_sweep.json): PD's NFE-2 FID reaches SFD's (0.400)" in head["statement"]
+    assert head["pd_sweep"]["status"] == "not met" and "by the sweep: not met." in head["statement"]  # 51.2x < 100x
+    never = headline(rows, floor=None, pd_sweep=_sweep([point(1, 0.9, 80.0), point(64, 0.5, 20000.0)]))
+    assert never["pd_sweep"]["status"] == "met" and never["pd_sweep"]["lower_ratio"] == pytest.approx(200.0)
+    open_ = headline(rows, floor=None, pd_sweep=_sweep([point(1, 0.9, 80.0), point(64, 0.5, 5000.0)]))
+    assert open_["pd_sweep"]["status"] == "undecided"  # never reached, bound 50x < 100x
 
 
 def test_teacher_file_hash_follows_the_weights_file(tmp_path):

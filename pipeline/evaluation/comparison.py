@@ -256,8 +256,16 @@ def headline(rows: Sequence[Row], *, nfe: int = 2, reference: str = "sfd", basel
         statement += f" The FID difference ({delta:.3g}) exceeds the noise floor ({floor:.3g}): significant."
     if pd_sweep is not None and baseline == "pd" and nfe == 2:
         m = match_summary(pd_sweep["points"], ref.fid, ref_fe)
+        # the sweep decides the target where its bracket does: [lower_ratio, ratio] all above or all below it
+        if m["lower_ratio"] is not None and m["lower_ratio"] >= target_ratio:
+            m["status"] = "met"
+        elif m["reached"] and m["ratio"] < target_ratio:
+            m["status"] = "not met"
+        else:
+            m["status"] = "undecided"
         out["pd_sweep"] = m
-        statement += f" PD budget sweep on this teacher (bench/pd_sweep.json): {sweep_sentence(m, ref.fid, ref_fe)}"
+        statement += (f" PD budget sweep on this teacher (bench/pd_sweep.json): {sweep_sentence(m, ref.fid, ref_fe)} "
+                      f"Target (>= {target_ratio:g}x) by the sweep: {m['status']}.")
     if ref.marginal is not None:
         out["reference_marginal_forward_equivalents"] = ref.marginal.forward_equivalents
         statement += (f" Given the trajectory cache, re-running {sfd} (e.g. `dvc exp run -S loss=l2`) costs "
