@@ -10,7 +10,7 @@ import typer
 
 from pipeline.core.param_checks import ParamError
 from pipeline.evaluation.comparison import build_comparison
-from pipeline.evaluation.pd_sweep import PD_SWEEP_JSON, load_sweep, sweep_on_teacher, teacher_file_hash
+from pipeline.evaluation.pd_sweep import PD_SWEEP_JSON, TEACHER_FILE, load_sweep, sweep_on_teacher, teacher_file_hash
 from pipeline.evaluation.report import build_report, merge_evaluations, parse_named_paths
 from stages.common import run, stage_params
 
@@ -39,7 +39,8 @@ def main(
             raise ParamError(f"--noise-floor {noise_floor}: does not exist (run the evaluate_solvers stage first)")
         floor = json.loads(noise_floor.read_text())
     sweep = load_sweep(pd_sweep)
-    teacher_hash = None if teacher is None else teacher_file_hash(teacher)
+    # no weights file (a built-in teacher, a wrong path): a hash no sweep carries, so any sweep is flagged
+    teacher_hash = None if teacher is None else (teacher_file_hash(teacher) or f"unknown (no {TEACHER_FILE} in {teacher})")
     out.mkdir(parents=True, exist_ok=True)
     data, comparison = build_comparison(evaluations, cost_dir, plot_path=out / "comparison.png", noise_floor=floor,
                                         pd_sweep=sweep if sweep_on_teacher(sweep, teacher_hash) else None)
