@@ -34,6 +34,12 @@ from pipeline.evaluation.pd_sweep import MULTIPLIERS, merge_sweeps, pd_sweep_mar
 from pipeline.evaluation.pd_sweep_run import run_pd_sweep  # noqa: E402
 
 
+def fail(message: str) -> None:
+    """One line on stderr and exit code 2, as the stages report the project's errors."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params.yaml")
@@ -54,7 +60,14 @@ def main() -> None:
 
     if args.merge:  # against --sfd-fid or the --sfd-eval file when one is given, else the first sweep's SFD FID
         given = args.sfd_fid is not None or Path(args.sfd_eval).is_file()
-        sweeps = [json.loads(Path(f).read_text()) for f in args.merge]
+        sweeps = []
+        for f in args.merge:
+            if not Path(f).is_file():
+                fail(f"--merge {f}: no such file")
+            sweeps.append(json.loads(Path(f).read_text()))
+            if not sweeps[-1].get("teacher_file_hash"):
+                fail(f"--merge {f}: records no teacher_file_hash (written before the script recorded it); "
+                     "without it the sweeps' teachers cannot be compared")
         merged = merge_sweeps(sweeps, sources=args.merge, sfd_fid=sfd_fid_given() if given else None)
         run_keys = ("command", "when", "machine", "device", "loadavg_1min_at_start")  # each input run's, not the first's
         merged["runs"] = {f: {k: s.get(k) for k in run_keys} for f, s in zip(args.merge, sweeps)}

@@ -123,3 +123,24 @@ def test_teacher_file_hash_follows_the_weights_file(tmp_path):
     assert teacher_file_hash(tmp_path) == h
     (tmp_path / "model.safetensors").write_bytes(b"other")
     assert teacher_file_hash(tmp_path) != h
+
+
+def test_merge_script_refuses_missing_files_and_sweeps_without_a_teacher_hash(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "pd_sweep.py"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**_sweep([point(1, 0.9, 80.0)]), "teacher_file_hash": None}))
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_sweep([point(4, 0.3, 320.0)])))
+    out = tmp_path / "merged.json"
+    for files, message in (([str(tmp_path / "nope.json")], "nope.json: no such file"),
+                           ([str(good), str(old)], "old.json: records no teacher_file_hash")):
+        r = subprocess.run([sys.executable, str(script), "--merge", *files, "--sfd-fid", "0.4", "--out", str(out)],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr and not out.exists()
+    r = subprocess.run([sys.executable, str(script), "--merge", str(good), "--sfd-fid", "0.4", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(out.read_text())["match"]["multiplier"] == 4

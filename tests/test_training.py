@@ -24,8 +24,9 @@ from pipeline.training.state import STATE_NAME, TrainingState
 REFERENCE_TORCH = "2.14.1"
 # Bit-exact weights depend on the CPU: oneDNN/MKL choose kernels and summation orders by instruction set
 # and cache sizes, so the AMD EPYC of earlier sessions, an Intel Xeon and an AVX2 AMD EPYC (Zen 2) all
-# train different last bits from the same code. Exact weight hashes are therefore checked only on a machine whose signature
-# (vendor/family/model/torch CPU capability) has a record, with torch REFERENCE_TORCH. The losses agree
+# train different last bits from the same code. Exact weight hashes are therefore checked only on a
+# machine whose signature (vendor/family/model/torch CPU capability) has a record, with torch
+# REFERENCE_TORCH. The losses agree
 # across those machines to ~1e-8 and are checked everywhere (rtol LOSS_RTOL): a change of behaviour moves
 # them by far more.
 WEIGHT_HASHES = {
