@@ -1,13 +1,48 @@
-"""The ``sfd`` command line. Subcommands live next to the code they drive and are attached here."""
+"""The ``sfd`` command line. Subcommands live next to the code they drive and are attached here.
+
+The app's group (:class:`GuardedGroup`) ends every command the same way: every project error (missing files, bad values, bad checkpoints or
+stores), OS error (no space, read-only, permission) and usage error ends the command with one line on stderr
+(``error: ...``) and exit code 2; a non-finite loss exits with 3. No traceback reaches the user.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+from typer.core import TyperGroup
+
+from pipeline.core.param_checks import PipelineError
+
+EXIT_ERROR = 2
+EXIT_NON_FINITE = 3
+
+class GuardedGroup(TyperGroup):
+    """The ``sfd`` group: errors become one line on stderr and an exit code (module docstring). Usage errors
+    (an unknown option, a missing argument) keep typer's usage message and its exit code 2."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FloatingPointError as e:
+            _fail(str(e), EXIT_NON_FINITE)
+        except PipelineError as e:
+            _fail(str(e))
+        except OSError as e:
+            _fail(f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> None:
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    raise typer.Exit(code)
+
 
 app = typer.Typer(
+    cls=GuardedGroup,
     help="Simple and Fast Distillation (SFD): distil a diffusion teacher into a 1-5 step sampler.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
 
 
@@ -39,17 +74,29 @@ app.add_typer(params_app, name="params")
 @params_app.command("check")
 def params_check(
     file: str = typer.Argument("params.yaml", help="params file to validate (default: params.yaml)"),
+    dvc_yaml: str = typer.Option(None, "--dvc-yaml", help="check the keys this dvc.yaml tracks too "
+                                 "(default: dvc.yaml beside the params file, else in the current directory, if any)"),
+    target: list[str] = typer.Option([], "--target", help="check only what `dvc repro TARGET...` runs (repeatable; "
+                                     "default: every stage)"),
 ) -> None:
-    """Validate a whole params file (every section, every cross-section rule) without running anything."""
+    """Validate a whole params file (every section, every cross-section rule, every key dvc.yaml tracks)
+    without running anything: it passes exactly what the stages and DVC accept."""
+    from pathlib import Path
+
+    from pipeline.config.dvc_params import check_tracked_keys
     from pipeline.config.params import load_params
     from pipeline.core.param_checks import ParamError
 
-    try:
-        params = load_params(file)
-    except ParamError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(f"ok: {file} ({len(params.given)} sections)")
+    params = load_params(file)
+    beside = Path(file).resolve().parent / "dvc.yaml"
+    pipeline_file = Path(dvc_yaml) if dvc_yaml else beside if beside.is_file() else Path("dvc.yaml")
+    tracked = 0
+    if dvc_yaml or target or pipeline_file.is_file():
+        if not pipeline_file.is_file():
+            raise ParamError(f"--dvc-yaml {pipeline_file}: does not exist")
+        tracked = check_tracked_keys(params.raw, pipeline_file, where=file, targets=target or None)
+    checked = f", {tracked} keys tracked by {pipeline_file.name}" if tracked else ""
+    typer.echo(f"ok: {file} ({len(params.given)} sections{checked})")
 
 
 @app.command()
@@ -85,14 +132,9 @@ def export(
     out: str = typer.Option(..., help="output folder"),
 ) -> None:
     """Export a distilled student of a diffusers teacher as a diffusers folder + sfd_sampler.json (sigmas, AFS, guidance)."""
-    from pipeline.core.param_checks import PipelineError
     from pipeline.teachers.diffusers_export import export_command
 
-    try:
-        info = export_command(ckpt, format, out)
-    except PipelineError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    info = export_command(ckpt, format, out)
     typer.echo(f"export: {info['unet_class']}, {info['num_steps']} timestamps (NFE {info['nfe']}) -> {out}")
 
 

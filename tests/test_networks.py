@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline.teachers.content import teacher_content_hash
+
 import pytest
 import torch
 
@@ -106,7 +108,8 @@ def test_checkpoint_round_trip_is_safetensors(tmp_path):
     torch.testing.assert_close(model(x, sigma, lab), expected, rtol=0, atol=0)
 
     teacher = load_teacher(tmp_path / "ckpt")
-    assert teacher.weights_hash == hash_state_dict(net.state_dict()) == teacher.network_hash
+    assert teacher.network_hash == hash_state_dict(net.state_dict())
+    assert teacher.weights_hash == teacher_content_hash(teacher.model)  # weights and the whole config
     assert teacher.sample_shape == (1, 8, 8) and teacher.num_classes == 10
     via_source = load_teacher("checkpoint", path=str(tmp_path / "ckpt"))  # the old form, still accepted
     assert via_source.weights_hash == teacher.weights_hash

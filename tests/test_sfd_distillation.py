@@ -234,5 +234,5 @@ def test_stage2_from_a_distilled_student(store, tmp_path):
     assert result["optimizer_steps"] == 2 and result["nfe"] == {"3": 1}
     student = load_student(tmp_path / "s2")
     assert student.sampler.nfe == 1
-    assert student.config["provenance"]["teacher_hash"] == load_student(stage1).config["provenance"]["weights_hash"]
+    assert student.config["provenance"]["teacher_hash"] == load_student(stage1).weights_hash  # weights + architecture (+ bound N)
     assert student.config["provenance"]["store_keys"]["3"] == summary["keys"][0]["key"]

@@ -189,8 +189,9 @@ def write_dataset(
     return info
 
 
-def prepare_dataset(params: DataParams, out_dir: str | Path) -> DatasetInfo:
-    """The ``data`` stage: read the configured source and write the fixed split under ``out_dir``."""
+def prepare_dataset(params: DataParams, out_dir: str | Path, source_hash: str | None = None) -> DatasetInfo:
+    """The ``data`` stage: read the configured source and write the fixed split under ``out_dir``.
+    ``source_hash``: the content hash of the folder or zip (the inputs stage's manifest), kept as provenance."""
     if params.dataset == "digits":
         images, labels = load_digits_dataset()
         k, provenance = 10, {"source": "sklearn.datasets.load_digits", "scaling": "x / 16 * 2 - 1"}
@@ -198,6 +199,8 @@ def prepare_dataset(params: DataParams, out_dir: str | Path) -> DatasetInfo:
         raw, labels, k = load_image_folder(params.path, num_classes=params.num_classes)
         images = to_unit_range(raw)
         provenance = {"source": str(params.path), "scaling": "x / 127.5 - 1"}
+        if source_hash is not None:
+            provenance["source_hash"] = source_hash
     return write_dataset(
         out_dir,
         images,

@@ -7,7 +7,8 @@ project's dvc.yaml, so `dvc exp show` and `dvc plots` read them. Files written:
     plots/metrics/<prefix>loss/<key>.tsv   one row per logged step (columns step, <key>); a single loss
                                            named "loss" (teacher, baselines) is <prefix>loss.tsv
     plots/metrics/<prefix>lr.tsv, <prefix>kimg.tsv
-    plots/custom/<prefix>loss.json         every log row at once ({step, kimg, lr, <key>...}), x = kimg
+    plots/custom/<prefix>loss.json         every log row at once ({step, kimg, lr, <key>..., loss}), x = kimg;
+                                           ``loss`` is the mean of the row's step losses (one curve per stage)
     metrics.json                           the latest values and the run's final metrics (``final``)
 
 A resumed run starts the directory afresh and replays the log rows kept in its training state, so
@@ -60,6 +61,12 @@ class LiveLog:
             return
         keys = sorted({k for r in rows for k, v in r.items() if k not in ROW_FIELDS and v is not None})
         points = [{k: v for k, v in _ordered(r).items() if v is not None} for r in rows]
+        if "loss" not in keys:  # several step losses: their mean, one curve whatever the steps (dvc.yaml plots)
+            for point in points:
+                values = [v for k, v in point.items() if k in keys]
+                if values:
+                    point["loss"] = sum(values) / len(values)
+            keys = ["loss", *keys]
         self.live.log_plot(f"{prefix}loss", points, x=x, y=keys, template="linear", title=title, y_label="loss")
 
     def log_final(self, metrics: Mapping[str, Any], prefix: str = "final/") -> None:
