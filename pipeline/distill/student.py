@@ -41,6 +41,32 @@ from pipeline.teachers.loader import is_edm_config, load_teacher
 
 STEP_CONDITION_PREFIXES = ("map_steps.", "steps_layer0.", "steps_layer1.")  # our U-Net's step-condition layers
 EDM_STEP_CONDITION_PREFIXES = ("model.map_steps_layer0.", "model.map_steps_layer1.")  # an EDM network's
+STEP_CONDITION_INITS = ("zero", "random")
+# the zero-initialised last layer of the step embedding: our U-Net, an EDM network, a diffusers UNet (DiffusersVP)
+STEP_LAST_LAYER_SUFFIXES = ("steps_layer1", "map_steps.2")
+
+
+def randomize_step_condition(model: nn.Module, seed: int) -> list[str]:
+    """``step_condition_init: random`` (sfd-main starts its step layers from random weights): the step
+    embedding's last layer, zero by default, drawn Xavier-uniform (bias 0) from a generator seeded with
+    ``seed`` — the init sfd-main's SongUNet gives its ``map_step_layer1``. The student then no longer
+    starts equal to its teacher. Returns the names of the layers re-drawn."""
+    g = torch.Generator().manual_seed(int(seed))
+    names = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if not name.endswith(STEP_LAST_LAYER_SUFFIXES) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                continue
+            fan_out, fan_in = weight.shape
+            bound = (6.0 / (fan_in + fan_out)) ** 0.5
+            weight.copy_(((2 * torch.rand(weight.shape, generator=g, dtype=torch.float64) - 1) * bound).to(weight.dtype))
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+            names.append(name)
+    if not names:
+        raise ParamError("step_condition_init: the student has no step-condition layer to initialise")
+    return names
 
 
 @dataclass
@@ -59,8 +85,11 @@ def student_from_checkpoint(
     step_condition: bool = False,  # add the SFD-v step condition (zero-initialised) if the copy lacks it
     seed: int = 0,  # initialises the new step-condition layers (their last layer is zero)
     device: torch.device | str = "cpu",
+    step_condition_init: str = "zero",  # random: new step layers' last layer drawn too (sfd-main; randomize_step_condition)
 ) -> StudentInit:
     """A trainable copy of a network checkpoint (teacher or stage-1 student)."""
+    if step_condition_init not in STEP_CONDITION_INITS:
+        raise ParamError(f"step_condition_init: got {step_condition_init!r}; allowed values: 'zero', 'random'")
     teacher_ckpt = Path(teacher_ckpt)
     if not teacher_ckpt.exists():
         raise CheckpointError(
@@ -81,6 +110,8 @@ def student_from_checkpoint(
             stepped.prompts, stepped.cond_table, stepped.null_cond = model.prompts, model.cond_table, model.null_cond
             stepped.source_dir = model.source_dir
             model = stepped
+            if step_condition_init == "random":
+                randomize_step_condition(model, seed)
         model = model.to(device).train().requires_grad_(True)
         base = {**model.checkpoint_architecture(), "data": copy.deepcopy(config.get("data", {}))}
         return StudentInit(model, base, hash_state_dict(model.checkpoint_state_dict()), str(teacher_ckpt))
@@ -106,6 +137,8 @@ def student_from_checkpoint(
             f"{teacher_ckpt}/model.safetensors does not fit its network config: missing {bad_missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
+    if step_condition_init == "random" and any(k.startswith(prefixes) for k in missing):  # only layers new to the copy
+        randomize_step_condition(model, seed)
     model = model.to(device).train()
     base = {**model.checkpoint_architecture(), "data": copy.deepcopy(config.get("data", {}))}
     return StudentInit(model, base, hash_state_dict(model.checkpoint_state_dict()), str(teacher_ckpt))
@@ -135,8 +168,11 @@ def student_from_scratch(
     seed: int = 0,
     sigma_data: float = 0.5,
     device: torch.device | str = "cpu",
+    step_condition_init: str = "zero",  # random: the step embedding's last layer drawn too (randomize_step_condition)
 ) -> StudentInit:
     """A freshly initialised student, for teachers without a network (the exact mixture denoiser)."""
+    if step_condition_init not in STEP_CONDITION_INITS:
+        raise ParamError(f"step_condition_init: got {step_condition_init!r}; allowed values: 'zero', 'random'")
     for key in ("img_resolution", "in_channels", "label_dim"):
         if key in network:
             raise ParamError(f"student_network.{key}: comes from the teacher's data; remove it from params")
@@ -151,6 +187,8 @@ def student_from_scratch(
     )
     torch.manual_seed(seed)
     net = build_network(**arch)
+    if step_condition_init == "random" and arch["step_condition"]:
+        randomize_step_condition(net, seed)
     model = EDMPrecond(net, sigma_data=sigma_data).to(device)
     base = {"network": arch, "sigma_data": sigma_data, "data": {"sample_shape": list(sample_shape), "num_classes": num_classes}}
     return StudentInit(model, base, hash_state_dict(net.state_dict()), "scratch")
