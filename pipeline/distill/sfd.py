@@ -10,9 +10,13 @@ For each batch of B cached trajectories (x_0 = t_max z, teacher states y_1..y_{N
         x <- stopgrad(x_hat)                                             # global rollout, own state
 
 Adam (lr 5e-5, betas 0.9/0.999, no weight decay, no EMA, no warm-up), lr x 0.1 once half the
-budget (in kimg of trajectories) is spent. SFD-v draws one N per batch from the trajectory keys of
-its section (one key per N) and conditions the network on N. Stage 2 is the same loop with the
-stage-1 model as teacher (Euler, M = 2, AFS) and L1 + LPIPS on the last step.
+budget (in kimg of trajectories) is spent, decided after a batch as sfd-main does (``lr_decay_check``,
+DistillParams.lr_at). SFD-v draws one N per batch from the trajectory keys of its section (one key per
+N; ``step_draw``: a seeded torch generator, or sfd-main's random.randint sequence after seed 42) and
+conditions the network on N. Stage 2 is the same loop with the stage-1 model as teacher (Euler,
+M = 2, AFS) and L1 + LPIPS on the last step. ``precision: fp16_authors`` is sfd-main's use_fp16
+recipe (float16 body on CUDA, no scaler, nan_to_num gradients, float16 off for good after a batch
+whose last loss is NaN); docs/sfd-vs-authors.md lists every difference from sfd-main.
 
 Training runs in pipeline.training's loop and is resumable: model, optimizer, the N-draw generator,
 the global torch RNG, the number of batches done and the rows consumed from each key are saved

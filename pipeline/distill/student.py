@@ -2,7 +2,8 @@
 
 - Stage 1 / stage 2: the student starts as an exact copy of its teacher's network (all weights
   fine-tuned). For SFD-v the network gains the step condition (number of timestamps N); its new
-  layers end in a zero-initialised linear layer, so the student starts equal to the teacher.
+  layers end in a zero-initialised linear layer, so the student starts equal to the teacher
+  (``step_condition_init: random`` draws that layer too, as sfd-main starts from random step layers).
 - The exact Gaussian-mixture teacher has no network to copy: a student network is then built
   fresh from an architecture given in params (tests and toy runs).
 - A distilled checkpoint is the network plus a ``"sampler"`` section (solver euler, schedule,
