@@ -338,3 +338,56 @@ def test_both_lpips_variants_give_their_documented_values(vgg_file, tmp_path):
     with pytest.raises(LPIPSWeightsError, match="expected piq's lpips_weights.pt, a list of 5 tensors"):
         LPIPSLoss(vgg_file, "vgg", heads=tmp_path / "bad.pt")
 
+
+
+# ---------------------------------------------------------------- 4b. SFD-v: sfd-main's step layers on EDM networks
+
+
+@pytest.mark.parametrize("net", ["SongUNet", "DhariwalUNet"])
+def test_authors_step_layers_on_edm_networks(tmp_path, net):
+    """step_condition_arch authors: sfd-main's names (map_step*, per-block affine_step); zero init starts as the
+    teacher, random (sfd-main's init) does not; the condition is live and survives save -> load. Output parity with
+    sfd-main's own networks_edm.py is checked by bench/authors (it needs the sfd-main checkout)."""
+    from pipeline.core.checkpoints import save_checkpoint
+    from pipeline.distill.student import sampler_section, save_student, student_config, student_from_checkpoint
+    from pipeline.networks.edm import build_edm_model
+    from pipeline.teachers.loader import load_student, load_teacher
+
+    kwargs = dict(img_resolution=8, img_channels=3, label_dim=0 if net == "SongUNet" else 3, model_type=net,
+                  model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+    torch.manual_seed(0)
+    teacher = build_edm_model("EDMPrecond", kwargs)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # no zero layer: every path of the network matters
+        for p in teacher.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    config = {**teacher.checkpoint_architecture(), "data": {"sample_shape": [3, 8, 8], "num_classes": kwargs["label_dim"]},
+              "sampler": None, "provenance": {}}
+    save_checkpoint(tmp_path / "teacher", teacher.checkpoint_state_dict(), config)
+    x = 3 * torch.randn(2, 3, 8, 8, generator=g)
+    sigma = torch.tensor([0.5, 4.0])
+    labels = None if net == "SongUNet" else torch.tensor([0, 2])
+    with torch.no_grad():
+        ref = load_teacher(tmp_path / "teacher").model(x, sigma, labels)
+        zero = student_from_checkpoint(tmp_path / "teacher", step_condition=True, step_condition_arch="authors")
+        rand = student_from_checkpoint(tmp_path / "teacher", step_condition=True, step_condition_arch="authors",
+                                       step_condition_init="random")
+        new = sorted(set(zero.model.checkpoint_state_dict()) - set(teacher.checkpoint_state_dict()))
+        assert new and all(k.startswith(("model.map_step.", "model.map_step_layer")) or ".affine_step." in k for k in new), new
+        assert zero.config["edm"]["init_kwargs"]["step_condition"] == "authors"
+        four = torch.full((2,), 4)
+        assert torch.equal(zero.model.eval()(x, sigma, labels, num_steps=four), ref)
+        out4 = rand.model.eval()(x, sigma, labels, num_steps=four)
+        assert not torch.allclose(out4, ref, atol=1e-3)
+        assert not torch.allclose(out4, rand.model(x, sigma, labels, num_steps=torch.full((2,), 6)), atol=1e-4)
+    sampler = sampler_section(Schedule("polynomial", 5, 0.006, 80.0, 7.0), afs=True, step_condition=[4, 5])
+    save_student(tmp_path / "student", rand.model, student_config(rand.config, sampler, {}))
+    with torch.no_grad():
+        assert torch.equal(load_student(tmp_path / "student").model(x, sigma, labels, num_steps=four), out4)
+    from pipeline.distill.student import student_from_scratch
+
+    ours = student_from_scratch(TINY_NET, sample_shape=(1, 8, 8), num_classes=0)  # this project's U-Net: no such layers
+    plain = sampler_section(Schedule("polynomial", 4, 0.006, 80.0, 7.0), afs=True)
+    save_student(tmp_path / "ours", ours.model, student_config(ours.config, plain, {}))
+    with pytest.raises(ParamError, match="step_condition_arch: 'authors' .* EDM networks only"):
+        student_from_checkpoint(tmp_path / "ours", step_condition=True, step_condition_arch="authors")

@@ -17,6 +17,7 @@ LPIPS_SCALINGS = ("lpips", "piq")
 LR_DECAY_CHECKS = ("after_batch", "before_batch")
 STEP_DRAWS = ("seeded", "authors")
 STEP_CONDITION_INITS = ("zero", "random")
+STEP_CONDITION_ARCHS = ("ours", "authors")
 DISTILL_PRECISIONS = ("fp32", "bf16", "fp16", "fp16_authors")
 LossName = Literal["l1", "l2", "pseudo_huber", "lpips"]
 assert LossName.__args__ == LOSSES  # type: ignore[attr-defined]
@@ -32,6 +33,7 @@ class DistillParams(Section):
     step_condition: bool = False  # SFD-v: condition on N, one model for every N of the trajectory section
     step_draw: Literal["seeded", "authors"] = "seeded"  # SFD-v N per batch: seeded torch generator | sfd-main's random.randint, seed 42
     step_condition_init: Literal["zero", "random"] = "zero"  # SFD-v new layers: last one zero (starts as the teacher) | random (sfd-main)
+    step_condition_arch: Literal["ours", "authors"] = "ours"  # SFD-v layers: N added to the block embedding | sfd-main's (EDM nets)
     lr: PositiveFloat = 5e-5
     lr_decay: PositiveFloat = 0.1  # lr multiplier once lr_decay_at of the budget is spent
     lr_decay_at: Annotated[float, Field(ge=0, le=1)] = 0.5

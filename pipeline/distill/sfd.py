@@ -450,8 +450,11 @@ def run_distill_stage(
         if p.student_network is not None:
             raise ParamError(f"{section}.student_network: the student copies the teacher checkpoint; remove this key")
         init = student_from_checkpoint(teacher_ckpt, step_condition=p.step_condition, seed=p.seed, device=device,
-                                       step_condition_init=p.step_condition_init)
+                                       step_condition_init=p.step_condition_init, step_condition_arch=p.step_condition_arch)
     else:
+        if p.step_condition and p.step_condition_arch == "authors":
+            raise ParamError(f"{section}.step_condition_arch: 'authors' (sfd-main's step layers) exists for EDM networks only; "
+                             "the student is built from student_network (this project's U-Net)")
         if p.student_network is None:
             raise ParamError(
                 f"{section}.student_network: the teacher ({traj.teacher}) has no network to copy; give the student's "

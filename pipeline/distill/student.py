@@ -41,7 +41,9 @@ from pipeline.teachers.diffusers_folder import is_diffusers_config
 from pipeline.teachers.loader import is_edm_config, load_teacher
 
 STEP_CONDITION_PREFIXES = ("map_steps.", "steps_layer0.", "steps_layer1.")  # our U-Net's step-condition layers
-EDM_STEP_CONDITION_PREFIXES = ("model.map_steps_layer0.", "model.map_steps_layer1.")  # an EDM network's
+EDM_STEP_CONDITION_PREFIXES = ("model.map_steps_layer0.", "model.map_steps_layer1.",  # an EDM network's
+                               "model.map_step.", "model.map_step_layer0.", "model.map_step_layer1.")  # sfd-main's
+STEP_CONDITION_ARCHS = ("ours", "authors")
 STEP_CONDITION_INITS = ("zero", "random")
 # the zero-initialised last layer of the step embedding: our U-Net, an EDM network, a diffusers UNet (DiffusersVP)
 STEP_LAST_LAYER_SUFFIXES = ("steps_layer1", "map_steps.2")
@@ -80,6 +82,20 @@ class StudentInit:
     source: str  # the teacher checkpoint it copies, or "scratch"
 
 
+def zero_authors_step_modulation(model: nn.Module) -> list[str]:
+    """``step_condition_arch: authors`` with ``step_condition_init: zero``: every block's ``affine_step`` set to 0,
+    so each block's step modulation is the identity and the student starts equal to its teacher (sfd-main's
+    own init keeps them random)."""
+    names = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("affine_step"):
+                for p in module.parameters():
+                    p.zero_()
+                names.append(name)
+    return names
+
+
 def student_from_checkpoint(
     teacher_ckpt: str | Path,
     *,
@@ -87,10 +103,13 @@ def student_from_checkpoint(
     seed: int = 0,  # initialises the new step-condition layers (their last layer is zero)
     device: torch.device | str = "cpu",
     step_condition_init: str = "zero",  # random: new step layers' last layer drawn too (sfd-main; randomize_step_condition)
+    step_condition_arch: str = "ours",  # authors: sfd-main's step embedding and per-block affine_step (EDM networks only)
 ) -> StudentInit:
     """A trainable copy of a network checkpoint (teacher or stage-1 student)."""
     if step_condition_init not in STEP_CONDITION_INITS:
         raise ParamError(f"step_condition_init: got {step_condition_init!r}; allowed values: 'zero', 'random'")
+    if step_condition_arch not in STEP_CONDITION_ARCHS:
+        raise ParamError(f"step_condition_arch: got {step_condition_arch!r}; allowed values: 'ours', 'authors'")
     teacher_ckpt = Path(teacher_ckpt)
     if not teacher_ckpt.exists():
         raise CheckpointError(
@@ -99,6 +118,9 @@ def student_from_checkpoint(
         )
     teacher = load_teacher(teacher_ckpt)  # before the seed: building its network draws from the global RNG
     config, tensors = teacher.config, teacher.model.checkpoint_state_dict()
+    if step_condition and step_condition_arch == "authors" and not is_edm_config(config):
+        raise ParamError("step_condition_arch: 'authors' (sfd-main's step layers) exists for EDM networks only; "
+                         f"{teacher_ckpt} holds another architecture")
     if is_diffusers_config(config):  # the same diffusers UNet, fine-tuned (its VAE / text encoder ride along)
         model = teacher.model
         if step_condition and not model.step_condition:  # SFD-v: new zero-initialised step layers
@@ -120,7 +142,7 @@ def student_from_checkpoint(
         edm = config["edm"]
         kwargs = dict(edm["init_kwargs"])
         if step_condition and not kwargs.get("step_condition", False):
-            kwargs["step_condition"] = True
+            kwargs["step_condition"] = True if step_condition_arch == "ours" else "authors"
         torch.manual_seed(seed)
         model = build_edm_model(edm["precond"], kwargs)
         prefixes = EDM_STEP_CONDITION_PREFIXES
@@ -132,13 +154,17 @@ def student_from_checkpoint(
         model = EDMPrecond(build_network(**arch), sigma_data=float(config.get("sigma_data", 0.5)))
         prefixes = STEP_CONDITION_PREFIXES
     missing, unexpected = model.checkpoint_module().load_state_dict(tensors, strict=False)
-    bad_missing = [k for k in missing if not k.startswith(prefixes)]
+    bad_missing = [k for k in missing if not k.startswith(prefixes) and ".affine_step." not in k]
     if bad_missing or unexpected:
         raise CheckpointError(
             f"{teacher_ckpt}/model.safetensors does not fit its network config: missing {bad_missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
-    if step_condition_init == "random" and any(k.startswith(prefixes) for k in missing):  # only layers new to the copy
+    new_step_layers = any(k.startswith(prefixes) or ".affine_step." in k for k in missing)  # layers new to the copy
+    if new_step_layers and ".affine_step." in " ".join(missing):  # sfd-main's layers: random as built (EDM's init)
+        if step_condition_init == "zero":
+            zero_authors_step_modulation(model)
+    elif step_condition_init == "random" and new_step_layers:
         randomize_step_condition(model, seed)
     model = model.to(device).train()
     base = {**model.checkpoint_architecture(), "data": copy.deepcopy(config.get("data", {}))}
