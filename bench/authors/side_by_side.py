@@ -34,7 +34,9 @@ distill.lr_decay_check after_batch, precision fp16_authors (on a CPU EDM's use_f
 sfd-main's CPU run); ``defaults`` = this project's defaults (no thresholding); ``legacy`` = before issue 21
 (no thresholding, lr_decay_check before_batch); ``authors-lr-before`` = ``authors`` but the lr decision of
 before issue 21 (isolates that difference; ``defaults`` isolates the thresholding). The last section cross-checks the authors' LPIPS variant
-(lpips_scaling piq, avg pooling, 224 px) against piq itself on a random-weight VGG16 when piq imports.
+(lpips_scaling piq, avg pooling, 224 px) against piq itself on a random-weight VGG16 when piq imports, after
+checking that ``step_condition: authors`` networks (SFD-v, sfd-main's step layers) load sfd-main's own SongUNet
+and DhariwalUNet weights and give its D(x, sigma, N).
 """
 
 from __future__ import annotations
@@ -201,8 +203,55 @@ def run_sfd_main(sfd_main: str, work: Path) -> None:
         sample = solvers.euler_sampler(net, inputs["z_eval"], num_steps=NUM_STEPS, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
                                        schedule_type="polynomial", schedule_rho=RHO, afs=True)
     torch.save({"losses": losses, "targets": targets, "steps": RecordingAdam.steps, "sample": sample,
-                "weights": {k: v.detach().clone() for k, v in net.named_parameters()}}, work / "sfd_main.pt")
+                "weights": {k: v.detach().clone() for k, v in net.named_parameters()}, "sfdv": sfdv_outputs(dnnlib)},
+               work / "sfd_main.pt")
     torch.distributed.destroy_process_group()
+
+
+SFDV_NETS = {  # sfd-main's SFD-v networks (networks_edm.py: map_step*, affine_step in every block), tiny
+    "SongUNet": dict(NET),
+    "DhariwalUNet": dict(model_type="DhariwalUNet", model_channels=64, channel_mult=[1, 2], num_blocks=1,
+                         attn_resolutions=[8], dropout=0.0),
+}
+
+
+def sfdv_outputs(dnnlib) -> dict:
+    """sfd-main's EDMPrecond with each network, random weights (all perturbed), D(x, sigma, N) for N = 4..7."""
+    out = {}
+    g = torch.Generator().manual_seed(1)
+    x = 5 * torch.randn(3, 3, 16, 16, generator=g)
+    sigma = torch.tensor([0.3, 2.0, 20.0])
+    for name, kw in SFDV_NETS.items():
+        label_dim = 4 if name == "DhariwalUNet" else 0
+        torch.manual_seed(0)
+        net = dnnlib.util.construct_class_by_name(class_name="models.networks_edm.EDMPrecond", use_fp16=False, **kw,
+                                                  img_resolution=16, img_channels=3, label_dim=label_dim).eval()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+            labels = torch.eye(4)[torch.tensor([0, 3, 1])] if label_dim else None
+            out[name] = {"state": {k: v.clone() for k, v in net.state_dict().items()}, "x": x, "sigma": sigma,
+                         "labels": labels, "D": {n: net(x, sigma, labels, step_condition=n) for n in (4, 5, 6, 7)}}
+    return out
+
+
+def sfdv_parity(theirs: dict) -> None:
+    """This project's EDM port with step_condition "authors" loads sfd-main's SFD-v weights and computes its D."""
+    from pipeline.networks.edm import build_edm_model
+
+    for name, r in theirs.items():
+        kw = {**SFDV_NETS[name], "img_resolution": 16, "img_channels": 3, "label_dim": 4 if name == "DhariwalUNet" else 0,
+              "step_condition": "authors"}
+        ours = build_edm_model("EDMPrecond", kw).eval()
+        ours.load_state_dict(r["state"], strict=True)
+        labels = None if r["labels"] is None else r["labels"].argmax(1)
+        with torch.no_grad():
+            diffs = {n: float((ours(r["x"], r["sigma"], labels, num_steps=torch.full((3,), n)) - d).abs().max())
+                     for n, d in r["D"].items()}
+        spread = max(float((r["D"][4] - d).abs().max()) for d in r["D"].values())
+        print(f"SFD-v network {name} (sfd-main's weights loaded strictly, {len(r['state'])} tensors): max abs D diff "
+              f"per N {', '.join(f'{n}: {v:.1e}' for n, v in diffs.items())} (max abs D {float(r['D'][4].abs().max()):.3g}; "
+              f"D moves by up to {spread:.3g} between N = 4 and 7)")
 
 
 # ------------------------------------------------------------------ 2. this project
@@ -441,6 +490,8 @@ def main() -> None:
             theirs, x_T_order = torch.load(work / "sfd_main.pt"), ours["x_T"]
             print(f"sfd-main ran {len(theirs['steps'])} optimizer steps on the project's x_T")
         print_table(compare(mode, ours, theirs, args.batch))
+    print()
+    sfdv_parity(theirs["sfdv"])
     lpips_cross_check()
 
 
