@@ -22,6 +22,7 @@ from pipeline.distill.sfd import AUTHORS_STEP_SEED, _step_drawer, run_distill_st
 from pipeline.training.loop import optimizer_step
 from pipeline.trajectories.generation import run_trajectories_stage
 from pipeline.trajectories.spec import TrajectorySpec, trajectory_specs
+from test_sfd_distillation import make_params  # the tiny mixture-teacher setup: 8 batches of 16, N = 4 and [3, 4]
 
 TEACHER = {"source": "gmm", "num_components": 4, "sample_shape": [1, 4, 4], "std": 0.2, "seed": 0}
 TINY_NET = {"model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []}
@@ -55,19 +56,6 @@ def test_lr_decays_at_sfd_mains_batch_and_before_batch_one_earlier(kimg, batch_s
                                   section="distill")
     assert [old.lr_at(b) for b in range(p.total_batches())].index(5e-6) == first - 1
     assert first == math.ceil(0.5 * kimg * 1000 / batch_size) + 1
-
-
-def make_params(**distill) -> dict:
-    base = {"student_network": TINY_NET, "kimg": 0.128, "batch_size": 16, "lr": 1e-3, "checkpoint_every_kimg": 0.032,
-            "log_every_kimg": 0.016, "device": "cpu"}
-    return {
-        "loss": "l1",
-        "trajectories": {"teacher": TEACHER, "seeds": "0-63", "chunk_size": 32, "batch_size": 64, "M": 1, "schedule": SCHEDULE},
-        "trajectories_v": {"teacher": TEACHER, "seeds": "0-63", "chunk_size": 32, "batch_size": 64, "M": 1,
-                           "schedule": {**SCHEDULE, "num_steps": [3, 4, 5]}},
-        "distill": {**base, **distill},
-        "distill_v": {**base, "trajectories": "trajectories_v", "step_condition": True, **distill},
-    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -218,9 +206,9 @@ def test_authors_step_draws_are_random_randint_after_seed_42_and_resume():
 def test_authors_step_draws_in_a_training_run(store, tmp_path):
     r = distill(make_params(step_draw="authors"), store, tmp_path, section="distill_v", name="draws")
     random.seed(42)
-    counts = {n: 0 for n in (3, 4, 5)}
+    counts = {n: 0 for n in (3, 4)}
     for _ in range(8):
-        counts[random.randint(3, 5)] += 1
+        counts[random.randint(3, 4)] += 1
     keys = parse_params(make_params())
     specs = trajectory_specs(keys.trajectories_v, teacher_hash=r_hash(tmp_path / "draws"), num_classes=0, sample_shape=(1, 4, 4))
     assert {s.key: 16 * counts[s.schedule.num_steps] for s in specs} == r["rows_per_key"]
@@ -255,28 +243,18 @@ def test_step_condition_init_random_starts_away_from_the_teacher(tmp_path):
 
 # ---------------------------------------------------------------- 5. the authors' LPIPS (piq's)
 
-# docs/sfd-vs-authors.md: both variants on lpips_pair() with random_vgg16_features() (seed 0, torchvision's init)
-# and the lpips package's v0.1 heads, CPU float32, torch 2.14.1; rtol 1e-4 covers other CPUs' round-off
-LPIPS_DOCUMENTED = {"lpips": 0.01718827337026596, "piq": 0.011027920991182327}
-VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+# docs/sfd-vs-authors.md: both variants on lpips_pair() with random_vgg16_features() (seed 0) and the lpips
+# package's v0.1 heads, CPU float32, torch 2.14.1 / torchvision 0.29.1; rtol 1e-4 covers other CPUs' round-off
+LPIPS_DOCUMENTED = {"lpips": 0.012028085999190807, "piq": 0.007758092135190964}
 RELU_INDICES = (3, 8, 15, 22, 29)  # relu1_2 ... relu5_3 in torchvision's vgg16().features
 
 
 def random_vgg16_features(seed: int = 0) -> torch.nn.Sequential:
-    """torchvision's vgg16().features layout with its init (Kaiming-normal fan_out, zero bias), seeded; no download."""
+    """torchvision's vgg16().features (its layer list, torch's default init), seeded; nothing downloaded."""
+    from torchvision.models.vgg import cfgs, make_layers
+
     torch.manual_seed(seed)
-    layers: list[torch.nn.Module] = []
-    c = 3
-    for v in VGG16_CFG:
-        if v == "M":
-            layers.append(torch.nn.MaxPool2d(2, 2))
-        else:
-            conv = torch.nn.Conv2d(c, v, 3, padding=1)
-            torch.nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-            torch.nn.init.zeros_(conv.bias)
-            layers += [conv, torch.nn.ReLU(inplace=True)]
-            c = v
-    return torch.nn.Sequential(*layers)
+    return make_layers(cfgs["D"])
 
 
 @pytest.fixture(scope="module")

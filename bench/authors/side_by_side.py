@@ -398,8 +398,10 @@ def lpips_cross_check() -> None:
         return
     from pipeline.distill.losses import LPIPSLoss
 
+    from torchvision.models.vgg import cfgs, make_layers
+
     torch.manual_seed(0)
-    features = torch.nn.Sequential(*[m for m in _vgg16_features()])
+    features = make_layers(cfgs["D"])  # torchvision's VGG16 features, random
     with tempfile.TemporaryDirectory() as d:
         torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, Path(d) / "vgg16.pth")
         heads = [torch.rand(c) for c in (64, 128, 256, 512, 512)]
@@ -418,20 +420,6 @@ def lpips_cross_check() -> None:
     print(f"\nLPIPS, authors' variant vs piq {__import__('piq').__version__} (random VGG16 and heads, 4 pairs in [-1, 1]): "
           f"project {[round(float(v), 8) for v in mine]}, piq {[round(float(v), 8) for v in theirs]}, "
           f"max rel diff {float(((mine - theirs).abs() / theirs.abs()).max()):.2e}")
-
-
-def _vgg16_features() -> list[torch.nn.Module]:
-    layers, c = [], 3
-    for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]:
-        if v == "M":
-            layers.append(torch.nn.MaxPool2d(2, 2))
-        else:
-            conv = torch.nn.Conv2d(c, v, 3, padding=1)
-            torch.nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-            torch.nn.init.zeros_(conv.bias)
-            layers += [conv, torch.nn.ReLU(inplace=True)]
-            c = v
-    return layers
 
 
 def git_commit(path: str) -> str:
