@@ -257,7 +257,7 @@ def sfdv_parity(theirs: dict) -> None:
 # ------------------------------------------------------------------ 2. this project
 
 
-def run_project(work: Path, mode: str, batches: int, batch: int) -> dict:
+def run_project(work: Path, mode: str, batches: int, batch: int, threads: int = 1, tag: str = "") -> dict:
     import pipeline.distill.sfd as sfd
     from pipeline.config.params import parse_params
     from pipeline.distill.sfd import run_distill_stage
@@ -267,7 +267,8 @@ def run_project(work: Path, mode: str, batches: int, batch: int) -> dict:
     teacher_dir = work / "teacher_ckpt"
     if not teacher_dir.exists():
         import_edm_pickle(work / "teacher.pkl", teacher_dir)
-    out = work / mode
+    out = work / (mode + tag)
+    torch.set_num_threads(threads)
     schedule = {"kind": "polynomial", "num_steps": NUM_STEPS, "t_min": SIGMA_MIN, "t_max": SIGMA_MAX, "rho": RHO}
     raw = {
         "loss": "l1",
@@ -276,7 +277,7 @@ def run_project(work: Path, mode: str, batches: int, batch: int) -> dict:
                          **MODES[mode]["trajectories"]},
         "distill": {"afs": True, "lr": LR, "lr_decay": 0.1, "lr_decay_at": 0.5, "kimg": batches * batch / 1000,
                     "batch_size": batch, "checkpoint_every_kimg": 1000.0, "log_every_kimg": batch / 1000,
-                    "device": "cpu", "threads": 1, **MODES[mode]["distill"]},
+                    "device": "cpu", "threads": threads, **MODES[mode]["distill"]},
         "evaluate": {"seeds": "100000-100015"},
     }  # fmt: skip
     p = parse_params(raw)
@@ -321,7 +322,24 @@ def run_project(work: Path, mode: str, batches: int, batch: int) -> dict:
     with torch.no_grad():
         rec["sample"] = solve(student.denoiser, x_eval, t, sampler["solver"], afs=sampler["afs"])
     rec["x_eval"] = x_eval
+    torch.set_num_threads(1)
     return rec
+
+
+def self_control(work: Path, first: dict, batches: int, batch: int) -> None:
+    """The project against itself with 2 threads instead of 1: other summation orders in the CPU kernels, the
+    same maths. Its differences are this machine's round-off, amplified by Adam as in the comparison above."""
+    other = run_project(work, "authors", batches, batch, threads=2, tag="-2threads")
+    target = max(float((a - b).abs().max()) for a, b in zip(first["targets"], other["targets"]))
+    grad = max(max_abs(a["grad"], b["grad"]) for a, b in zip(first["steps"], other["steps"]))
+    weight = max(max_abs(a["weight"], b["weight"]) for a, b in zip(first["steps"], other["steps"]))
+    last_a, last_b = first["steps"][-1]["weight"], other["steps"][-1]["weight"]
+    rel = (sum(float((last_a[k] - last_b[k]).square().sum()) for k in last_a)
+           / sum(float((last_a[k] - first["w0"][k]).square().sum()) for k in last_a)) ** 0.5
+    loss = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(first["steps"], other["steps"]))
+    print(f"\ncontrol, this project (authors mode) on 1 vs 2 threads: target {target:.2e} | loss rel {loss:.2e} | "
+          f"grad {grad:.2e} | weight {weight:.2e} (L2 relative to the weight change {rel:.2e}) | samples "
+          f"{float((first['sample'] - other['sample']).abs().max()):.2e}")
 
 
 # ------------------------------------------------------------------ comparison
@@ -467,8 +485,9 @@ def main() -> None:
 
     theirs = None
     x_T_order = None
+    runs = {}
     for mode in args.modes.split(","):
-        ours = run_project(work, mode, args.batches, args.batch)
+        ours = runs[mode] = run_project(work, mode, args.batches, args.batch)
         if theirs is None or not all(torch.equal(a, b) for a, b in zip(x_T_order, ours["x_T"])):
             torch.save({"x_T": ours["x_T"], "z_eval": ours["x_eval"] / SIGMA_MAX, "batch": args.batch, "batches": args.batches,
                         "port": 29500 + os.getpid() % 1000}, work / "sfd_inputs.pt")
@@ -478,6 +497,8 @@ def main() -> None:
             theirs, x_T_order = torch.load(work / "sfd_main.pt"), ours["x_T"]
             print(f"sfd-main ran {len(theirs['steps'])} optimizer steps on the project's x_T")
         print_table(compare(mode, ours, theirs, args.batch))
+    if "authors" in runs:
+        self_control(work, runs["authors"], args.batches, args.batch)
     print()
     sfdv_parity(theirs["sfdv"])
     lpips_cross_check()
