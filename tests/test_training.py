@@ -31,22 +31,35 @@ REFERENCE_TORCH = "2.14.1"
 # them by far more.
 WEIGHT_HASHES = {
     # AMD EPYC Zen 2, AVX2 (dev machine, 2026-12-04); f2fc49a (before issues 13-15) gives the same teacher,
-    # distill and pd hashes there
+    # distill and pd hashes there. Its distill and distill_v hashes were removed by issue 21 (the lr now decays
+    # one batch later, as in sfd-main) and could not be re-recorded on that CPU: a name missing from a
+    # machine's record is not checked there.
     "AuthenticAMD/23/49/AVX2": {
         "teacher": "5ee4b8580fba8c4f3405c2689232d072",
-        "distill": "a6dd0dca50a0cfe96e3a157aca1d4bde",
-        "distill_v": "0398b01862939267234d6d0bf4fa6f35",
         "pd": {"2": "d9ce8f15f82d5a4a7828a45dbf6f94ab", "1": "84651b6503473f3bc2b5c5526eea2d51"},
         "sfddm": {"2": "e846c798c46d17b3e737d4776b5641cd", "4": "2e61ce3ff58bdfcf160cb2e10d4beff6"},
         "vanilla": "2663388e0437bbefcb581af9de967287",
     },
+    # Intel Xeon, AVX-512 (cpu family 6, model 207; issue 21's machine, 2026-12-05), this code
+    "GenuineIntel/6/207/AVX512": {
+        "teacher": "03bd6966dfd9de4ae6acbb68e6da2c6e",
+        "distill": "7fc5c637684ccc27662009c7fb1c1efa",
+        "distill_v": "434f934699b6e741e14b957ba22423af",
+        "pd": {"2": "c00cfd72eaf7b56e7abb05fc5b4b3547", "1": "7cc148ca6fadfb194bb696b38fb4ba20"},
+        "sfddm": {"2": "ef5efece923e0f009d7e58cf7029346a", "4": "4855c1f08b78c66e2f421b62ce829a75"},
+        "vanilla": "feb93134eaa4f8dd1432a844c87266ff",
+    },
 }
 # Recorded on the earlier AMD EPYC (teacher ... vanilla; before issues 13-15) and an Intel Xeon (2026-11-23,
 # also sfddm's multi-step target of issue 15); the Zen 2 machine above agrees with them within 1e-6 relative.
+# distill and distill_v: issue 21 (lr_decay_check after_batch, sfd-main's timing: the lr of these 8-batch runs
+# drops at batch 5 instead of 4), on the AVX-512 Xeon; with lr_decay_check: before_batch the same code gives
+# the earlier values (step2 4.560807168483734, step3 7.51742023229599; N4/step2 4.5328583, N4/step3 7.5640595;
+# N3/step2 unchanged: every N3 batch of that run comes before the first step whose lr differs).
 REFERENCE_LOSSES = {
     "teacher": [1.6883648037910461, 1.4834909439086914],
-    "distill": {"step2": 4.560807168483734, "step3": 7.51742023229599},
-    "distill_v": {"N3/step2": 5.8292906284332275, "N4/step2": 4.532858331998189, "N4/step3": 7.564059495925903},
+    "distill": {"step2": 4.551455080509186, "step3": 7.507840633392334},
+    "distill_v": {"N3/step2": 5.8292906284332275, "N4/step2": 4.521327257156372, "N4/step3": 7.5537794431050616},
     "pd": [[0.017857566475868225, 0.015517856925725937], [0.005787496920675039, 0.003909311257302761]],
     "sfddm": [[0.11958103626966476, 0.12283016741275787], [0.0325825959444046, 0.03889068588614464]],
     "vanilla": [7.798097133636475, 7.961877346038818],
@@ -72,7 +85,7 @@ _HASHES = WEIGHT_HASHES.get(MACHINE) if torch.__version__.startswith(REFERENCE_T
 
 def check_weights(name: str, actual) -> None:
     """Exact weight hashes where this machine has a record (module comment); elsewhere only the losses are checked."""
-    if _HASHES is not None:
+    if _HASHES is not None and name in _HASHES:
         assert actual == _HASHES[name], f"{name} weights on {MACHINE}: {actual}"
 
 

@@ -33,6 +33,7 @@ class TrajectoryParams(Section):
     solver: SolverName = "dpmpp"
     max_order: int | None = None  # ipndm 1-4, dpmpp 1-3 (absent: 3); other solvers: absent or 1. Always an int after loading
     lower_order_final: bool = True
+    dynamic_thresholding: bool = False  # dpmpp only: sfd-main's thresholding of every x0 (quantile 0.995 of |x0|, floor 1)
     afs: bool = False
     M: NonNegativeInt = 3
     schedule: ScheduleDict = field(
@@ -52,6 +53,8 @@ class TrajectoryParams(Section):
     @model_validator(mode="after")
     def _check(self) -> "TrajectoryParams":
         fix(self, max_order=resolve_max_order(self.solver, self.max_order))
+        if self.dynamic_thresholding and self.solver != "dpmpp":
+            raise ValueError(f".dynamic_thresholding: only the dpmpp solver thresholds its data prediction, not {self.solver!r}")
         if self.precision != "fp32" and self.compute_dtype != "float32":
             raise ValueError(f".precision: {self.precision} autocast needs compute_dtype float32, got {self.compute_dtype}")
         try:

@@ -49,6 +49,24 @@ def afs_epsilon(x: torch.Tensor, t: float) -> torch.Tensor:
     return x / math.sqrt(1.0 + t * t)
 
 
+DYNAMIC_THRESHOLD_QUANTILE = 0.995  # sfd-main's dynamic_thresholding_fn (Imagen's dynamic thresholding)
+QUANTILE_MAX_NUMEL = 1 << 24  # torch.quantile refuses larger inputs; rows are processed in slices below it
+
+
+def dynamic_threshold(x0: torch.Tensor, quantile: float = DYNAMIC_THRESHOLD_QUANTILE) -> torch.Tensor:
+    """Imagen's dynamic thresholding of a data prediction, as sfd-main's DPM-Solver++ applies it to every x0.
+
+    Per sample b: s_b = max(q_b, 1) with q_b the ``quantile`` of |x0_b| over all its elements (torch's
+    linear interpolation); x0_b <- clamp(x0_b, -s_b, s_b) / s_b. A sample with every |x0| <= 1 is
+    unchanged; otherwise it is clamped (its values beyond s_b) and shrunk by s_b, into [-1, 1].
+    """
+    flat = x0.abs().reshape(x0.shape[0], -1)
+    rows = max(1, QUANTILE_MAX_NUMEL // max(1, flat.shape[1]))
+    q = torch.cat([torch.quantile(flat[i : i + rows], quantile, dim=1) for i in range(0, flat.shape[0], rows)])
+    s = torch.maximum(q, torch.ones_like(q)).reshape(-1, *([1] * (x0.dim() - 1)))
+    return torch.clamp(x0, -s, s) / s
+
+
 def dpmpp_order(step: int, num_steps: int, max_order: int, lower_order_final: bool) -> int:
     """Order used by DPM-Solver++ at step i of S: warm-up 1, 2, 3...; lower_order_final ends ..., 2, 1."""
     order = min(max_order, step + 1)
@@ -101,6 +119,7 @@ def solve(
     afs: bool = False,  # analytical first step: no denoiser call at t_0
     labels: torch.Tensor | None = None,
     record: Sequence[int] | None = None,  # indices into t_steps whose states are returned
+    dynamic_thresholding: bool = False,  # DPM-Solver++ only: every x0 through dynamic_threshold (sfd-main)
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Integrate the PF-ODE from t_steps[0] to t_steps[-1] with the named solver.
 
@@ -111,9 +130,13 @@ def solve(
     - ipndm: x_{i+1} = x_i + Delta_i sum_j c_j d_{i-j} (Adams-Bashforth, warm-up from order 1)
     - dpmpp: DPM-Solver++ multistep in data prediction, VE form, phi1 = t_{i+1}/t_i - 1:
       x_{i+1} = (t_{i+1}/t_i) x_i - phi1 m_i [- phi1 D1 / 2 (order 2) | + phi2 D1 - phi3 D2 (order 3)]
+      With ``dynamic_thresholding`` every m_i is :func:`dynamic_threshold` (D_i) before it enters the
+      update and the history, as in sfd-main's dpm_pp_sampler.
     The update runs in x's dtype; the schedule is read in float64.
     """
     check_choice("solver", solver, SOLVERS)
+    if dynamic_thresholding and solver != "dpmpp":
+        raise ParamError(f"dynamic_thresholding: only the dpmpp solver thresholds its data prediction, not {solver!r}")
     if solver in MAX_ORDER:
         check_int("max_order", max_order, minimum=1, maximum=MAX_ORDER[solver])
     t = _check_t_steps(t_steps)
@@ -157,6 +180,8 @@ def solve(
             history = history[-3:]
         else:  # dpmpp
             m_cur = x - t_cur * afs_epsilon(x, t_cur) if (afs and i == 0) else denoise(x, t_cur)
+            if dynamic_thresholding:
+                m_cur = dynamic_threshold(m_cur)
             history.append(m_cur)
             if t_next == 0:
                 x = m_cur

@@ -29,8 +29,14 @@ expected in [0, 1] and standardised with ImageNet mean/std. The ``lpips`` packag
 keeps VGG's max pooling (its linear weights were fitted on max-pooled features), and takes inputs
 in [-1, 1] through its ScalingLayer (shift -0.030/-0.088/-0.188, scale 0.458/0.448/0.450, close to
 ImageNet standardisation of [0, 1] images). ``lpips_pooling: avg`` reproduces piq's pooling swap on
-the ``lpips`` network; the linear weights and the exact input affine remain the ``lpips``
-package's, so values are close to, not identical with, piq's.
+the ``lpips`` network; ``lpips_scaling: piq`` replaces the ScalingLayer by piq's (x - mean) / std with
+ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), applied to the [-1, 1] images as the
+authors pass them (so the map is (x - 0.485) / 0.229 on the first channel, not lpips' (x + 0.030) / 0.458);
+``lpips_heads`` reads piq's linear heads (its ``lpips_weights.pt``, 5 tensors of C values) from a local
+file instead of the ``lpips`` package's bundled v0.1 heads. With vgg, 224 px, avg, piq and piq's heads
+the value is piq's ``LPIPS(replace_pooling=True, reduction="none")`` to float round-off (the same
+operations: unit-normalised features, squared differences weighted per channel, spatial mean, sum over
+the five layers; bench/authors checks it against piq itself).
 """
 
 from __future__ import annotations
@@ -44,11 +50,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.config.distill import LOSSES, LPIPS_NETS, LPIPS_POOLINGS
+from pipeline.config.distill import LOSSES, LPIPS_NETS, LPIPS_POOLINGS, LPIPS_SCALINGS
 from pipeline.core.param_checks import ParamError, PipelineError, check_choice
 
 PSEUDO_HUBER_C = 0.00054  # c = 0.00054 sqrt(dim) (Song & Dhariwal 2023, as used by SFD)
 LPIPS_MIN_SIZE = 64  # AlexNet's stride-4 first layer and max-pools leave 1 pixel at 32; 64 keeps some layout
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # piq's input standardisation (LPIPS_SCALINGS "piq")
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LPIPS_HEAD_CHANNELS = {"vgg": (64, 128, 256, 512, 512), "alex": (64, 192, 384, 256, 256)}
 TORCHVISION_WEIGHTS = {
     "alex": "alexnet-owt-7be5be79.pth",
     "vgg": "vgg16-397923af.pth",
@@ -133,10 +142,11 @@ class LPIPSLoss(nn.Module):
     """mean_b LPIPS(x_hat, y) with a frozen backbone from a local weights file (module docstring)."""
 
     def __init__(self, weights: str | Path | None, net: str = "alex", *, size: int | None = None,
-                 pooling: str = "max") -> None:
+                 pooling: str = "max", scaling: str = "lpips", heads: str | Path | None = None) -> None:
         super().__init__()
         check_choice("lpips_net", net, LPIPS_NETS)
         check_choice("lpips_pooling", pooling, LPIPS_POOLINGS)
+        check_choice("lpips_scaling", scaling, LPIPS_SCALINGS)
         if size is not None and (not isinstance(size, int) or size < 16):
             raise ParamError(f"lpips_size: expected an integer >= 16 (pixels) or null, got {size!r}")
         self.size = size
@@ -161,6 +171,12 @@ class LPIPSLoss(nn.Module):
             raise LPIPSWeightsError(f"LPIPS backbone weights file {weights} does not fit the {net} backbone: {e}") from None
         if pooling == "avg":
             replace_max_pooling(self.model.net)
+        if scaling == "piq":  # piq: (x - mean) / std with ImageNet statistics, whatever range x has
+            self.model.scaling_layer.shift.copy_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+            self.model.scaling_layer.scale.copy_(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        if heads is not None:
+            for lin, head in zip(self.model.lins, load_lpips_heads(heads, net)):
+                lin.model[-1].weight.data.copy_(head)
         self.model.eval().requires_grad_(False)
 
     @staticmethod
@@ -186,6 +202,28 @@ class LPIPSLoss(nn.Module):
             raise ValueError(f"loss: student state {tuple(x_hat.shape)} and target {tuple(y.shape)} differ in shape")
         a, b = self.prepare(x_hat.float(), self.size), self.prepare(y.float(), self.size)
         return self.model(a, b).flatten().mean()
+
+
+def load_lpips_heads(path: str | Path, net: str = "vgg") -> list[torch.Tensor]:
+    """LPIPS's five linear heads from a local file: piq's ``lpips_weights.pt`` (a list of 5 tensors of C values
+    each, C = 64, 128, 256, 512, 512 for VGG16), read without running code; as [1, C, 1, 1] conv weights."""
+    path = Path(path)
+    channels = LPIPS_HEAD_CHANNELS[net]
+    what = (f"LPIPS heads file {path}: expected piq's lpips_weights.pt, a list of {len(channels)} tensors with "
+            f"{', '.join(map(str, channels))} values (give it as `lpips_heads`, or null for the lpips package's v0.1 heads)")
+    if not path.is_file():
+        raise LPIPSWeightsError(f"{what}; the file does not exist")
+    try:
+        heads = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise LPIPSWeightsError(f"{what}; it cannot be read ({e})") from None
+    if isinstance(heads, dict):
+        heads = [heads[k] for k in sorted(heads)]
+    if not isinstance(heads, (list, tuple)) or len(heads) != len(channels) or not all(
+        isinstance(h, torch.Tensor) and h.numel() == c for h, c in zip(heads, channels)
+    ):
+        raise LPIPSWeightsError(f"{what}; it holds something else")
+    return [h.detach().float().reshape(1, c, 1, 1) for h, c in zip(heads, channels)]
 
 
 def replace_max_pooling(module: nn.Module) -> nn.Module:
@@ -230,7 +268,8 @@ def with_perceptual_term(loss_fn: Loss, perceptual: Loss, weight: float) -> Loss
 
 def make_loss(
     name: str, *, lpips_weights: str | Path | None = None, lpips_net: str = "alex", device: torch.device | str = "cpu",
-    lpips_size: int | None = None, lpips_pooling: str = "max",
+    lpips_size: int | None = None, lpips_pooling: str = "max", lpips_scaling: str = "lpips",
+    lpips_heads: str | Path | None = None,
 ) -> Loss:
     """The loss d(x_hat, y) named by the ``loss`` param (l1 default, l2, pseudo_huber, lpips)."""
     check_choice("loss", name, LOSSES)
@@ -240,7 +279,8 @@ def make_loss(
         return l2_loss
     if name == "pseudo_huber":
         return pseudo_huber_loss
-    return LPIPSLoss(lpips_weights, lpips_net, size=lpips_size, pooling=lpips_pooling).to(device)
+    return LPIPSLoss(lpips_weights, lpips_net, size=lpips_size, pooling=lpips_pooling, scaling=lpips_scaling,
+                     heads=lpips_heads).to(device)
 
 
 def check_loss_name(name: str) -> str:

@@ -10,9 +10,13 @@ For each batch of B cached trajectories (x_0 = t_max z, teacher states y_1..y_{N
         x <- stopgrad(x_hat)                                             # global rollout, own state
 
 Adam (lr 5e-5, betas 0.9/0.999, no weight decay, no EMA, no warm-up), lr x 0.1 once half the
-budget (in kimg of trajectories) is spent. SFD-v draws one N per batch from the trajectory keys of
-its section (one key per N) and conditions the network on N. Stage 2 is the same loop with the
-stage-1 model as teacher (Euler, M = 2, AFS) and L1 + LPIPS on the last step.
+budget (in kimg of trajectories) is spent, decided after a batch as sfd-main does (``lr_decay_check``,
+DistillParams.lr_at). SFD-v draws one N per batch from the trajectory keys of its section (one key per
+N; ``step_draw``: a seeded torch generator, or sfd-main's random.randint sequence after seed 42) and
+conditions the network on N. Stage 2 is the same loop with the stage-1 model as teacher (Euler,
+M = 2, AFS) and L1 + LPIPS on the last step. ``precision: fp16_authors`` is sfd-main's use_fp16
+recipe (float16 body on CUDA, no scaler, nan_to_num gradients, float16 off for good after a batch
+whose last loss is NaN); docs/sfd-vs-authors.md lists every difference from sfd-main.
 
 Training runs in pipeline.training's loop and is resumable: model, optimizer, the N-draw generator,
 the global torch RNG, the number of batches done and the rows consumed from each key are saved
@@ -29,12 +33,15 @@ only their common interface is used: ``step_condition``, ``checkpoint_module()``
 from __future__ import annotations
 
 import json
+import math
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from pipeline.core.checkpoints import save_checkpoint
 from pipeline.core.cost import CostMeter
@@ -58,6 +65,7 @@ from pipeline.training.optim import adam
 from pipeline.training.state import TrainingState
 
 RECENT = 50  # batches per step index averaged into the final loss
+AUTHORS_STEP_SEED = 42  # sfd-main's RandomIntGenerator: random.seed(42), then random.randint(min N, max N) per batch
 
 
 @dataclass
@@ -138,6 +146,7 @@ def sfd_batch(
     precision: str = "fp32",  # the student's forward under autocast (bf16/fp16); the rollout stays float32
     scaler: "torch.amp.GradScaler | None" = None,  # fp16: pipeline.core.distributed.grad_scaler
     forward: Any = None,  # the callable run as the network (a torch.compile'd model); None: ``model``
+    nan_to_num: bool = False,  # sfd-main's recipe: no stop on a non-finite loss, sanitised gradients (optimizer_step)
 ) -> list[tuple[int, float]]:
     """One batch of the SFD loop (module docstring): [(n + 1, loss_n)] for every optimizer step taken."""
     net = model if forward is None else forward
@@ -167,7 +176,8 @@ def sfd_batch(
         loss = loss_fn(x_hat, y[:, n])
         if last_step_extra is not None and n == num_steps - 2:
             loss = loss + last_step_extra(x_hat, y[:, n])
-        value = optimizer_step(optimizer, loss, what=f"the loss of student step {n + 1} (N={num_steps})", scaler=scaler)
+        value = optimizer_step(optimizer, loss, what=f"the loss of student step {n + 1} (N={num_steps})", scaler=scaler,
+                               nan_to_num=nan_to_num)
         out.append((n + 1, value))
         x = x_hat.detach()
     return out
@@ -196,13 +206,15 @@ def distill(
         raise ParamError("distill: no trajectory keys to learn from")
     device = next(model.parameters()).device
     lo, hi = share(params.batch_size, f"{name}.batch_size")
-    scaler = grad_scaler(params.precision, device)
+    authors_fp16 = params.precision == "fp16_authors"  # sfd-main's use_fp16 recipe (module docstring of this section below)
+    scaler = None if authors_fp16 else grad_scaler(params.precision, device)
     model.train().requires_grad_(True)
     optimizer = adam(model, params.lr)
     draw = torch.Generator().manual_seed(params.seed)
     torch.manual_seed(params.seed)
     keys = step_losses_keys([s.schedule for s in sources], params.afs)
     multi = len(sources) > 1
+    draw_index = _step_drawer(sources, params, draw, name) if multi else (lambda batch: 0)
     state = None
     if run.state_dir is not None:
         state = TrainingState(run.state_dir, run.training_key, modules={"net": model.checkpoint_module()},
@@ -218,15 +230,27 @@ def distill(
     loop = TrainingLoop(
         name, params.total_batches(), optimizers=[optimizer], lr=params.lr_at, state=state,
         checkpoint_every=params.every_batches(params.checkpoint_every_kimg), on_save=save_usable,
-        counters={"rows": [0] * len(sources), "optimizer_steps": 0}, keys=keys, keep=max(100, RECENT),
+        counters={"rows": [0] * len(sources), "optimizer_steps": 0, **({"fp16_off_at_batch": None} if authors_fp16 else {})},
+        keys=keys, keep=max(100, RECENT),
         log_every=params.every_batches(params.log_every_kimg), images_per_batch=params.batch_size, live=live,
         cost=run.cost, hint="lower `lr`, or check the trajectories with `sfd store verify`", progress=progress,
         scaler=scaler,
     )  # fmt: skip
     streams: dict[int, Iterator[TrajectoryBatch]] = {}
+    edm_fp16 = getattr(model, "use_fp16", None)  # an EDM preconditioner: its own float16 body (CUDA only, as in EDM)
 
-    def step(_: int) -> list[tuple[str, float]]:
-        i = int(torch.randint(len(sources), (1,), generator=draw)) if multi else 0
+    def batch_precision() -> str:
+        """The forward precision of this batch; fp16_authors sets EDM's use_fp16 flag or uses fp16 autocast on CUDA."""
+        if not authors_fp16:
+            return params.precision
+        on = loop.counters["fp16_off_at_batch"] is None
+        if edm_fp16 is not None:
+            model.use_fp16 = on
+            return "fp32"
+        return "fp16" if on and device.type == "cuda" else "fp32"
+
+    def step(batch_index: int) -> list[tuple[str, float]]:
+        i = draw_index(batch_index)
         if i not in streams:
             streams[i] = batch_stream(sources[i], params.batch_size, loop.counters["rows"][i])
         b = next(streams[i])
@@ -235,8 +259,11 @@ def distill(
         step_values = sfd_batch(
             model, optimizer, mine, sources[i].schedule.t_steps(), loss_fn,
             afs=params.afs, last_step_extra=last_step_extra, device=device,
-            precision=params.precision, scaler=scaler, forward=forward,
+            precision=batch_precision(), scaler=scaler, forward=forward, nan_to_num=authors_fp16,
         )  # fmt: skip
+        if authors_fp16 and loop.counters["fp16_off_at_batch"] is None and step_values and math.isnan(step_values[-1][1]):
+            loop.counters["fp16_off_at_batch"] = batch_index  # sfd-main: "Meet nan, disable fp16!" for the rest of the run
+            tqdm.write(f"{name}: NaN loss at batch {batch_index}: float16 is off for the rest of the run (precision fp16_authors)")
         run.cost.add_student_forward(n_imgs * len(step_values))
         run.cost.add_student_backward(n_imgs * len(step_values))
         loop.counters["optimizer_steps"] += len(step_values)
@@ -249,6 +276,8 @@ def distill(
     finally:
         for s in streams.values():
             s.close()  # stops the reader's prefetch thread
+        if edm_fp16 is not None:
+            model.use_fp16 = edm_fp16
     if not finished:
         return {"interrupted_at_batch": loop.batch}
     model.eval().requires_grad_(False)
@@ -265,10 +294,38 @@ def distill(
         "epochs_over_cache": epochs,
         "epochs_over_cache_max": max(epochs.values()),
         "cache_trajectories": {s.key: s.cache_size for s in sources},
+        **({"fp16_off_at_batch": loop.counters["fp16_off_at_batch"]} if authors_fp16 else {}),
         "regime": "cached trajectories reused across epochs (the authors draw fresh noise for every batch)"
         if max(epochs.values()) > 1 else "each cached trajectory used at most once (fresh-noise regime)",
         "log": loop.log,
     }
+
+
+def _step_drawer(sources: Sequence[TrajectorySource], params: DistillParams, draw: torch.Generator, name: str) -> Any:
+    """SFD-v: the source (one per N) of batch b. ``step_draw: seeded``: uniform over the keys from the saved
+    torch generator ``draw`` (seeded by ``seed``). ``authors``: sfd-main's sequence, the b-th value of
+    Python's ``random.randint(min N, max N)`` after ``random.seed(42)`` (uniform over min..max inclusive,
+    so every N in between needs a key); rebuilt on resume by drawing the first b values again."""
+    if params.step_draw != "authors":
+        return lambda batch: int(torch.randint(len(sources), (1,), generator=draw))
+    ns = [s.schedule.num_steps for s in sources]
+    lo_n, hi_n = min(ns), max(ns)
+    if sorted(ns) != list(range(lo_n, hi_n + 1)):
+        raise ParamError(f"{name}.step_draw: 'authors' draws N with random.randint({lo_n}, {hi_n}) and needs one key per N "
+                         f"in between; the trajectories have N = {sorted(ns)}")
+    index = {n: i for i, n in enumerate(ns)}
+    state: dict[str, Any] = {}
+
+    def draw_index(batch: int) -> int:
+        if "rng" not in state or state["next"] != batch:
+            rng = random.Random(AUTHORS_STEP_SEED)
+            for _ in range(batch):
+                rng.randint(lo_n, hi_n)
+            state["rng"] = rng
+        state["next"] = batch + 1
+        return index[state["rng"].randint(lo_n, hi_n)]
+
+    return draw_index
 
 
 def consumed_trajectory_cost(sources: Sequence[TrajectorySource], rows_per_key: dict[str, int]) -> dict[str, Any]:
@@ -372,7 +429,7 @@ def run_distill_stage(
         raise ParamError(f"{section}.trajectories: expected a trajectories section (TrajectoryParams), got {type(traj).__name__}")
     loss_name = resolve_loss_name(p, loss)
     device = rank_device(resolve_device(p.device))
-    if p.precision != "fp32":
+    if p.precision in ("bf16", "fp16"):  # fp16_authors keeps TF32 off, as sfd-main's training loop does
         enable_tf32(device)
     if device.type == "cpu" and p.threads > 0:
         torch.set_num_threads(p.threads)  # measured: 30 s on 1 thread vs 233 s on 2 for the default, on a busy 2-core CPU
@@ -384,8 +441,12 @@ def run_distill_stage(
     if teacher_ckpt is not None:
         if p.student_network is not None:
             raise ParamError(f"{section}.student_network: the student copies the teacher checkpoint; remove this key")
-        init = student_from_checkpoint(teacher_ckpt, step_condition=p.step_condition, seed=p.seed, device=device)
+        init = student_from_checkpoint(teacher_ckpt, step_condition=p.step_condition, seed=p.seed, device=device,
+                                       step_condition_init=p.step_condition_init, step_condition_arch=p.step_condition_arch)
     else:
+        if p.step_condition and p.step_condition_arch == "authors":
+            raise ParamError(f"{section}.step_condition_arch: 'authors' (sfd-main's step layers) exists for EDM networks only; "
+                             "the student is built from student_network (this project's U-Net)")
         if p.student_network is None:
             raise ParamError(
                 f"{section}.student_network: the teacher ({traj.teacher}) has no network to copy; give the student's "
@@ -393,7 +454,7 @@ def run_distill_stage(
             )
         init = student_from_scratch(
             p.student_network, sample_shape=teacher.sample_shape, num_classes=teacher.num_classes,
-            step_condition=p.step_condition, seed=p.seed, device=device,
+            step_condition=p.step_condition, seed=p.seed, device=device, step_condition_init=p.step_condition_init,
         )  # fmt: skip
     model = init.model
     if model.step_condition:
@@ -408,8 +469,9 @@ def run_distill_stage(
     last_step_extra = None
     lpips_used = loss_name == "lpips"
     lpips_options = dict(lpips_weights=p.lpips_weights, lpips_net=p.lpips_net, lpips_size=p.lpips_size,
-                         lpips_pooling=p.lpips_pooling, device=device)
-    lpips_desc = f"lpips {p.lpips_net}, {p.lpips_size or 'at least 64'} px, {p.lpips_pooling} pooling"
+                         lpips_pooling=p.lpips_pooling, lpips_scaling=p.lpips_scaling, lpips_heads=p.lpips_heads, device=device)
+    lpips_desc = (f"lpips {p.lpips_net}, {p.lpips_size or 'at least 64'} px, {p.lpips_pooling} pooling, "
+                  f"{p.lpips_scaling} input scaling, {'heads ' + str(p.lpips_heads) if p.lpips_heads else 'lpips v0.1 heads'}")
     loss_fn = make_loss(loss_name, **lpips_options)
     loss_desc = loss_name
     if p.lpips_last_step and p.lpips_weights is not None:  # stage 2: + lambda x batch-mean LPIPS (losses.py)

@@ -21,6 +21,12 @@ Two additions of ours, both off by default (a network built without them is EDM'
   names start with ``map_steps_`` (none of EDM's does), so a teacher's state dict loads into a
   step-conditioned copy with exactly those keys missing, and the copy starts equal to the teacher.
   A step-conditioned network called without ``num_steps`` raises; a plain one ignores ``num_steps``.
+  ``step_condition="authors"`` builds sfd-main's variant instead (its networks_edm.py): N through its own
+  embedding ``map_step`` (SongUNet: positional with endpoint and the sin/cos swap, or Fourier for NCSN++;
+  DhariwalUNet: positional) -> ``map_step_layer0`` -> SiLU -> ``map_step_layer1`` -> SiLU,
+  and in every block an ``affine_step`` Linear whose output is a second shift (SongUNet: added next to
+  the block's own before norm1) or scale-and-shift (DhariwalUNet: applied after the block's own, before
+  the SiLU); all random (EDM's init), names as sfd-main's, so its SFD-v weights load one-to-one.
 - ``return_features=True``: returns (output, h) with h the feature map the output convolution
   reads: SongUNet: the input of the last (full-resolution) ``{res}x{res}_aux_conv``, i.e.
   SiLU(``aux_norm``(x)) of the decoder's last block output; DhariwalUNet: the input of ``out_conv``,
@@ -236,11 +242,20 @@ class UNetBlock(nn.Module):
             self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, emb_step: torch.Tensor | None = None) -> torch.Tensor:
         orig = x
         x = self.conv0(silu(self.norm0(x)))
         params = self.affine(emb)[:, :, None, None].to(x.dtype)
-        if self.adaptive_scale:
+        if emb_step is not None:  # sfd-main's SFD-v block (step_condition="authors"): a second modulation by N
+            step = self.affine_step(emb_step)[:, :, None, None].to(x.dtype)
+            if self.adaptive_scale:
+                scale, shift = params.chunk(2, dim=1)
+                x = torch.addcmul(shift, self.norm1(x), scale + 1)
+                scale_step, shift_step = step.chunk(2, dim=1)
+                x = silu(torch.addcmul(shift_step, x, scale_step + 1))
+            else:
+                x = silu(self.norm1(x.add_(params).add_(step)))
+        elif self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)
             x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
@@ -303,6 +318,44 @@ def _build_step_condition(owner: nn.Module, num_channels: int, emb_channels: int
     owner.map_steps_layer1 = Linear(emb_channels, emb_channels, init_mode=init.get("init_mode", "kaiming_normal"), init_weight=0, init_bias=0)
 
 
+STEP_CONDITIONS = (False, True, "authors")
+
+
+def _check_step_condition(value: Any) -> str | None:
+    """None (off), "ours" (True) or "authors"."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return "ours"
+    if value == "authors":
+        return "authors"
+    raise ParamError(f"step_condition: expected false, true or 'authors', got {value!r}")
+
+
+def _build_authors_step_condition(owner: nn.Module, embedding: nn.Module, num_channels: int, emb_channels: int,
+                                  init: dict) -> None:
+    """sfd-main's SFD-v layers on ``owner`` (module docstring), built after EDM's so its random weights are unchanged."""
+    owner.map_step = embedding
+    owner.map_step_layer0 = Linear(num_channels, emb_channels, **init)
+    owner.map_step_layer1 = Linear(emb_channels, emb_channels, **init)
+    for blocks in (owner.enc, owner.dec):
+        for block in blocks.values():
+            if isinstance(block, UNetBlock):
+                block.affine_step = Linear(emb_channels, block.out_channels * (2 if block.adaptive_scale else 1), **init)
+
+
+def _authors_step_embedding(owner: nn.Module, num_steps: torch.Tensor | None, dtype: torch.dtype, swap: bool) -> torch.Tensor:
+    """sfd-main's embedding of N ([1 or B, C]) that every block's ``affine_step`` reads: SiLU after both layers;
+    SongUNet swaps sin/cos as for the noise level (``swap``), DhariwalUNet does not."""
+    if num_steps is None:
+        _step_embedding(owner, None, None)  # raises the one-line error
+    n = torch.as_tensor(num_steps, device=owner.map_step_layer0.weight.device).reshape(-1).to(dtype)
+    e = owner.map_step(n)
+    if swap:
+        e = e.reshape(e.shape[0], 2, -1).flip(1).reshape(*e.shape)  # [sin, cos] order, as the noise embedding
+    return silu(owner.map_step_layer1(silu(owner.map_step_layer0(e))))
+
+
 def _step_embedding(owner: nn.Module, num_steps: torch.Tensor | None, emb: torch.Tensor) -> torch.Tensor:
     """The step embedding of ``num_steps`` ([B] or one value) to add to the per-block embedding ``emb``."""
     if num_steps is None:
@@ -344,7 +397,7 @@ class SongUNet(nn.Module):
         encoder_type: str = "standard",
         decoder_type: str = "standard",
         resample_filter: Sequence[float] = (1, 1),
-        step_condition: bool = False,  # ours (SFD-v): condition on num_steps; see the module docstring
+        step_condition: bool | str = False,  # SFD-v: True (ours) or "authors" (sfd-main's); see the module docstring
     ) -> None:
         if embedding_type not in ("fourier", "positional"):
             raise ValueError(f"embedding_type: {embedding_type!r} (fourier | positional)")
@@ -354,7 +407,8 @@ class SongUNet(nn.Module):
             raise ValueError(f"decoder_type: {decoder_type!r} (standard | skip)")
         super().__init__()
         self.label_dropout = label_dropout
-        self.step_condition = bool(step_condition)
+        self.step_condition_arch = _check_step_condition(step_condition)
+        self.step_condition = self.step_condition_arch is not None
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
         init = dict(init_mode="xavier_uniform")
@@ -427,8 +481,12 @@ class SongUNet(nn.Module):
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
         # last, so that building with step_condition draws EDM's random weights first, unchanged
-        if self.step_condition:
+        if self.step_condition_arch == "ours":
             _build_step_condition(self, noise_channels, emb_channels, init)
+        elif self.step_condition_arch == "authors":
+            embedding = (PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == "positional"
+                         else FourierEmbedding(noise_channels))
+            _build_authors_step_condition(self, embedding, noise_channels, emb_channels, init)
 
     def forward(
         self,
@@ -449,9 +507,12 @@ class SongUNet(nn.Module):
             emb = emb + self.map_augment(augment_labels)
         emb = silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
-        if self.step_condition:
+        if self.step_condition_arch == "ours":
             emb = emb + _step_embedding(self, num_steps, emb)
         emb = silu(emb)
+        emb_step = None
+        if self.step_condition_arch == "authors":
+            emb_step = _authors_step_embedding(self, num_steps, x.dtype, swap=True)
 
         skips = []
         aux = x
@@ -463,7 +524,7 @@ class SongUNet(nn.Module):
             elif "aux_residual" in name:
                 x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
             else:
-                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                x = block(x, emb, emb_step) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
 
         aux = tmp = features = None
@@ -479,7 +540,7 @@ class SongUNet(nn.Module):
             else:
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
+                x = block(x, emb, emb_step)
         return (aux, features) if return_features else aux
 
 
@@ -500,11 +561,12 @@ class DhariwalUNet(nn.Module):
         attn_resolutions: Sequence[int] = (32, 16, 8),
         dropout: float = 0.10,
         label_dropout: float = 0,
-        step_condition: bool = False,  # ours (SFD-v): condition on num_steps; see the module docstring
+        step_condition: bool | str = False,  # SFD-v: True (ours) or "authors" (sfd-main's); see the module docstring
     ) -> None:
         super().__init__()
         self.label_dropout = label_dropout
-        self.step_condition = bool(step_condition)
+        self.step_condition_arch = _check_step_condition(step_condition)
+        self.step_condition = self.step_condition_arch is not None
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
@@ -547,8 +609,10 @@ class DhariwalUNet(nn.Module):
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
         # last, so that building with step_condition draws EDM's random weights first, unchanged
-        if self.step_condition:
+        if self.step_condition_arch == "ours":
             _build_step_condition(self, model_channels, emb_channels, init)
+        elif self.step_condition_arch == "authors":
+            _build_authors_step_condition(self, PositionalEmbedding(model_channels), model_channels, emb_channels, init)
 
     def forward(
         self,
@@ -567,18 +631,21 @@ class DhariwalUNet(nn.Module):
         emb = self.map_layer1(emb)
         if self.map_label is not None:
             emb = emb + self.map_label(_label_dropout(class_labels, self.label_dropout, self.training))
-        if self.step_condition:
+        if self.step_condition_arch == "ours":
             emb = emb + _step_embedding(self, num_steps, emb)
         emb = silu(emb)
+        emb_step = None
+        if self.step_condition_arch == "authors":
+            emb_step = _authors_step_embedding(self, num_steps, x.dtype, swap=False)
 
         skips = []
         for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            x = block(x, emb, emb_step) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
+            x = block(x, emb, emb_step)
         features = silu(self.out_norm(x))
         out = self.out_conv(features)
         return (out, features) if return_features else out

@@ -55,6 +55,7 @@ def optimizer_step(
     what: str = "the loss",
     clip: tuple[Any, float] | None = None,  # (parameters, max gradient norm)
     scaler: "torch.amp.GradScaler | None" = None,  # fp16 training (pipeline.core.distributed.grad_scaler)
+    nan_to_num: bool = False,  # sfd-main's recipe: never stop, sanitise the gradients instead (below)
 ) -> float:
     """Check the loss is finite, then zero_grad, backward, (clip,) step; returns the loss value.
 
@@ -62,7 +63,26 @@ def optimizer_step(
     pass (the finiteness check then uses the averaged loss, so every rank stops or steps together).
     With a GradScaler (fp16) the loss is scaled before the backward pass and the gradients unscaled
     before clipping; a step whose gradients overflow is skipped by the scaler.
+    With ``nan_to_num`` (sfd-main's fp16 recipe, precision ``fp16_authors``) a non-finite loss does not
+    stop anything: after the backward pass (and the average over ranks) every gradient goes through
+    ``torch.nan_to_num(nan=0, posinf=1e5, neginf=-1e5)`` and the step is taken; the caller sees the
+    non-finite value returned.
     """
+    if nan_to_num:
+        if scaler is not None:
+            raise ValueError("optimizer_step: nan_to_num replaces the gradient scaler; pass one or the other")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        value = average_gradients(params, loss)
+        assert value is not None
+        for p in params:
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip[0], clip[1])
+        optimizer.step()
+        return value
     if scaler is None and not is_distributed():  # one process, fp32/bf16: the original path
         value = float(loss.detach())
         if not math.isfinite(value):

@@ -84,7 +84,7 @@ def teacher_trajectories(
         _, states = solve(
             denoiser, x_T, t_fine, spec.solver,
             max_order=spec.max_order, lower_order_final=spec.lower_order_final, afs=spec.afs,
-            labels=labels, record=record,
+            labels=labels, record=record, dynamic_thresholding=spec.dynamic_thresholding,
         )  # fmt: skip
     out = {"x_T": x_T.float().cpu().numpy(), "states": torch.stack(states, dim=1).float().cpu().numpy()}
     if labels is not None:

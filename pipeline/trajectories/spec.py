@@ -3,8 +3,9 @@
 The teacher states at the student timestamps t_1..t_{N-1} (sfd-method.md section 4) are a
 function of (teacher weights, solver and its options, M, student schedule, compute dtype, compute
 precision, seed, label) and never of the student. The compute precision (``precision``: the teacher's
-forwards in fp32, or under bf16/fp16 autocast) enters the description only when it is not fp32, so
-every fp32 key is the one it was before the setting existed. A :class:`TrajectorySpec` holds everything but the seed; its
+forwards in fp32, or under bf16/fp16 autocast) enters the description only when it is not fp32, and
+DPM-Solver++'s dynamic thresholding only when it is on, so every key written before those settings
+existed is unchanged. A :class:`TrajectorySpec` holds everything but the seed; its
 ``key`` (xxh3-128 of the canonical description) names the store group holding those states.
 :func:`trajectory_specs` gives a trajectories params section's specs, one per student schedule.
 """
@@ -21,7 +22,7 @@ from pipeline.core.distributed import PRECISIONS
 from pipeline.core.hashing import hash_description
 from pipeline.core.param_checks import ParamError, check_choice, check_int, check_positive
 from pipeline.diffusion.schedules import Schedule
-from pipeline.diffusion.solvers import MAX_ORDER, SOLVERS
+from pipeline.diffusion.solvers import DYNAMIC_THRESHOLD_QUANTILE, MAX_ORDER, SOLVERS
 
 SPEC_VERSION = 2  # bump when the meaning of a stored trajectory or of its key changes
 SPEC_CHANGES = {  # what an older version's keys lacked, for the error that refuses them
@@ -41,6 +42,7 @@ class TrajectorySpec:
     max_order: int = 3
     lower_order_final: bool = True
     afs: bool = False
+    dynamic_thresholding: bool = False  # dpmpp: every x0 thresholded as sfd-main does (pipeline.diffusion.solvers)
     M: int = 3  # teacher steps inserted between two student timestamps
     compute_dtype: str = "float32"
     storage_dtype: str = "float32"
@@ -59,6 +61,10 @@ class TrajectorySpec:
         check_choice("solver", self.solver, SOLVERS)
         check_int("max_order", self.max_order, minimum=1, maximum=MAX_ORDER.get(self.solver, 4))
         check_int("M", self.M, minimum=0)
+        if not isinstance(self.dynamic_thresholding, bool):
+            raise ParamError(f"dynamic_thresholding: expected true or false, got {self.dynamic_thresholding!r}")
+        if self.dynamic_thresholding and self.solver != "dpmpp":
+            raise ParamError(f"dynamic_thresholding: only the dpmpp solver thresholds its data prediction, not {self.solver!r}")
         check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         check_choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
         check_choice("precision", self.precision, PRECISIONS)
@@ -105,6 +111,8 @@ class TrajectorySpec:
             "sample_shape": list(self.sample_shape),
             "guidance": float(self.guidance),
         }
+        if self.dynamic_thresholding:  # only when on: keys without it stay those written before the setting existed
+            d["solver"]["dynamic_thresholding"] = {"quantile": DYNAMIC_THRESHOLD_QUANTILE, "floor": 1.0}
         if self.precision != "fp32":  # fp32 keys stay those written before the setting existed
             d["precision"] = self.precision
         if self.prompt_set is not None:  # only with a prompt set, so the keys of other teachers do not change
@@ -128,6 +136,7 @@ class TrajectorySpec:
             max_order=d["solver"]["max_order"],
             lower_order_final=d["solver"]["lower_order_final"],
             afs=d["solver"]["afs"],
+            dynamic_thresholding=_thresholding_from(d["solver"].get("dynamic_thresholding")),
             M=d["M"],
             compute_dtype=d["compute_dtype"],
             storage_dtype=d["storage_dtype"],
@@ -156,6 +165,7 @@ def trajectory_specs(
             max_order=params.max_order,  # type: ignore[arg-type]  (an int once validated)
             lower_order_final=params.lower_order_final,
             afs=params.afs,
+            dynamic_thresholding=params.dynamic_thresholding,
             M=params.M,
             compute_dtype=params.compute_dtype,
             storage_dtype=params.storage_dtype,
@@ -174,6 +184,16 @@ def older_version_hint(version: Any) -> str:
     """'' or '; written by an earlier version of the pipeline: <what changed>' for a stored spec_version."""
     reason = SPEC_CHANGES.get(version) if isinstance(version, int) and version < SPEC_VERSION else None
     return f"; written by an earlier version of the pipeline (spec_version {version}): {reason}" if reason else ""
+
+
+def _thresholding_from(value: Any) -> bool:
+    """A stored description's ``solver.dynamic_thresholding`` (absent: off); constants this code does not use are refused."""
+    if value is None:
+        return False
+    if value != {"quantile": DYNAMIC_THRESHOLD_QUANTILE, "floor": 1.0}:
+        raise ParamError(f"solver.dynamic_thresholding: this code thresholds at quantile {DYNAMIC_THRESHOLD_QUANTILE}, "
+                         f"floor 1; the store has {value!r}")
+    return True
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
