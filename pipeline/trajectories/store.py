@@ -473,11 +473,12 @@ class TrajectoryKey:
         if bad:
             seeds = [chunk * self.chunk_size + i for i in bad]
             who = self.description.get("teacher_hash", "?") + (f" ({teacher})" if teacher else "")
+            ckpt = f"--ckpt {teacher} " if teacher and Path(teacher).exists() else ""
             raise NonFiniteTrajectoryError(
                 f"{why} (NaN or inf) for {len(bad)} of {self.chunk_size} seeds of chunk {chunk} (seeds {_seed_list(seeds)}) "
                 f"of key {self.name} in {self.owner.location}, teacher {who}: "
                 "nothing was committed for this chunk; check the teacher (NaN weights, or a class label that gives NaN: "
-                f"`sfd sample --seeds {seeds[0]}` reproduces it)"
+                f"`sfd sample {ckpt}--seeds {seeds[0]} --out /tmp/sfd-check` reproduces it)"
             )
 
     def _write_record(self, chunk: int, record: dict[str, Any]) -> None:
