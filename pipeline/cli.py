@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from pipeline.core.commands import one_line_errors
+
 app = typer.Typer(
     help="Simple and Fast Distillation (SFD): distil a diffusion teacher into a 1-5 step sampler.",
     no_args_is_help=True,
@@ -37,6 +39,7 @@ app.add_typer(params_app, name="params")
 
 
 @params_app.command("check")
+@one_line_errors
 def params_check(
     file: str = typer.Argument("params.yaml", help="params file to validate (default: params.yaml)"),
 ) -> None:
@@ -50,9 +53,13 @@ def params_check(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"ok: {file} ({len(params.given)} sections)")
+    if params.absent:
+        typer.echo(f"note: no section {', '.join(params.absent)}: the stages that read them refuse to run "
+                   "(`NAME: {}` runs one on the defaults of docs/params.md)")  # fmt: skip
 
 
 @app.command()
+@one_line_errors
 def sample(
     out: str = typer.Option(..., help="output directory: <seed>.png per sample, grid.png, sampler.json"),
     ckpt: str = typer.Option(None, help="checkpoint directory (teacher or distilled student)"),
@@ -69,8 +76,10 @@ def sample(
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
 ) -> None:
     """Generate samples from a checkpoint with any solver / schedule / NFE (a distilled checkpoint needs no options)."""
+    from pipeline.core.files import check_writable
     from pipeline.evaluation.samples import sample_command
 
+    check_writable(out)  # before the checkpoint is loaded and anything sampled
     info = sample_command(
         ckpt=ckpt, teacher=teacher, seeds=seeds, out=out, labels=labels, batch_size=batch_size, device=device,
         solver=solver, max_order=max_order, num_steps=num_steps, schedule=schedule, afs=afs, guidance=guidance,
@@ -79,6 +88,7 @@ def sample(
 
 
 @app.command("export")
+@one_line_errors
 def export(
     ckpt: str = typer.Option(..., help="a distilled checkpoint directory, e.g. models/sfd"),
     format: str = typer.Option("diffusers", "--format", help="export format: diffusers"),

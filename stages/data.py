@@ -7,14 +7,15 @@ from pathlib import Path
 import typer
 
 from pipeline.data.datasets import prepare_dataset
-from stages.common import run, stage_params
+from stages.common import check_outputs_writable, run, stage_params
 
 
 def main(
     params: Path = typer.Option(..., help="params file; reads its `data` section"),
     out: Path = typer.Option(..., help="output directory (train/held_out safetensors + dataset.json)"),
 ) -> None:
-    p = stage_params(params).data
+    p = stage_params(params).required("data")
+    check_outputs_writable(out)
     info = prepare_dataset(p, out)
     typer.echo(f"data: {info.name} {info.sample_shape} classes={info.num_classes} sizes={info.sizes} -> {out}")
 

@@ -12,7 +12,7 @@ from pipeline.core.param_checks import ParamError
 from pipeline.evaluation.comparison import build_comparison
 from pipeline.evaluation.pd_sweep import PD_SWEEP_JSON, TEACHER_FILE, load_sweep, sweep_on_teacher, teacher_file_hash
 from pipeline.evaluation.report import build_report, merge_evaluations, parse_named_paths
-from stages.common import run, stage_params
+from stages.common import check_outputs_writable, run, stage_params
 
 
 def main(
@@ -30,7 +30,8 @@ def main(
     pd_sweep: Path = typer.Option(PD_SWEEP_JSON, help="the PD budget sweep JSON (bench/pd_sweep.py)"),
     teacher: Optional[Path] = typer.Option(None, help="the teacher checkpoint folder: a PD sweep of another teacher is flagged"),
 ) -> None:
-    p = stage_params(params).report
+    p = stage_params(params).required("report")
+    check_outputs_writable(out, merged_cost, comparison_json)
     evaluations = merge_evaluations(evaluation)
     logs = parse_named_paths(loss_log, "--loss-log")
     floor = None
