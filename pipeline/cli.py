@@ -1,48 +1,20 @@
 """The ``sfd`` command line. Subcommands live next to the code they drive and are attached here.
 
-The app's group (:class:`GuardedGroup`) ends every command the same way: every project error (missing files, bad values, bad checkpoints or
-stores), OS error (no space, read-only, permission) and usage error ends the command with one line on stderr
-(``error: ...``) and exit code 2; a non-finite loss exits with 3. No traceback reaches the user.
+Every command is wrapped by :func:`pipeline.core.commands.one_line_errors`: the project's errors (missing
+files, bad values, bad checkpoints or stores) and OS errors end it with one line on stderr and exit code 2,
+never a traceback.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import typer
-from typer.core import TyperGroup
 
-from pipeline.core.param_checks import PipelineError
-
-EXIT_ERROR = 2
-EXIT_NON_FINITE = 3
-
-class GuardedGroup(TyperGroup):
-    """The ``sfd`` group: errors become one line on stderr and an exit code (module docstring). Usage errors
-    (an unknown option, a missing argument) keep typer's usage message and its exit code 2."""
-
-    def invoke(self, ctx: Any) -> Any:
-        try:
-            return super().invoke(ctx)
-        except FloatingPointError as e:
-            _fail(str(e), EXIT_NON_FINITE)
-        except PipelineError as e:
-            _fail(str(e))
-        except OSError as e:
-            _fail(f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
-
-
-def _fail(message: str, code: int = EXIT_ERROR) -> None:
-    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
-    raise typer.Exit(code)
-
+from pipeline.core.commands import one_line_errors
 
 app = typer.Typer(
-    cls=GuardedGroup,
     help="Simple and Fast Distillation (SFD): distil a diffusion teacher into a 1-5 step sampler.",
     no_args_is_help=True,
     add_completion=False,
-    pretty_exceptions_enable=False,
 )
 
 
@@ -72,6 +44,7 @@ app.add_typer(params_app, name="params")
 
 
 @params_app.command("check")
+@one_line_errors
 def params_check(
     file: str = typer.Argument("params.yaml", help="params file to validate (default: params.yaml)"),
     dvc_yaml: str = typer.Option(None, "--dvc-yaml", help="check the keys this dvc.yaml tracks too "
@@ -97,9 +70,13 @@ def params_check(
         tracked = check_tracked_keys(params.raw, pipeline_file, where=file, targets=target or None)
     checked = f", {tracked} keys tracked by {pipeline_file.name}" if tracked else ""
     typer.echo(f"ok: {file} ({len(params.given)} sections{checked})")
+    if params.absent:
+        typer.echo(f"note: no section {', '.join(params.absent)}: the stages that read them refuse to run "
+                   "(`NAME: {}` runs one on the defaults of docs/params.md)")  # fmt: skip
 
 
 @app.command()
+@one_line_errors
 def sample(
     out: str = typer.Option(..., help="output directory: <seed>.png per sample, grid.png, sampler.json"),
     ckpt: str = typer.Option(None, help="checkpoint directory (teacher or distilled student)"),
@@ -116,8 +93,10 @@ def sample(
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
 ) -> None:
     """Generate samples from a checkpoint with any solver / schedule / NFE (a distilled checkpoint needs no options)."""
+    from pipeline.core.files import check_writable
     from pipeline.evaluation.samples import sample_command
 
+    check_writable(out)  # before the checkpoint is loaded and anything sampled
     info = sample_command(
         ckpt=ckpt, teacher=teacher, seeds=seeds, out=out, labels=labels, batch_size=batch_size, device=device,
         solver=solver, max_order=max_order, num_steps=num_steps, schedule=schedule, afs=afs, guidance=guidance,
@@ -126,6 +105,7 @@ def sample(
 
 
 @app.command("export")
+@one_line_errors
 def export(
     ckpt: str = typer.Option(..., help="a distilled checkpoint directory, e.g. models/sfd"),
     format: str = typer.Option("diffusers", "--format", help="export format: diffusers"),

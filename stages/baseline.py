@@ -23,7 +23,7 @@ from pipeline.distill.baselines.progressive import progressive_distillation
 from pipeline.distill.baselines.sfddm import sfd_stage1_budget, sfddm_distillation
 from pipeline.distill.baselines.vanilla import vanilla_distillation
 from pipeline.core.distributed import is_main, rank_device
-from stages.common import fail, loaded_device, run, stage_params
+from stages.common import check_outputs_writable, fail, loaded_device, run, stage_params
 
 
 class Method(str, Enum):
@@ -48,7 +48,8 @@ def main(
     if (method is Method.sfddm) != (control_out is not None):
         fail("--control-out is required with --method sfddm and only allowed with it")
     all_params = stage_params(params, distributed=True, device=loaded_device(params, name))
-    p = all_params.section(name)
+    p = all_params.required(name)
+    check_outputs_writable(out, metrics, cost_out, state, live, control_out)
     device = rank_device(resolve_device(p.device))
     model, config, train, provenance = load_baseline_inputs(teacher, data, device)
     cost = CostMeter(name, device)
@@ -58,7 +59,7 @@ def main(
     elif method is Method.sfddm:
         budget = None
         if p.budget == "sfd_stage1":  # the same forward-pass equivalents as SFD's stage 1 on this params file
-            budget = sfd_stage1_budget(all_params.distill, all_params.trajectories_for("distill"))
+            budget = sfd_stage1_budget(all_params.required("distill"), all_params.trajectories_for("distill", required=True))
         summary = sfddm_distillation(model, config, train, p, out, control_out, budget=budget, **common)
     else:
         summary = vanilla_distillation(model, config, train, p, out, **common)

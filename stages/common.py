@@ -3,7 +3,9 @@
 A stage's ``main`` is a typer command whose paths are all required options (dvc.yaml passes
 them; nothing defaults to a path that could disagree with it). :func:`run` executes it and turns
 the project's errors (:class:`pipeline.core.param_checks.PipelineError`) and missing files into
-one line on stderr and exit code 2; a non-finite training loss exits with 3.
+one line on stderr and exit code 2; a non-finite training loss exits with 3. An OS error (no space,
+file too large, read-only, permission) is one line naming the path and the cause, exit code 2
+(pipeline.core.commands); :func:`check_outputs_writable` refuses an unwritable output before any work.
 
 Several processes: a stage that can run on several (``distributed=True``: teacher, trajectories,
 distill, baselines, evaluate) joins torchrun's process group when launched by torchrun; when it is
@@ -24,9 +26,10 @@ from typing import Any
 import typer
 
 from pipeline.config.params import Params, load_params
+from pipeline.core.commands import EXIT_ERROR, error_line
+from pipeline.core.files import check_writable
 from pipeline.core.param_checks import PipelineError
 
-EXIT_ERROR = 2
 EXIT_NON_FINITE = 3
 
 
@@ -68,6 +71,18 @@ def relaunch_under_torchrun(nproc: int) -> None:
     os.execv(sys.executable, argv)
 
 
+def check_outputs_writable(*paths: Path | str | None) -> None:
+    """Refuse an output this process cannot write (read-only, permission) before loading or computing anything.
+
+    Under torchrun only rank 0 writes the outputs, so only rank 0 checks."""
+    from pipeline.core.distributed import is_main
+
+    if is_main():
+        for path in paths:
+            if path is not None:
+                check_writable(path)
+
+
 def fail(message: str, code: int = EXIT_ERROR) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -75,6 +90,11 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
 
 def run(main: Callable[..., Any]) -> None:
     """``typer.run(main)`` with the project's errors reported as one line (see module docstring)."""
+    stage_app(main)()
+
+
+def stage_app(main: Callable[..., Any]) -> typer.Typer:
+    """The typer app :func:`run` executes (tests drive a stage in-process through it with typer's CliRunner)."""
 
     @functools.wraps(main)
     def guarded(*args: Any, **kwargs: Any) -> Any:
@@ -82,9 +102,9 @@ def run(main: Callable[..., Any]) -> None:
             return main(*args, **kwargs)
         except FloatingPointError as e:  # a non-finite loss (NonFiniteLossError and the baselines' checks)
             fail(str(e), EXIT_NON_FINITE)
-        except (PipelineError, FileNotFoundError) as e:
-            fail(str(e))
+        except (PipelineError, OSError) as e:
+            fail(str(error_line(e)))
 
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(guarded)
-    app()
+    return app

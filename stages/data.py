@@ -9,7 +9,7 @@ import typer
 
 from pipeline.core.inputs import read_manifest
 from pipeline.data.datasets import prepare_dataset
-from stages.common import run, stage_params
+from stages.common import check_outputs_writable, run, stage_params
 
 
 def main(
@@ -17,7 +17,8 @@ def main(
     out: Path = typer.Option(..., help="output directory (train/held_out safetensors + dataset.json)"),
     inputs: Optional[Path] = typer.Option(None, help="the inputs stage's manifests (the dataset file's content hash)"),
 ) -> None:
-    p = stage_params(params).data
+    p = stage_params(params).required("data")
+    check_outputs_writable(out)
     source = read_manifest(inputs, "data.path")
     info = prepare_dataset(p, out, source_hash=None if source is None else source.get("hash"))
     typer.echo(f"data: {info.name} {info.sample_shape} classes={info.num_classes} sizes={info.sizes} -> {out}")

@@ -11,7 +11,7 @@ from pipeline.core.cost import CostMeter
 from pipeline.core.devices import resolve_device
 from pipeline.evaluation.evaluate import parse_student_args, run_evaluation, write_results
 from pipeline.core.distributed import is_main
-from stages.common import loaded_device, run, stage_params
+from stages.common import check_outputs_writable, loaded_device, run, stage_params
 
 
 def main(
@@ -28,7 +28,8 @@ def main(
         None, help="write the protocol's FID noise floor here (teacher vs teacher on evaluate.noise_floor_seeds, held-out FID)"
     ),
 ) -> None:
-    p = stage_params(params, distributed=True, device=loaded_device(params, "evaluate")).evaluate
+    p = stage_params(params, distributed=True, device=loaded_device(params, "evaluate")).required("evaluate")
+    check_outputs_writable(out, grids, cost_out, noise_floor)
     cost = CostMeter(cost_out.stem, resolve_device(p.device))
     results = run_evaluation(
         p, teacher_dir=teacher, data_dir=data, feature_net_dir=feature_net,

@@ -13,7 +13,7 @@ from pipeline.core.files import write_json
 from pipeline.evaluation.comparison import build_comparison, headline_metrics
 from pipeline.evaluation.pd_sweep import PD_SWEEP_JSON, TEACHER_FILE, load_sweep, sweep_on_teacher, teacher_file_hash
 from pipeline.evaluation.report import about_this_run, build_report, merge_evaluations, parse_named_paths
-from stages.common import run, stage_params
+from stages.common import check_outputs_writable, run, stage_params
 
 
 def main(
@@ -34,7 +34,8 @@ def main(
     inputs: Optional[Path] = typer.Option(None, help="the inputs stage's manifests: the teacher's and the data's files by hash"),
     headline_out: Optional[Path] = typer.Option(None, "--headline", help="write the headline metrics (`dvc exp show`) here"),
 ) -> None:
-    p = stage_params(params).report
+    p = stage_params(params).required("report")
+    check_outputs_writable(out, merged_cost, comparison_json)
     evaluations = merge_evaluations(evaluation)
     logs = parse_named_paths(loss_log, "--loss-log")
     floor = None

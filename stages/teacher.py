@@ -14,7 +14,7 @@ from pipeline.core.inputs import read_manifest
 from pipeline.data.datasets import dataset_info, load_split
 from pipeline.teachers.training import import_pretrained_teacher, train_teacher
 from pipeline.core.distributed import is_main
-from stages.common import loaded_device, run, stage_params
+from stages.common import check_outputs_writable, loaded_device, run, stage_params
 
 
 def main(
@@ -27,7 +27,8 @@ def main(
     cost_out: Path = typer.Option(..., "--cost", help="cost record"),
     inputs: Optional[Path] = typer.Option(None, help="the inputs stage's manifests (the pretrained file's content hash)"),
 ) -> None:
-    p = stage_params(params, distributed=True, device=loaded_device(params, "teacher")).teacher
+    p = stage_params(params, distributed=True, device=loaded_device(params, "teacher")).required("teacher")
+    check_outputs_writable(out, state, metrics, live, cost_out)
     info = dataset_info(data)
     cost = CostMeter("teacher", resolve_device(p.device))
     description = {k: info[k] for k in ("name", "sample_shape", "num_classes", "sizes", "provenance")}

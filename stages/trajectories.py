@@ -17,7 +17,7 @@ from pipeline.core.distributed import is_main
 from pipeline.core.files import write_json
 from pipeline.config.trajectories import TrajectoryParams
 from pipeline.trajectories.generation import parse_shard, run_trajectories_stage
-from stages.common import run, stage_params
+from stages.common import check_outputs_writable, run, stage_params
 
 
 def main(
@@ -35,9 +35,10 @@ def main(
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     loaded = stage_params(params, distributed=True)
+    check_outputs_writable(summary, cost)  # the store itself is checked by the stage (a complete one may be read-only)
     meter = CostMeter(section, resolve_device(loaded.device))
     result, teacher_images = run_trajectories_stage(
-        loaded.section(section, TrajectoryParams), out, name=section, device=loaded.device, teacher_ckpt=teacher_ckpt,
+        loaded.required(section, TrajectoryParams), out, name=section, device=loaded.device, teacher_ckpt=teacher_ckpt,
         seeds=seeds, shard=parse_shard(shard), progress=progress and is_main(),
         compile=loaded.compile, channels_last=loaded.channels_last,
     )  # fmt: skip
@@ -49,9 +50,11 @@ def main(
     if not is_main():  # rank 0 has written the merged summary and cost
         return
     for k in result["keys"]:
+        redone = f" ({k['chunks_regenerated']} failed verification)" if k.get("chunks_regenerated") else ""
         typer.echo(
             f"trajectories: key {k['key']} N={k['description']['schedule']['num_steps']}: "
-            f"{k['chunks_generated']} chunks generated, {k['chunks_reused']} reused, {k['traj_per_s']} traj/s -> {out}"
+            f"{k['chunks_generated']} chunks generated{redone}, {k['chunks_reused']} reused (verified), "
+            f"{k['traj_per_s']} traj/s -> {out}"
         )
 
 

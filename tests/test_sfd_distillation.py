@@ -183,7 +183,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(store, tmp_path, mo
         return l1_loss(x_hat, y) * (float("nan") if count[0] > 9 else 1.0)  # step 10 = batch 5
 
     monkeypatch.setattr(sfd_distillation, "make_loss", lambda name, **kw: failing)
-    with pytest.raises(NonFiniteLossError, match=r"nan.*last good checkpoint .*batch 4"):
+    with pytest.raises(NonFiniteLossError, match=r"nan.*last verified state .*batch 4"):
         distill(make_params(), store, tmp_path)
     tensors, meta = load_checkpoint(tmp_path / "run" / "state", name="training_state")
     assert meta["counters"]["batch"] == 4 and all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("net."))

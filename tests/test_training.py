@@ -181,7 +181,7 @@ def test_loop_resume_is_bit_exact_and_logs_the_same(tmp_path):
 
 
 def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
-    with pytest.raises(NonFiniteLossError, match=r"toy: stopped at batch 4, 0.032 kimg: the loss is nan.*last good checkpoint .*batch 3"):
+    with pytest.raises(NonFiniteLossError, match=r"toy: stopped at batch 4, 0.032 kimg: the loss is nan.*last verified state .*batch 3"):
         _train(tmp_path, 10, fail_at=4)
     assert issubclass(NonFiniteLossError, FloatingPointError) and issubclass(NonFiniteLossError, PipelineError)
 

@@ -112,9 +112,27 @@ class Params:
             raise ParamError(f"{name}: not a {kind.__name__} section; allowed values: {', '.join(map(repr, allowed))}")
         return value
 
-    def trajectories_for(self, name: str) -> TrajectoryParams:
-        """The trajectories section that feeds distill section ``name`` (its ``trajectories`` key)."""
-        return self.section(self.section(name, DistillParams).trajectories, TrajectoryParams)
+    def trajectories_for(self, name: str, *, required: bool = False) -> TrajectoryParams:
+        """The trajectories section that feeds distill section ``name`` (its ``trajectories`` key); ``required``:
+        both must be in the file (:meth:`required`)."""
+        get = self.required if required else self.section
+        return get(get(name, DistillParams).trajectories, TrajectoryParams)
+
+    @property
+    def absent(self) -> tuple[str, ...]:
+        """The sections the file does not set (a stage that reads one refuses to run: :meth:`required`)."""
+        return tuple(k for k in self._sections if k not in self.given)
+
+    def required(self, name: str, kind: type[S] | None = None) -> S | Any:
+        """The section ``name`` for a stage that reads it: refused when the file does not set it, so that a
+        deleted section never runs a stage on silent defaults (``name: {}`` asks for the defaults)."""
+        value = self.section(name, kind)
+        if name not in self.given:
+            raise ParamError(
+                f"{name}: the section is missing from the params file, and a stage never runs on silent defaults; "
+                f"restore it, or write `{name}: {{}}` to run on the defaults of docs/params.md"
+            )
+        return value
 
     def apply_threads(self) -> int:
         """Set torch's CPU thread count from ``threads`` (0 leaves torch's default), and the BLAS pools numpy and

@@ -1,7 +1,8 @@
 """Checkpoints: safetensors for tensors + a JSON file for configuration. Nothing is unpickled.
 
 A checkpoint is a directory holding ``<name>.safetensors`` and ``<name>.json``. Writes are atomic
-(temporary file, then rename) so an interrupted save leaves the previous checkpoint intact.
+(temporary file, then rename) so an interrupted or failed save (no space, file too large: a one-line
+:class:`pipeline.core.files.FileWriteError`) leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -13,17 +14,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from pipeline.core.files import atomic_write, make_dirs
 from pipeline.core.param_checks import PipelineError
 
 
 class CheckpointError(PipelineError, FileNotFoundError):
     """A checkpoint file is missing or malformed."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -41,10 +37,10 @@ def save_checkpoint(
     directory = Path(directory)
     if not is_main():
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(directory / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
-    _atomic_write(
+    atomic_write(directory / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
+    atomic_write(
         directory / f"{name}.json",
         lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.core.files import atomic_write, make_dirs
 from pipeline.core.images import to_unit_range
 from pipeline.config.data import DataParams
 from pipeline.core.param_checks import PipelineError, check_choice
@@ -45,13 +47,47 @@ def load_digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(bunch.target, dtype=torch.int64)
 
 
+def check_split(labels: torch.Tensor | None, n: int, held_out_fraction: float, where: str = "the dataset") -> None:
+    """Refuse a dataset too small for its (stratified) held-out split, in one line saying what would work.
+
+    The split holds ceil(fraction * n) images out; each side needs at least one image, and with labels
+    at least one image of every class (so every class needs two)."""
+    held = math.ceil(held_out_fraction * n)
+    train = n - held
+    fraction = f"data.held_out_fraction {held_out_fraction:g}"
+    if labels is None:
+        if held < 1 or train < 1:
+            raise DataError(f"{where}: {n} image(s) are too few for a held-out split with {fraction} "
+                            f"({train} train, {held} held out): add images (at least 2)")  # fmt: skip
+        return
+    classes, counts = np.unique(labels.numpy(), return_counts=True)
+    k = len(classes)
+    lonely = [int(c) for c, m in zip(classes, counts) if m < 2]
+    if lonely:
+        raise DataError(
+            f"{where}: class(es) {', '.join(map(str, lonely[:10]))} have a single image; the stratified held-out split "
+            "needs at least 2 images of every class (one for training, one held out): add images of those classes"
+        )
+    if held < k or train < k:
+        side = f"{held} held-out" if held < k else f"{train} training"
+        ok = (f"set data.held_out_fraction between {k / n:.3g} and {(n - k) / n:.3g}" if 2 * k <= n
+              else f"add images (at least {2 * k})")  # fmt: skip
+        raise DataError(
+            f"{where}: {n} images in {k} classes are too few for a stratified held-out split with {fraction}: "
+            f"{side} images cannot hold one of each of the {k} classes; {ok}"
+        )
+
+
 def split_indices(labels: torch.Tensor | None, n: int, held_out_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Fixed (seeded) train / held-out split, stratified by label when there are labels."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(n)
     stratify = None if labels is None else labels.numpy()
-    train, held = train_test_split(idx, test_size=held_out_fraction, random_state=seed, stratify=stratify)
+    try:
+        train, held = train_test_split(idx, test_size=held_out_fraction, random_state=seed, stratify=stratify)
+    except ValueError as e:  # what check_split does not foresee, still one line
+        raise DataError(f"the train / held-out split of {n} images failed: {e}".replace("\n", " ")) from None
     return np.sort(train), np.sort(held)
 
 
@@ -169,14 +205,15 @@ def write_dataset(
 ) -> DatasetInfo:
     """Split and write ``train.safetensors``, ``held_out.safetensors`` and ``dataset.json``."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_split(labels, len(images), held_out_fraction, str(provenance.get("source", name)))
     train, held = split_indices(labels, len(images), held_out_fraction, split_seed)
+    make_dirs(out_dir)
     sizes = {}
     for split, idx in (("train", train), ("held_out", held)):
         tensors = {"images": images[idx].contiguous().float()}
         if labels is not None:
             tensors["labels"] = labels[idx].contiguous()
-        save_file(tensors, str(out_dir / f"{split}.safetensors"))
+        atomic_write(out_dir / f"{split}.safetensors", lambda p: save_file(tensors, str(p)))
         sizes[split] = len(idx)
     info = DatasetInfo(
         name=name,
@@ -185,7 +222,8 @@ def write_dataset(
         sizes=sizes,
         provenance={**provenance, "held_out_fraction": held_out_fraction, "split_seed": split_seed},
     )
-    (out_dir / "dataset.json").write_text(json.dumps(asdict(info), indent=2, sort_keys=True) + "\n")
+    text = json.dumps(asdict(info), indent=2, sort_keys=True) + "\n"
+    atomic_write(out_dir / "dataset.json", lambda p: p.write_text(text))
     return info
 
 
@@ -193,10 +231,18 @@ def prepare_dataset(params: DataParams, out_dir: str | Path, source_hash: str | 
     """The ``data`` stage: read the configured source and write the fixed split under ``out_dir``.
     ``source_hash``: the content hash of the folder or zip (the inputs stage's manifest), kept as provenance."""
     if params.dataset == "digits":
+        if params.num_classes not in (None, 10):
+            raise DataError(f"data.num_classes: the digits have 10 classes, got {params.num_classes}; leave it empty")
         images, labels = load_digits_dataset()
         k, provenance = 10, {"source": "sklearn.datasets.load_digits", "scaling": "x / 16 * 2 - 1"}
     else:
         raw, labels, k = load_image_folder(params.path, num_classes=params.num_classes)
+        if labels is None and params.num_classes is not None:
+            raise DataError(
+                f"data.num_classes is {params.num_classes} but {params.path} has no labels (no dataset.json with "
+                '"labels": [[file, label], ...]): add that file for a class-conditional run, or leave data.num_classes '
+                "empty for an unconditional one"
+            )
         images = to_unit_range(raw)
         provenance = {"source": str(params.path), "scaling": "x / 127.5 - 1"}
         if source_hash is not None:

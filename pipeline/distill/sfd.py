@@ -404,7 +404,7 @@ def run_distill_stage(
     store: str | Path,
     teacher_ckpt: str | Path | None,  # the trajectories' teacher, also the student's initialisation
     out: str | Path,  # the distilled checkpoint directory
-    state_dir: str | Path | None,  # resumable state (and the last good checkpoint); None: no resume
+    state_dir: str | Path | None,  # resumable state (and the last verified checkpoint); None: no resume
     metrics: str | Path | None = None,
     live_dir: str | Path | None = None,  # DVCLive directory: loss per step index (x axis kimg), lr, final metrics
     cost_path: str | Path | None = None,

@@ -21,6 +21,7 @@ from typing import Any
 
 import typer
 
+from pipeline.core.commands import one_line_errors
 from pipeline.core.checkpoints import save_checkpoint
 from pipeline.core.param_checks import PipelineError
 
@@ -51,6 +52,7 @@ def import_edm_pickle(source: str | Path, out_dir: str | Path) -> dict[str, Any]
 
 
 @teacher_app.command("import")
+@one_line_errors
 def import_command(
     source: Path = typer.Argument(..., help="an NVlabs/edm snapshot pickle (edm-cifar10-32x32-uncond-vp.pkl) or a diffusers folder"),
     out: Path = typer.Option(..., "--out", help="checkpoint directory to write (model.safetensors + model.json)"),

@@ -9,10 +9,10 @@ step taken as ``[(key, value), ...]``. Around it the loop does, per batch:
     mean of each key over the window, the lr, kimg) to the progress bar and DVCLive; the training
     state every ``checkpoint_every`` batches and at the end.
 
-Before the loop it resumes from a saved state with the same training key (models, optimizers, RNG
-states, counters, statistics, log rows, cost), so an interrupted run ends bit-identical to an
-uninterrupted one. A NaN/inf loss stops the run before its optimizer step
-(:class:`NonFiniteLossError`, naming the batch and the last good state).
+Before the loop it resumes from the newest verified saved state with the same training key (models,
+optimizers, RNG states, counters, statistics, log rows, cost; pipeline.training.state), so an
+interrupted run ends bit-identical to an uninterrupted one. A NaN/inf loss stops the run before its
+optimizer step (:class:`NonFiniteLossError`, naming the batch and the last verified state).
 
 Several processes (torchrun, pipeline.core.distributed): every rank runs this loop over the same
 batches; ``step_fn`` computes the rank's share of each global batch (pipeline.core.distributed.share)
@@ -183,6 +183,11 @@ class TrainingLoop:
         k = self.kimg(batch)
         return f"{self.unit} {batch}" + (f", {k:g} kimg" if k is not None else "")
 
+    def _progress(self, batch: int) -> str:
+        """``batch 20 of 188 (5.12 of 48.1 kimg)``: where a run stands in its budget, each unit named."""
+        k, total = self.kimg(batch), self.kimg(self.total)
+        return f"{self.unit} {batch} of {self.total}" + (f" ({k:g} of {total:g} kimg)" if k is not None else "")
+
     def _add(self, key: str, value: float) -> None:
         if key not in self.count:
             self.keys.append(key)
@@ -206,14 +211,15 @@ class TrainingLoop:
         """Load a matching saved state (see module docstring); False when there is none to resume."""
         if self.state is None or self.resumed:
             return self.resumed
-        saved = self.state.peek()
-        if saved is None:
-            return False
         restored = self.state.load(accept=lambda c: int(c.get("batch", 0)) <= self.total and (self.accept is None or self.accept(c)))
         if restored is None:
-            tqdm.write(f"{self.name}: ignoring the training state in {self.state.directory} "
-                       "(different params, data or initialisation, an older format, or more done than this budget)")
+            if self.state.exists():
+                tqdm.write(f"{self.name}: ignoring the training state in {self.state.directory} "
+                           "(different params, data or initialisation, an older format, or more done than this budget)")
             return False
+        for damaged in restored.damaged:  # a newer state failed verification: resumed from the previous one
+            tqdm.write(f"{self.name}: warning: training state {damaged}; resuming from the previous verified state "
+                       f"{restored.path}")  # fmt: skip
         c, m = restored.counters, restored.metadata
         self.batch = int(c.pop("batch"))
         self.counters.update(c)
@@ -231,7 +237,7 @@ class TrainingLoop:
             self.scaler.load_state_dict(m["scaler"])
         self.saved_at, self.resumed = self.batch, True
         if self.batch < self.total:
-            tqdm.write(f"{self.name}: resuming from {self.state.directory} at {self._where(self.batch)} of {self.total}")
+            tqdm.write(f"{self.name}: resuming from {restored.path} (verified) at {self._progress(self.batch)}")
         return True
 
     def save(self) -> None:
@@ -282,9 +288,9 @@ class TrainingLoop:
                 try:
                     losses = step_fn(self.batch)
                 except NonFiniteLossError as e:
-                    where = (
-                        f"the last good checkpoint is {self.state.directory} ({self._where(self.saved_at)})"
-                        if self.state is not None and self.saved_at is not None else "no checkpoint was written yet"
+                    where = (  # saved_at: a state this run wrote and read back, or resumed from, verified
+                        f"the last verified state is in {self.state.directory} ({self._where(self.saved_at)})"
+                        if self.state is not None and self.saved_at is not None else "no state was saved yet"
                     )
                     raise NonFiniteLossError(
                         f"{self.name}: stopped at {self._where(self.batch)}: {e}; the optimizer step was not taken "

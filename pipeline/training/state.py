@@ -1,4 +1,4 @@
-"""One resumable training state: ``<dir>/training_state.safetensors`` + ``training_state.json``.
+"""One resumable training state: ``<dir>/training_state.safetensors`` (+ a readable ``training_state.json``).
 
 Tensors (safetensors, nothing unpickled):
     ``<module>.<param>``        every module's state dict (e.g. ``net.*``, ``ema.*``)
@@ -6,17 +6,29 @@ Tensors (safetensors, nothing unpickled):
     ``rng.<name>``              every named torch.Generator
     ``rng.torch``               the global CPU generator (dropout draws from it), and
     ``rng.cuda.<i>``            each CUDA device's generator when CUDA is in use.
-JSON: ``protocol``, ``training_key``, ``counters`` (batches done, rows read, ...), ``metadata``
+State JSON: ``protocol``, ``training_key``, ``counters`` (batches done, rows read, ...), ``metadata``
 (loss statistics, log rows, cost, ...) and the optimizers' scalar state.
 
-A state is resumed only when its protocol and training key match (the key hashes everything that
-changes the result: params, data, initialisation); otherwise it is ignored and, at the next save,
-overwritten. Writes are atomic (pipeline.core.checkpoints), so an interrupted save leaves the
-previous state intact.
+Integrity. The state JSON and a checksum (xxh3-128 of the JSON and of every tensor's name, dtype,
+shape and bytes) live inside the safetensors file's own header (``sfd_training_state``,
+``sfd_checksum``), so the checksum is written atomically with what it covers: the file is written
+to a temporary name, read back and verified, then renamed into place. ``training_state.json`` is a
+readable copy of the JSON (with the checksum); resuming never trusts it. The state saved before
+(verified when it was written or resumed) is kept as ``training_state.previous.safetensors``; a
+kill at any instant leaves at least one verified state.
+
+Resuming takes the newest verified state with this protocol and training key (the key hashes
+everything that changes the result: params, data, initialisation): ``training_state``, else
+``training_state.previous`` (a damaged newest state — a flipped bit, overwritten bytes, a truncated
+file — is named in a note). States of another key or an older format are ignored and, at the next
+save, overwritten. When the only matching candidates are damaged, :class:`DamagedStateError` stops
+the run with one line naming the file and what to do. Only a verified state is ever called good.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +37,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.core.checkpoints import has_checkpoint, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
+from pipeline.core.checkpoints import CheckpointError, optimizer_from_tensors, optimizer_to_tensors
+from pipeline.core.files import atomic_write, make_dirs, os_errors
+from pipeline.core.hashing import hash_description, hash_state_dict
 from pipeline.core.param_checks import ParamError
 
 STATE_NAME = "training_state"
-PROTOCOL = 2  # 1: the teacher's and SFD's own formats before pipeline.training
+PREVIOUS_NAME = "training_state.previous"
+PROTOCOL = 3  # 1: the teacher's and SFD's own formats before pipeline.training; 2: no checksum
+META_KEY = "sfd_training_state"  # safetensors header metadata: the state JSON ...
+CHECKSUM_KEY = "sfd_checksum"  # ... and the checksum of that JSON and every tensor
+
+
+class DamagedStateError(CheckpointError):
+    """A training state of this run fails its checksum or cannot be read, and no verified earlier state exists."""
 
 
 @dataclass
@@ -38,6 +59,62 @@ class Restored:
 
     counters: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None  # the verified state file it came from
+    damaged: list[str] = field(default_factory=list)  # newer states that failed verification: "<file>: <why>"
+
+
+def state_checksum(meta_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """xxh3-128 of the state JSON (exact text) and of every tensor (name, dtype, shape, bytes; sorted)."""
+    return hash_description({"meta": meta_json, "tensors": hash_state_dict(tensors)})
+
+
+class _Damaged(Exception):
+    pass
+
+
+def _read_header(path: Path) -> dict[str, str] | None:
+    """The safetensors header metadata (without reading any tensor); raises _Damaged when unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata()
+    except Exception as e:  # SafetensorError: truncated, overwritten header, not a safetensors file
+        raise _Damaged(f"cannot be read ({str(e).strip() or type(e).__name__})") from None
+
+
+def _parse_meta(path: Path) -> dict[str, Any] | None:
+    """The state JSON from a state file's header; None for a state of an older format (no checksum)."""
+    header = _read_header(path)
+    if not header or META_KEY not in header:
+        return None
+    try:
+        meta = json.loads(header[META_KEY])
+    except ValueError:
+        raise _Damaged("its state JSON is not valid JSON") from None
+    if not isinstance(meta, dict) or CHECKSUM_KEY not in header:
+        raise _Damaged("its header lacks the state JSON or the checksum")
+    return meta
+
+
+def _read_verified(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(state JSON, tensors) of a state file whose checksum matches; raises _Damaged otherwise."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise _Damaged(f"cannot be read ({str(e).strip() or type(e).__name__})") from None
+    if META_KEY not in header or CHECKSUM_KEY not in header:
+        raise _Damaged("its header lacks the state JSON or the checksum")
+    if state_checksum(header[META_KEY], tensors) != header[CHECKSUM_KEY]:
+        raise _Damaged("does not match its checksum")
+    try:
+        return json.loads(header[META_KEY]), tensors
+    except ValueError:
+        raise _Damaged("its state JSON is not valid JSON") from None
 
 
 class TrainingState:
@@ -63,11 +140,28 @@ class TrainingState:
         bad = [n for n in names if not n or "." in n]
         if len(set(names)) != len(names) or bad:
             raise ParamError(f"training state: module and optimizer names must be distinct, dot-free and not 'rng', got {names}")
+        self._current_verified = False  # training_state.safetensors was written or verified by this process
+
+    @property
+    def path(self) -> Path:
+        return self.directory / f"{STATE_NAME}.safetensors"
+
+    @property
+    def previous_path(self) -> Path:
+        return self.directory / f"{PREVIOUS_NAME}.safetensors"
 
     def exists(self) -> bool:
-        return has_checkpoint(self.directory, name=STATE_NAME)
+        return self.path.is_file() or self.previous_path.is_file()
 
     def save(self, counters: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> None:
+        """Write a new verified state; the current one (when verified) becomes the previous one.
+
+        Under torchrun only rank 0 writes. An OS error (no space, file too large, read-only) is a one-line
+        FileWriteError naming the file; the states already on disk are left as they were."""
+        from pipeline.core.distributed import is_main
+
+        if not is_main():
+            return
         tensors: dict[str, torch.Tensor] = {}
         optimizer_meta: dict[str, Any] = {}
         for name, module in self.modules.items():
@@ -82,6 +176,7 @@ class TrainingState:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 for i, s in enumerate(torch.cuda.get_rng_state_all()):
                     tensors[f"rng.cuda.{i}"] = s.clone()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {
             "protocol": PROTOCOL,
             "training_key": self.training_key,
@@ -89,26 +184,86 @@ class TrainingState:
             "metadata": dict(metadata or {}),
             "optimizers": optimizer_meta,
         }
-        save_checkpoint(self.directory, tensors, meta, name=STATE_NAME)
+        text = json.dumps(meta, sort_keys=True)
+        checksum = state_checksum(text, tensors)
+        self._write(tensors, {META_KEY: text, CHECKSUM_KEY: checksum})
+        readable = {**meta, "checksum": checksum, "about": f"a readable copy; resuming reads {self.path.name}"}
+        atomic_write(self.directory / f"{STATE_NAME}.json",
+                     lambda p: p.write_text(json.dumps(readable, indent=2, sort_keys=True) + "\n"))
+
+    def _write(self, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> None:
+        from safetensors.torch import save_file
+
+        make_dirs(self.directory)
+        tmp = self.directory / f".{STATE_NAME}.safetensors.tmp-{os.getpid()}"
+        try:
+            with os_errors(self.path):
+                save_file(tensors, str(tmp), metadata=header)
+            try:
+                _read_verified(tmp)
+            except _Damaged as e:
+                raise CheckpointError(f"training state {self.path}: the file just written {e} (a failing disk?); "
+                                      "the earlier states are kept") from None  # fmt: skip
+            with os_errors(self.path):
+                if self._current_verified and self.path.is_file():
+                    os.replace(self.path, self.previous_path)
+                    current_json = self.directory / f"{STATE_NAME}.json"
+                    if current_json.is_file():
+                        os.replace(current_json, self.directory / f"{PREVIOUS_NAME}.json")
+                os.replace(tmp, self.path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        self._current_verified = True
 
     def peek(self) -> dict[str, Any] | None:
-        """The saved JSON (counters, metadata, key) without touching any tensor; None when there is no state."""
-        if not self.exists():
-            return None
-        return load_checkpoint_meta(self.directory)
+        """The newest state's JSON (counters, metadata, key) from its header, without reading any tensor;
+        None when there is no state, or it is unreadable or of an older format."""
+        for path in (self.path, self.previous_path):
+            if path.is_file():
+                try:
+                    return _parse_meta(path)
+                except _Damaged:
+                    continue
+        return None
+
+    def _matches(self, meta: dict[str, Any] | None, accept: Callable[[dict[str, Any]], bool] | None) -> bool:
+        if meta is None or meta.get("protocol") != PROTOCOL or meta.get("training_key") != self.training_key:
+            return False
+        return accept is None or bool(accept(meta.get("counters", {})))
 
     def load(self, accept: Callable[[dict[str, Any]], bool] | None = None) -> Restored | None:
-        """Put a matching saved state in place and return its counters and metadata.
+        """Put the newest verified matching state in place and return its counters and metadata.
 
-        None when there is no state, or it has another protocol or training key, or ``accept(counters)``
-        refuses it (e.g. more steps done than the budget); nothing is changed then.
-        """
-        meta = self.peek()
-        if meta is None or meta.get("protocol") != PROTOCOL or meta.get("training_key") != self.training_key:
-            return None
-        if accept is not None and not accept(meta["counters"]):
-            return None
-        tensors, meta = load_checkpoint(self.directory, name=STATE_NAME)
+        Candidates, newest first: ``training_state``, ``training_state.previous``. One of another protocol or
+        training key, or that ``accept(counters)`` refuses (e.g. more steps done than the budget), is skipped;
+        None when no candidate matches (nothing is changed then). A damaged candidate (checksum mismatch,
+        truncated, unreadable) is skipped and named in ``Restored.damaged``; when no verified candidate is
+        left, :class:`DamagedStateError` names the file and what to do."""
+        damaged: list[tuple[Path, str]] = []
+        for path in (self.path, self.previous_path):
+            if not path.is_file():
+                continue
+            try:
+                if not self._matches(_parse_meta(path), accept):
+                    continue
+                meta, tensors = _read_verified(path)
+            except _Damaged as e:
+                damaged.append((path, str(e)))
+                continue
+            self._restore(tensors, meta)
+            self._current_verified = path == self.path
+            return Restored(dict(meta["counters"]), dict(meta.get("metadata", {})), path,
+                            [f"{p}: {why}" for p, why in damaged])  # fmt: skip
+        if damaged:
+            found = "; ".join(f"{p} {why}" for p, why in damaged)
+            raise DamagedStateError(
+                f"training state {found}; no verified state of this run is left to resume from: delete {self.directory} "
+                "to start this stage over (it is deterministic: the result is the same)"
+            )
+        return None
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         for name, module in self.modules.items():
             prefix = f"{name}."
             module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -124,15 +279,10 @@ class TrainingState:
                 for i in range(torch.cuda.device_count()):
                     if f"rng.cuda.{i}" in tensors:
                         torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"], device=i)
-        return Restored(dict(meta["counters"]), dict(meta.get("metadata", {})))
 
 
 def load_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
-    """The JSON half of a training state."""
-    import json
-
-    from pipeline.core.checkpoints import CheckpointError
-
+    """The readable JSON copy of a training state (``training_state.json``; resuming reads the state file itself)."""
     path = Path(directory) / f"{STATE_NAME}.json"
     try:
         return json.loads(path.read_text())

@@ -38,7 +38,10 @@ from pipeline.diffusion.solvers import CountingDenoiser, solve
 from pipeline.teachers.loader import TEACHER_SOURCES, Teacher, load_teacher
 from pipeline.config.trajectories import TrajectoryParams
 from pipeline.trajectories.spec import TrajectorySpec, trajectory_specs
-from pipeline.trajectories.store import TrajectoryKey, check_store_location, make_compressors, open_store, sum_stored_costs
+from pipeline.trajectories.store import (
+    ChunkCorruptError, StoreError, TrajectoryKey, check_store_location, make_compressors, open_store, store_write_problem,
+    sum_stored_costs,
+)  # fmt: skip
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -139,8 +142,14 @@ def generate_trajectories(
     progress: bool = True,
     compressor: str = "blosc-zstd",
     storage_options: dict[str, Any] | None = None,  # fsspec options when store_path is a URL
+    teacher_source: str | None = None,  # where the teacher came from (a checkpoint path), named in errors
 ) -> dict[str, Any]:
-    """Fill the store key of ``spec`` for every chunk touching ``seeds`` that is not yet committed."""
+    """Fill the store key of ``spec`` for every chunk touching ``seeds`` that is not yet committed.
+
+    Every committed chunk it would reuse is verified first (checksums and finite values): a bad one is
+    uncommitted and regenerated with a warning, never counted as reused. Every generated chunk is checked
+    for NaN/inf before it is committed (:class:`pipeline.trajectories.store.NonFiniteTrajectoryError`).
+    A read-only store is fine as long as nothing needs writing; otherwise one StoreError line says what."""
     check_int("batch_size", batch_size, minimum=1)
     check_int("chunk_size", chunk_size, minimum=1)
     shard = check_shard(tuple(shard))  # type: ignore[arg-type]
@@ -156,14 +165,28 @@ def generate_trajectories(
         denoiser = guided(denoiser, spec.guidance)
     counting = CountingDenoiser(denoiser)
 
+    read_only = store_write_problem(store_path)  # None: writable (or not a local path)
     with main_first():  # under torchrun rank 0 creates the key, the others then open it
         store = open_store(store_path, mode="a", storage_options=storage_options)
+        if read_only is not None and spec.key not in store.keys():
+            raise StoreError(f"{read_only}; the store lacks key {spec.key} ({len(seeds)} seeds to generate): make it "
+                             "writable, or write the trajectories to another store")  # fmt: skip
         key = store.create_key(spec, chunk_size=chunk_size, compressor=compressor)
     chunk_size = key.chunk_size
     wanted = key.chunks_for_seeds(seeds)
     owned = [c for c in wanted if c % shard[1] == shard[0]]
     committed = set(key.committed_chunks())
-    todo = [c for c in owned if c not in committed]
+    bad = _verify_reused(key, [c for c in owned if c in committed], progress=progress)
+    todo = [c for c in owned if c not in committed or c in bad]
+    if todo and read_only is not None:
+        from pipeline.diffusion.seeds import format_seeds
+
+        missing = format_seeds([s for c in todo for s in key.chunk_seeds(c)])
+        raise StoreError(f"{read_only}; key {key.name} needs {len(todo)} chunk(s) written (seeds {missing}"
+                         f"{', ' + str(len(bad)) + ' of them failed verification' if bad else ''}): make the store "
+                         "writable, or write the trajectories to another store")  # fmt: skip
+    for c in bad:
+        key.delete_record(c)  # uncommitted until regenerated: no reader takes it meanwhile
 
     start = time.perf_counter()
     solver_seconds = 0.0
@@ -193,7 +216,9 @@ def generate_trajectories(
                 "precision": precision,
             }
             for j, c in enumerate(group):
-                writer.put(c, {name: a[j * chunk_size : (j + 1) * chunk_size] for name, a in data.items()}, dict(cost))
+                chunk_data = {name: a[j * chunk_size : (j + 1) * chunk_size] for name, a in data.items()}
+                key.check_finite(c, chunk_data, teacher=teacher_source)  # never commit a NaN: nothing of it is written
+                writer.put(c, chunk_data, dict(cost))
         writer.close()
     finally:
         bar.close()
@@ -211,6 +236,7 @@ def generate_trajectories(
         "chunks_owned": len(owned),
         "chunks_reused": len(owned) - len(todo),
         "chunks_generated": len(todo),
+        "chunks_regenerated": len(bad),  # committed but failed verification: generated again (in chunks_generated)
         "trajectories_generated": generated,
         "seconds": round(seconds, 3),
         "solver_seconds": round(solver_seconds, 3),
@@ -224,13 +250,32 @@ def generate_trajectories(
     }
 
 
+def _verify_reused(key: TrajectoryKey, chunks: list[int], *, progress: bool) -> set[int]:
+    """The committed chunks among ``chunks`` that fail verification (checksum, decoding, NaN/inf), each warned about."""
+    import sys
+
+    bad = set()
+    bar = tqdm(chunks, unit="chunk", desc=f"verify {key.name[:8]}", disable=not progress or len(chunks) < 8, leave=False)
+    for c in bar:
+        try:
+            key.read_chunk(c, verify=True)
+        except ChunkCorruptError as e:
+            bad.add(c)
+            seeds = key.chunk_seeds(c)
+            tqdm.write(f"warning: {key.owner.location}/{key.name} chunk {c} (seeds {seeds.start}-{seeds.stop - 1}): "
+                       f"{e.problem}; regenerating it", file=sys.stderr)  # fmt: skip
+    bar.close()
+    return bad
+
+
 def merge_shard_results(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One entry per key from every rank's :func:`generate_trajectories` results (counts summed; the wall
     time is the slowest rank's, so traj/s is the stage's throughput)."""
     merged = []
     for entries in zip(*per_rank):
         first = dict(entries[0])
-        for name in ("chunks_owned", "chunks_reused", "chunks_generated", "trajectories_generated", "teacher_calls"):
+        for name in ("chunks_owned", "chunks_reused", "chunks_generated", "chunks_regenerated", "trajectories_generated",
+                     "teacher_calls"):
             first[name] = sum(e[name] for e in entries)
         for name in ("seconds", "solver_seconds", "write_seconds"):
             first[name] = max(e[name] for e in entries)
@@ -306,6 +351,7 @@ def run_trajectories_stage(
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     check_store_location(out)  # before the teacher is loaded; writes nothing
     teacher, denoiser, teacher_hash = load_trajectory_teacher(p.teacher, teacher_ckpt, device=device)
+    teacher_source = str(teacher_ckpt) if teacher_ckpt is not None else f"teacher.source {p.teacher.get('source')!r}"
     notes = []
     if isinstance(getattr(teacher, "model", None), torch.nn.Module):
         _, note = to_channels_last(teacher.model, channels_last, device)  # in place: the denoiser calls it
@@ -322,7 +368,7 @@ def run_trajectories_stage(
         stats = generate_trajectories(
             denoiser, spec, seed_list, out,
             batch_size=p.batch_size, chunk_size=p.chunk_size, device=device, shard=shard,
-            progress=progress, compressor=p.compressor,
+            progress=progress, compressor=p.compressor, teacher_source=teacher_source,
         )  # fmt: skip
         teacher_images += stats.pop("teacher_forward_images")
         results.append(stats)
@@ -344,6 +390,7 @@ def run_trajectories_stage(
         "keys": results,
         "chunks_generated": sum(r["chunks_generated"] for r in results),
         "chunks_reused": sum(r["chunks_reused"] for r in results),
+        "chunks_regenerated": sum(r["chunks_regenerated"] for r in results),
         "trajectories_generated": generated,
         "traj_per_s": round(generated / seconds, 2) if generated and seconds > 0 else 0.0,
         "stored_cost": stored,

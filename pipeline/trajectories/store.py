@@ -10,9 +10,14 @@ Layout::
     STORE/<key>/commits/<c>.json         commit record of chunk c: seeds, xxh3 checksums and what the chunk cost
 
 Row s holds seed s; chunk c holds seeds [c*chunk_size, (c+1)*chunk_size). A chunk is committed
-only when its record exists, parses, and (when verified) the checksums match the decoded bytes.
-Records are written last, one object per chunk, so a killed writer leaves at most an
-uncommitted chunk and concurrent writers of different chunks never touch the same object.
+only when its record exists, parses, and (when verified) the checksums match the decoded bytes
+and every value is finite. Records are written last, one object per chunk, so a killed writer
+leaves at most an uncommitted chunk and concurrent writers of different chunks never touch the
+same object. A chunk holding a NaN or inf is never committed (:class:`NonFiniteTrajectoryError`).
+A key is created by writing its group's ``zarr.json`` only if it does not exist yet (an atomic
+exclusive create on local stores), so of two writers creating one key the second always reads the
+first's description and chunk size and is refused when they differ. An OS error while writing
+(no space, file too large, read-only) is a :class:`StoreError` naming the path and the cause.
 The record also carries the chunk's generation cost (teacher forward images, wall seconds, device,
 precision): the cost of a stored trajectory travels with it, whichever run generated it, and a
 chunk regenerated after a kill is counted once (its earlier, uncommitted attempt left no record).
@@ -25,7 +30,8 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,7 @@ from zarr.abc.store import Store
 from zarr.core.buffer import cpu, default_buffer_prototype
 from zarr.core.sync import sync
 
+from pipeline.core.files import os_error_message
 from pipeline.core.hashing import hash_bytes
 from pipeline.config.trajectories import COMPRESSORS
 from pipeline.trajectories.spec import TrajectorySpec, diff, older_version_hint
@@ -59,7 +66,32 @@ class KeyMismatchError(StoreError):
 
 
 class ChunkCorruptError(StoreError):
-    """A committed chunk's bytes do not match its checksum record."""
+    """A committed chunk's bytes do not match its checksum record, cannot be decoded, or hold a NaN/inf."""
+
+    def __init__(self, message: str, problem: str | None = None) -> None:
+        super().__init__(message)
+        self.problem = problem or message  # what is wrong, without where or what to do (sfd store verify's lines)
+
+
+class NonFiniteTrajectoryError(StoreError):
+    """Generated trajectories hold NaN or inf values; the chunk was not committed."""
+
+
+def nonfinite_rows(data: Mapping[str, np.ndarray]) -> list[int]:
+    """Row indices (within a chunk) where any floating-point array holds a NaN or inf."""
+    bad: np.ndarray | None = None
+    for a in data.values():
+        a = np.asarray(a)
+        if not np.issubdtype(a.dtype, np.floating):
+            continue
+        rows = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+        bad = rows if bad is None else bad | rows
+    return [] if bad is None else [int(i) for i in np.flatnonzero(bad)]
+
+
+def _seed_list(seeds: Sequence[int], limit: int = 8) -> str:
+    shown = ", ".join(map(str, seeds[:limit]))
+    return shown + (f", ... ({len(seeds)} seeds)" if len(seeds) > limit else "")
 
 
 def _is_url(path: str) -> bool:
@@ -101,6 +133,24 @@ def check_store_location(location: str | Path | Store) -> None:
             open_store(path, mode="r")
         else:
             _check_writable_location(path)
+
+
+def store_write_problem(location: str | Path | Store) -> str | None:
+    """Why new chunks cannot be written to an existing local store (read-only, permission), or None.
+
+    A temporary file is created in the store's root directory and removed. URLs and zarr Stores are not
+    probed (None): a failing write there is still one line naming the path."""
+    if not isinstance(location, (str, Path)) or _is_url(str(location)) or not Path(location).is_dir():
+        return None
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".sfd-write-check-", dir=location)
+    except OSError as e:
+        return os_error_message(e, location)
+    os.close(fd)
+    os.unlink(name)
+    return None
 
 
 def make_compressors(name: str) -> list[Any]:
@@ -187,21 +237,14 @@ class TrajectoryStore:
         )
 
     def create_key(self, spec: TrajectorySpec, *, chunk_size: int, compressor: str = "blosc-zstd") -> "TrajectoryKey":
-        """Create the group and arrays for a spec, or return the existing ones after checking they agree."""
+        """Create the group and arrays for a spec, or return the existing ones after checking they agree.
+
+        The group's ``zarr.json`` is written only if it does not exist (atomic on local and memory
+        stores), then read back: whichever writer created the key, its description and chunk size are
+        the key's, and a writer asking for another chunk size is refused (never silently given the
+        other's chunking)."""
         key = spec.key
-        if key in self.keys():
-            handle = self.key(key)
-            if handle.chunk_size != chunk_size:
-                raise StoreError(
-                    f"{self.location}/{key}: exists with chunk_size {handle.chunk_size}, asked for {chunk_size}; "
-                    f"use chunk_size {handle.chunk_size} (committed chunks are reused) or another store"
-                )
-            differences = diff(spec.description(), handle.description)
-            if differences:
-                raise KeyMismatchError(f"{self.location}/{key}: stored description differs: " + "; ".join(differences))
-            group = handle.group
-            compressor = handle.info.get("compressor", compressor)
-        else:
+        if key not in self.keys():
             info = {
                 "format_version": FORMAT_VERSION,
                 "key": key,
@@ -212,10 +255,23 @@ class TrajectoryStore:
                 "checksum": CHECKSUM,
                 "arrays": ["x_T", "states"] + (["labels"] if spec.labelled else []),
             }
-            try:
-                group = self.root.create_group(key, attributes={KEY_ATTR: info})
-            except zarr.errors.ContainsGroupError:  # another writer was first: same key, same content
-                return self.create_key(spec, chunk_size=chunk_size, compressor=compressor)
+            from zarr.core.group import GroupMetadata
+
+            document = GroupMetadata(attributes={KEY_ATTR: info}).to_buffer_dict(default_buffer_prototype())["zarr.json"]
+            with self.writing(f"{key}/zarr.json"):
+                sync(self.store.set_if_not_exists(f"{key}/zarr.json", document))
+        self._keys.pop(key, None)
+        handle = self.key(key)  # ours, or the one another writer created first
+        if handle.chunk_size != chunk_size:
+            raise StoreError(
+                f"{self.location}/{key}: exists with chunk_size {handle.chunk_size}, asked for {chunk_size}; "
+                f"use chunk_size {handle.chunk_size} (committed chunks are reused) or another store"
+            )
+        differences = diff(spec.description(), handle.description)
+        if differences:
+            raise KeyMismatchError(f"{self.location}/{key}: stored description differs: " + "; ".join(differences))
+        group = handle.group
+        compressor = handle.info.get("compressor", compressor)
         # Arrays are (re)checked even for an existing key: a writer killed right after creating
         # the group leaves a key without arrays.
         compressors = make_compressors(compressor)
@@ -233,19 +289,31 @@ class TrajectoryStore:
             if name in existing:
                 continue
             try:
-                group.create_array(
-                    name, shape=shape, chunks=chunks, dtype=dtype, compressors=comp, fill_value=0,
-                    config={"write_empty_chunks": True},
-                )  # fmt: skip
+                with self.writing(f"{key}/{name}/zarr.json"):
+                    group.create_array(
+                        name, shape=shape, chunks=chunks, dtype=dtype, compressors=comp, fill_value=0,
+                        config={"write_empty_chunks": True},
+                    )  # fmt: skip
             except zarr.errors.ContainsArrayError:
                 pass  # another writer created it first; same spec, same arrays
         if "commits" not in existing:
             try:
-                group.create_group("commits", attributes={"about": "one JSON commit record per chunk, written last"})
+                with self.writing(f"{key}/commits/zarr.json"):
+                    group.create_group("commits", attributes={"about": "one JSON commit record per chunk, written last"})
             except zarr.errors.ContainsGroupError:
                 pass
         self._keys.pop(key, None)
-        return self.key(key)
+        handle = self.key(key)
+        handle.check_arrays()
+        return handle
+
+    @contextmanager
+    def writing(self, path: str) -> Iterator[None]:
+        """An OS error while writing ``path`` (inside the store) becomes a one-line StoreError naming it."""
+        try:
+            yield
+        except OSError as e:
+            raise StoreError(os_error_message(e, f"{self.location}/{path}")) from e
 
     def delete_key(self, key: str) -> None:
         sync(self.store.delete_dir(key))
@@ -289,6 +357,18 @@ class TrajectoryKey:
             self._arrays[name] = self.group[name]
         return self._arrays[name]
 
+    def check_arrays(self) -> None:
+        """Refuse a key whose arrays are not chunked by its chunk_size (a store damaged by writers that raced
+        to create the key with different chunk sizes, before key creation was atomic)."""
+        for name in self.array_names:
+            chunks = self.array(name).chunks[0]
+            if chunks != self.chunk_size:
+                raise StoreError(
+                    f"{self.owner.location}/{self.name}: array {name} is chunked by {chunks} rows but the key records "
+                    f"chunk_size {self.chunk_size}; the key is inconsistent: delete {self.owner.location}/{self.name} "
+                    "and regenerate it"
+                )
+
     def chunk_seeds(self, chunk: int) -> range:
         return range(chunk * self.chunk_size, (chunk + 1) * self.chunk_size)
 
@@ -329,7 +409,8 @@ class TrajectoryKey:
         return len(self.committed_chunks()) * self.chunk_size
 
     def delete_record(self, chunk: int) -> None:
-        sync(self.owner.store.delete(self._record_path(chunk)))
+        with self.owner.writing(self._record_path(chunk)):
+            sync(self.owner.store.delete(self._record_path(chunk)))
 
     def chunk_cost(self, chunk: int) -> dict[str, Any] | None:
         """What the committed chunk cost to generate (its record's ``cost``), or None: not committed, or
@@ -345,21 +426,29 @@ class TrajectoryKey:
 
     # --- chunk data -------------------------------------------------------------------------
     def write_chunk(self, chunk: int, data: Mapping[str, np.ndarray], *, cost: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Write a whole chunk's arrays, read them back, then commit: the record is written last.
+        """Check that every value is finite, write a whole chunk's arrays, read them back, then commit: the record
+        is written last.
 
-        ``cost`` (teacher_forward_images, wall_seconds, device, precision, ...) goes into the record,
-        with the time spent writing and verifying the chunk added as ``write_seconds``."""
+        A NaN or inf anywhere raises :class:`NonFiniteTrajectoryError` naming the seeds before anything is
+        written; an OS error (no space, file too large, read-only) a StoreError naming the path; in both
+        cases the chunk stays uncommitted. ``cost`` (teacher_forward_images, wall_seconds, device,
+        precision, ...) goes into the record, with the time spent writing and verifying the chunk added
+        as ``write_seconds``."""
         start = time.perf_counter()
         if sorted(data) != sorted(self.array_names):
             raise StoreError(f"{self.name}: chunk data must hold {self.array_names}, got {sorted(data)}")
         rows = slice(chunk * self.chunk_size, (chunk + 1) * self.chunk_size)
+        self.check_finite(chunk, data)
         expected = {}
         for name in self.array_names:
             arr = self.array(name)
             a = np.asarray(data[name]).astype(arr.dtype, copy=False)
             if a.shape != (self.chunk_size, *arr.shape[1:]):
                 raise StoreError(f"{self.name}/{name}: chunk shape {a.shape}, expected {(self.chunk_size, *arr.shape[1:])}")
-            arr[rows] = a
+            if name != "labels" and a.dtype != np.asarray(data[name]).dtype:  # float16 storage can overflow to inf
+                self.check_finite(chunk, {name: a}, why=f"{name} overflows the storage dtype {arr.dtype}")
+            with self.owner.writing(f"{self.name}/{name} (chunk {chunk})"):
+                arr[rows] = a
             expected[name] = checksum(a)
         for name in self.array_names:
             found = checksum(self.array(name)[rows])
@@ -377,39 +466,68 @@ class TrajectoryKey:
         self._write_record(chunk, record)
         return record
 
+    def check_finite(self, chunk: int, data: Mapping[str, np.ndarray], *, why: str = "non-finite teacher states",
+                     teacher: str | None = None) -> None:
+        """Raise :class:`NonFiniteTrajectoryError` naming the seeds of rows holding a NaN or inf (and the teacher:
+        ``teacher`` where it came from, e.g. its checkpoint path, besides its hash)."""
+        bad = nonfinite_rows(data)
+        if bad:
+            seeds = [chunk * self.chunk_size + i for i in bad]
+            who = self.description.get("teacher_hash", "?") + (f" ({teacher})" if teacher else "")
+            ckpt = f"--ckpt {teacher} " if teacher and Path(teacher).exists() else ""
+            raise NonFiniteTrajectoryError(
+                f"{why} (NaN or inf) for {len(bad)} of {self.chunk_size} seeds of chunk {chunk} (seeds {_seed_list(seeds)}) "
+                f"of key {self.name} in {self.owner.location}, teacher {who}: "
+                "nothing was committed for this chunk; check the teacher (NaN weights, or a class label that gives NaN: "
+                f"`sfd sample {ckpt}--seeds {seeds[0]} --out /tmp/sfd-check` reproduces it)"
+            )
+
     def _write_record(self, chunk: int, record: dict[str, Any]) -> None:
         payload = json.dumps(record, sort_keys=True, indent=1).encode()
-        sync(self.owner.store.set(self._record_path(chunk), cpu.Buffer.from_bytes(payload)))
+        with self.owner.writing(self._record_path(chunk)):
+            sync(self.owner.store.set(self._record_path(chunk), cpu.Buffer.from_bytes(payload)))
 
     def read_chunk(self, chunk: int, *, verify: bool = True) -> dict[str, np.ndarray]:
-        """The committed chunk's arrays (decoded, storage dtype); raises ChunkCorruptError on a bad checksum."""
+        """The committed chunk's arrays (decoded, storage dtype).
+
+        With ``verify``, raises :class:`ChunkCorruptError` when a checksum does not match or a value is NaN/inf
+        (a store written before commits checked finiteness)."""
         record = self.read_record(chunk)
+        seeds = self.chunk_seeds(chunk)
         if record is None:
-            raise StoreError(f"{self.owner.location}/{self.name}: chunk {chunk} (seeds {self.chunk_seeds(chunk).start}-"
-                             f"{self.chunk_seeds(chunk).stop - 1}) is not committed")  # fmt: skip
+            raise StoreError(f"{self.owner.location}/{self.name}: chunk {chunk} (seeds {seeds.start}-{seeds.stop - 1}) "
+                             "is not committed")  # fmt: skip
         rows = slice(chunk * self.chunk_size, (chunk + 1) * self.chunk_size)
+        advice = (f"`sfd store verify --drop-bad {self.owner.location}` uncommits it and the trajectories stage "
+                  "regenerates it")  # fmt: skip
         out = {}
         for name in self.array_names:
             try:
                 out[name] = self.array(name)[rows]
             except Exception as e:  # a damaged object may fail to decode at all
-                raise ChunkCorruptError(f"{self.name} chunk {chunk}: {name} cannot be decoded ({e})") from e
+                problem = f"{name} cannot be decoded ({type(e).__name__}: {e})".replace("\n", " ")
+                raise ChunkCorruptError(f"{self.owner.location}/{self.name} chunk {chunk}: {problem}; {advice}",
+                                        problem) from e  # fmt: skip
             if verify and checksum(out[name]) != record["checksums"].get(name):
-                raise ChunkCorruptError(
-                    f"{self.owner.location}/{self.name} chunk {chunk}: {name} does not match its checksum "
-                    f"(seeds {rows.start}-{rows.stop - 1}); run `sfd store verify` and regenerate"
-                )
+                problem = f"{name} does not match its checksum (seeds {rows.start}-{rows.stop - 1})"
+                raise ChunkCorruptError(f"{self.owner.location}/{self.name} chunk {chunk}: {problem}; {advice}", problem)
+        if verify:
+            bad = nonfinite_rows(out)
+            if bad:
+                problem = (f"non-finite values (NaN or inf) in {len(bad)} of {self.chunk_size} rows "
+                           f"(seeds {_seed_list([rows.start + i for i in bad])})")  # fmt: skip
+                raise ChunkCorruptError(f"{self.owner.location}/{self.name} chunk {chunk}: {problem}; {advice}", problem)
         return out
 
     def verify(self) -> tuple[int, list[ChunkProblem]]:
-        """Check every committed chunk against its record: (number checked, problems)."""
+        """Check every committed chunk against its record and for NaN/inf: (number checked, problems)."""
         problems = []
         chunks = self.committed_chunks()
         for c in chunks:
             try:
                 self.read_chunk(c, verify=True)
             except ChunkCorruptError as e:
-                problems.append(ChunkProblem(self.name, c, str(e).split(": ", 1)[-1]))
+                problems.append(ChunkProblem(self.name, c, e.problem))
         return len(chunks), problems
 
     def size_bytes(self) -> int:
@@ -562,15 +680,23 @@ def store_info(store: TrajectoryStore) -> list[dict[str, Any]]:
 
 
 def verify_store(store: TrajectoryStore, *, drop_bad: bool = False) -> tuple[int, list[ChunkProblem]]:
-    """Verify every committed chunk of every key; with drop_bad, uncommit bad chunks so they are regenerated."""
+    """Verify every committed chunk of every key (checksums, NaN/inf); with drop_bad, uncommit the bad chunks so
+    the trajectories stage regenerates them.
+
+    When a bad chunk cannot be uncommitted (a read-only store), a StoreError names every bad chunk and the cause."""
     checked, problems = 0, []
     for key in store.keys():
         n, bad = store.key(key).verify()
         checked += n
         problems += bad
-        if drop_bad:
-            for p in bad:
-                store.key(key).delete_record(p.chunk)
+    if drop_bad and problems:
+        try:
+            for p in problems:
+                store.key(p.key).delete_record(p.chunk)
+        except StoreError as e:
+            named = ", ".join(f"{p.key} chunk {p.chunk} ({p.problem})" for p in problems)
+            raise StoreError(f"{len(problems)} of {checked} committed chunks are bad and cannot be uncommitted: {named}; "
+                             f"{e}") from e  # fmt: skip
     return checked, problems
 
 

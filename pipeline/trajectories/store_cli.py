@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from pipeline.core.commands import one_line_errors
 from pipeline.trajectories.store import StoreError, gc_store, open_store, store_info, verify_store
 
 store_app = typer.Typer(help="Inspect, verify and prune a teacher trajectory store.", no_args_is_help=True)
@@ -29,6 +30,7 @@ def _size(n: int) -> str:
 
 
 @store_app.command("ls")
+@one_line_errors
 def ls(
     store: str = typer.Argument(..., help="store path or fsspec URL"),
     as_json: bool = typer.Option(False, "--json", help="print the full entries as JSON"),
@@ -57,30 +59,26 @@ def ls(
 
 
 @store_app.command("verify")
+@one_line_errors
 def verify(
     store: str = typer.Argument(..., help="store path or fsspec URL"),
     drop_bad: bool = typer.Option(False, help="uncommit bad chunks so the next generation run redoes them"),
 ) -> None:
-    """Check every committed chunk against its checksum; exit code 1 and the bad chunks named."""
-    if drop_bad:
-        try:
-            handle = open_store(store, mode="a")
-        except StoreError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-    else:
-        handle = _open(store)
-    checked, problems = verify_store(handle, drop_bad=drop_bad)
+    """Check every committed chunk against its checksum and for NaN/inf; exit code 1 and the bad chunks named."""
+    handle = open_store(store, mode="a") if drop_bad else _open(store)
+    checked, problems = verify_store(handle, drop_bad=drop_bad)  # a read-only store with --drop-bad: one error line
     for p in problems:
         typer.echo(f"BAD {p}", err=True)
     if problems:
-        typer.echo(f"{store}: {len(problems)} of {checked} committed chunks are bad"
-                   + (" (uncommitted)" if drop_bad else ""), err=True)  # fmt: skip
+        then = ("uncommitted: the trajectories stage regenerates exactly those" if drop_bad else
+                f"`sfd store verify --drop-bad {store}` uncommits them, then the trajectories stage regenerates them")
+        typer.echo(f"{store}: {len(problems)} of {checked} committed chunks are bad ({then})", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{store}: {checked} committed chunks verified, all good")
+    typer.echo(f"{store}: {checked} committed chunks verified (checksums, finite values), all good")
 
 
 @store_app.command("gc")
+@one_line_errors
 def gc(
     store: str = typer.Argument(..., help="store path or fsspec URL"),
     keep: Optional[list[str]] = typer.Option(None, "--keep", help="key (or unique prefix) to keep; repeatable"),
