@@ -57,7 +57,7 @@ def params_check(
     from pathlib import Path
 
     from pipeline.config.dvc_params import check_tracked_keys
-    from pipeline.config.params import load_params
+    from pipeline.config.params import TRAJECTORY_SECTIONS, load_params
     from pipeline.core.param_checks import ParamError
 
     params = load_params(file)
@@ -70,6 +70,10 @@ def params_check(
         tracked = check_tracked_keys(params.raw, pipeline_file, where=file, targets=target or None)
     checked = f", {tracked} keys tracked by {pipeline_file.name}" if tracked else ""
     typer.echo(f"ok: {file} ({len(params.given)} sections{checked})")
+    for name in TRAJECTORY_SECTIONS:
+        note = params.section(name).chunk_overhead_note(name) if name in params.given else None
+        if note:
+            typer.echo(f"note: {note}")
     if params.absent:
         typer.echo(f"note: no section {', '.join(params.absent)}: the stages that read them refuse to run "
                    "(`NAME: {}` runs one on the defaults of docs/params.md)")  # fmt: skip

@@ -214,6 +214,13 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[last] = value
 
 
+def _set_present(raw: dict[str, Any], section: str, values: dict[str, Any]) -> None:
+    """Set those of ``values`` the preset's section has (presets differ in which optional keys they spell out)."""
+    for k, v in values.items():
+        if k in raw.get(section, {}):
+            _set(raw, f"{section}.{k}", v)
+
+
 def scale_down(raw: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
     """A preset at CPU-test sizes, as a user trying it on a laptop would edit it: the local paths (``files``:
     dotted key -> path), small seed ranges, budgets, networks and evaluation; nothing else."""
@@ -238,15 +245,10 @@ def scale_down(raw: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
                 _set(raw, f"{name}.{k}", v)
             if raw[name].get("lpips_weights"):
                 _set(raw, f"{name}.lpips_weights", None)  # no 500 MB VGG in a test: the last step keeps L1
-    if "baseline_pd" in raw:
-        for k, v in dict(start_steps=4, updates_per_round=2, batch_size=4).items():
-            _set(raw, f"baseline_pd.{k}", v)
-    if "baseline_sfddm" in raw:
-        for k, v in dict(teacher_steps=8, student_steps=[2], budget="updates", updates=2, batch_size=4).items():
-            _set(raw, f"baseline_sfddm.{k}", v)
-    if "baseline_vanilla" in raw:
-        for k, v in dict(updates=2, batch_size=4).items():
-            _set(raw, f"baseline_vanilla.{k}", v)
+    _set_present(raw, "baseline_pd", dict(start_steps=4, updates_per_round=2, batch_size=4))
+    _set_present(raw, "baseline_sfddm", dict(teacher_steps=8, student_steps=[2], budget="updates", updates=2,
+                                             batch_size=4))
+    _set_present(raw, "baseline_vanilla", dict(updates=2, batch_size=4))
     if "evaluate" in raw:
         ev = raw["evaluate"]
         for k, v in dict(seeds="0-7", grid_seeds=4, batch_size=8, solvers=["euler"], nfes=[2], kid_subsets=2,

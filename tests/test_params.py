@@ -286,3 +286,43 @@ def test_several_n_without_step_conditioning_is_refused_at_params_check():
                       "trajectories_v": {"schedule": {"num_steps": [4, 5]}}})
     with pytest.raises(ParamError, match=r"N=2 with distill.afs=True leaves no network step"):
         parse_params({"trajectories": {"schedule": {"num_steps": 2}}})
+
+
+def test_params_check_states_what_whole_chunks_cost(tmp_path):
+    """Seeds not aligned to chunk_size generate whole chunks: `sfd params check` says how many trajectories
+    that is beyond the range (and says nothing for an aligned one)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.config.params import parse_params
+
+    p = parse_params({"trajectories": {"seeds": "50-149", "chunk_size": 64}})
+    assert p.trajectories.chunk_overhead() == (100, 192)  # 3 chunks: 0-63, 64-127, 128-191
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"data": {}, "trajectories": {"seeds": "0-99", "chunk_size": 64}}))
+    result = CliRunner().invoke(app, ["params", "check", str(path), "--dvc-yaml", str(ROOT / "dvc.yaml"),
+                                      "--target", "data"])
+    assert result.exit_code == 0, result.output
+    assert "note: trajectories.seeds '0-99' with chunk_size 64: 128 trajectories per N are generated for 100 seeds" \
+        " (28 more, +28%" in result.output
+    assert parse_params({"trajectories": {"seeds": "0-127", "chunk_size": 64}}).trajectories.chunk_overhead_note("t") is None
+
+
+def test_sfd_commands_and_the_feature_net_fail_in_one_line(tmp_path):
+    """A bad `sfd sample` argument and a feature network below its accuracy floor: one line, exit code 2."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", "--teacher", "gmm", "--seeds", "abc",
+                        "--out", str(tmp_path / "s")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: seeds: cannot parse 'abc' in 'abc'; use e.g. '0-99'"]
+    from pipeline.config.evaluation import FeatureNetParams
+    from pipeline.config.validation import validate_section
+    from pipeline.evaluation.feature_net import FeatureNetError, train_feature_net
+    import torch
+
+    p = validate_section(FeatureNetParams, {"channels": 4, "feature_dim": 8, "epochs": 1, "min_accuracy": 1.0}, "feature_net")
+    images, labels = torch.rand(40, 1, 8, 8) * 2 - 1, torch.arange(40) % 4
+    with pytest.raises(FeatureNetError, match="below feature_net.min_accuracy=1.0"):
+        train_feature_net(p, (images[:30], labels[:30]), (images[30:], labels[30:]), 4, tmp_path / "fn", progress=False)
+    assert not (tmp_path / "fn").exists()  # nothing written
