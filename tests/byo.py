@@ -249,15 +249,11 @@ def scale_down(raw: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
     _set_present(raw, "baseline_sfddm", dict(teacher_steps=8, student_steps=[2], budget="updates", updates=2,
                                              batch_size=4))
     _set_present(raw, "baseline_vanilla", dict(updates=2, batch_size=4))
-    if "evaluate" in raw:
-        ev = raw["evaluate"]
-        for k, v in dict(seeds="0-7", grid_seeds=4, batch_size=8, solvers=["euler"], nfes=[2], kid_subsets=2,
-                         kid_subset_size=4).items():
-            _set(raw, f"evaluate.{k}", v)
-        _set(raw, "evaluate.reference", {**ev["reference"], "num_steps": 3})
-        for k, v in dict(noise_floor_seeds="2000000-2000007", bootstrap=2).items():
-            if k in ev:
-                _set(raw, f"evaluate.{k}", v)
+    _set_present(raw, "evaluate", dict(seeds="0-7", grid_seeds=4, batch_size=8, solvers=["euler"], nfes=[2],
+                                       kid_subsets=2, kid_subset_size=4, noise_floor_seeds="2000000-2000007",
+                                       bootstrap=2, student_guidance=[2.0]))
+    if "reference" in raw.get("evaluate", {}):
+        _set(raw, "evaluate.reference", {**raw["evaluate"]["reference"], "num_steps": 3})
     return raw
 
 
