@@ -115,6 +115,10 @@ def write_inception(path: Path) -> Path:
     torch.manual_seed(0)
     with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None):
         model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    with torch.no_grad():  # He-initialised convolutions keep the activations' scale through the ~50 layers, so the
+        for m in model.modules():  # features of different images differ (PyTorch's default init lets them vanish)
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     torch.save(model.state_dict(), path)
     empty.unlink()
     return path
