@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,7 +219,7 @@ def test_a_replaced_teacher_or_dataset_reruns_exactly_what_is_downstream(runs, t
     out = run(["dvc", "repro"], repo).stdout
     assert stages_run(out) == DOWNSTREAM_OF_DATA
     after_data = json.loads((repo / "metrics" / "headline.json").read_text())
-    assert after_data["fid"]["teacher"] != after_teacher["fid"]["teacher"]  # the reference statistics... of new data
+    assert after_data["fid"]["vanilla/nfe2"] != after_teacher["fid"]["vanilla/nfe2"]  # trained on the data
     assert stages_run(run(["dvc", "repro"], repo).stdout) == {"inputs"}  # and then nothing
 
 
@@ -249,3 +250,28 @@ def test_the_readme_walkthrough_runs_as_written(runs, tmp_path):
             assert "headline.json" in result.stdout or "fid" in result.stdout
     assert len(list((repo / "samples").glob("*.png"))) >= 16
     assert (repo / "models" / "edm-cifar10-uncond-vp" / "model.safetensors").is_file()
+
+
+@uses("ddpm-cifar10", "sd15")
+@pytest.mark.parametrize("name", ["ddpm-cifar10", "sd15"])
+def test_diffusers_students_sample_and_export_as_a_user_does(runs, name):
+    """`sfd sample` and `sfd export` on the distilled student, then the export through stock diffusers the way
+    the README shows it: DiffusionPipeline.from_pretrained with the project's scheduler imported."""
+    repo = finished(runs, name)
+    guidance = ["--guidance", "2.0"] if name == "sd15" else []
+    run(["sfd", "sample", "--ckpt", "models/sfd", "--seeds", "0-3", "--out", "samples", *guidance], repo)
+    assert len(list((repo / "samples").glob("*.png"))) >= 4
+    out = run(["sfd", "export", "--ckpt", "models/sfd", "--format", "diffusers", "--out", "sfd-unet"], repo).stdout
+    assert "NFE 2" in out
+    index = json.loads((repo / "sfd-unet" / "model_index.json").read_text())
+    assert index["scheduler"] == ["pipeline.teachers.diffusers_scheduler", "SFDScheduler"]
+    script = (
+        "import pipeline.teachers.diffusers_scheduler, torch\n"
+        "from diffusers import DiffusionPipeline\n"
+        "pipe = DiffusionPipeline.from_pretrained('sfd-unet')\n"
+        + ("images = pipe('a photo of thing 1', num_inference_steps=2, guidance_scale=2.0, output_type='np').images\n"
+           if name == "sd15" else "images = pipe(batch_size=2, num_inference_steps=2, output_type='np').images\n")
+        + "print(type(pipe).__name__, images.shape, bool(torch.isfinite(torch.as_tensor(images)).all()))\n"
+    )
+    shown = run([sys.executable, "-c", script], repo).stdout.split()
+    assert shown[0] == ("StableDiffusionPipeline" if name == "sd15" else "DDPMPipeline") and shown[-1] == "True"
