@@ -7,8 +7,6 @@ pickle and from the folder ``sfd teacher import`` converts it into.
 
 from __future__ import annotations
 
-from pipeline.teachers.content import teacher_content_hash
-
 import json
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from pipeline.networks.edm import build_edm_model
 from pipeline.teachers.edm_pickle import EDMPickleMissing
 from pipeline.teachers.loader import load_network, load_teacher
 from test_edm_pickle import write_port_snapshot
+from pipeline.teachers.content import teacher_content_hash
 
 TINY = dict(img_resolution=8, img_channels=3, label_dim=0, use_fp16=False, model_type="SongUNet", model_channels=4,
             channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], resample_filter=[1, 1], augment_dim=9,

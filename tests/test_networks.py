@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pipeline.teachers.content import teacher_content_hash
-
 import pytest
 import torch
 
@@ -13,6 +11,7 @@ from pipeline.core.hashing import hash_state_dict
 from pipeline.networks.unet import build_network, drop_labels
 from pipeline.teachers.loader import load_network, load_teacher
 from pipeline.core.param_checks import ParamError
+from pipeline.teachers.content import teacher_content_hash
 
 
 SHAPES = [  # (C, resolution, channel_mult, attn_resolutions)

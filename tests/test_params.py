@@ -284,8 +284,9 @@ def test_several_n_without_step_conditioning_is_refused_at_params_check():
     with pytest.raises(ParamError, match=r"distill_v.step_condition: trajectories_v.schedule.num_steps lists several N"):
         parse_params({"distill_v": {"trajectories": "trajectories_v", "step_condition": False},
                       "trajectories_v": {"schedule": {"num_steps": [4, 5]}}})
+    parse_params({"trajectories": {"schedule": {"num_steps": [4, 5]}}})  # no distill section reads it: nothing runs
     with pytest.raises(ParamError, match=r"N=2 with distill.afs=True leaves no network step"):
-        parse_params({"trajectories": {"schedule": {"num_steps": 2}}})
+        parse_params({"trajectories": {"schedule": {"num_steps": 2}}, "distill": {}})
 
 
 def test_params_check_states_what_whole_chunks_cost(tmp_path):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pipeline.teachers.content import teacher_content_hash
-
 import subprocess
 import sys
 
@@ -17,6 +15,7 @@ from pipeline.core.param_checks import ParamError
 from pipeline.diffusion.denoisers import EDMPrecond, StepBound, bind_num_steps
 from pipeline.diffusion.schedules import Schedule
 from pipeline.networks.unet import build_network, network_config
+from pipeline.teachers.content import teacher_content_hash
 
 ARCH = {"img_resolution": 8, "in_channels": 1, "label_dim": 3, "model_channels": 8, "channel_mult": [1, 2],
         "num_blocks": 1, "attn_resolutions": [4]}  # fmt: skip

@@ -182,15 +182,17 @@ def check_student_steps(name: str, distill: DistillParams, ref: str, trajectorie
             raise ParamError(f"{ref}.schedule.num_steps: N={v} with {name}.afs={distill.afs} leaves no network step")
 
 
-def check_cross_sections(sections: dict[str, Any]) -> None:
-    """Rules between sections: distill -> an existing trajectories section; evaluation seeds never trained on."""
+def check_cross_sections(sections: dict[str, Any], given: tuple[str, ...] | None = None) -> None:
+    """Rules between sections: distill -> an existing trajectories section whose N the student can learn (checked
+    for the distill sections the file sets: an absent one never runs); evaluation seeds never trained on."""
     for name in DISTILL_SECTIONS:
         ref = sections[name].trajectories
         if ref not in TRAJECTORY_SECTIONS:
             raise ParamError(
                 f"{name}.trajectories: got {ref!r}; allowed values: {', '.join(map(repr, TRAJECTORY_SECTIONS))}"
             )
-        check_student_steps(name, sections[name], ref, sections[ref])
+        if given is None or name in given:
+            check_student_steps(name, sections[name], ref, sections[ref])
     ev = sections["evaluate"]
     if ev.noise_floor_seeds == "auto":
         fix(ev, noise_floor_seeds=auto_noise_floor_seeds(ev.seeds, [sections[n].seeds for n in TRAJECTORY_SECTIONS]))
@@ -223,7 +225,7 @@ def parse_params(raw: dict[str, Any]) -> Params:
         if not isinstance(given, dict):
             raise ParamError(f"{name}: expected a mapping of keys, got {given!r}")
         sections[name] = validate_section(cls, _with_shared(given, cls, raw), name)
-    check_cross_sections(sections)
+    check_cross_sections(sections, given=tuple(k for k in sections if k in raw))
     return Params(raw, shared, sections)
 
 
