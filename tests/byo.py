@@ -249,13 +249,13 @@ def scale_down(raw: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
                 _set(raw, f"{name}.{k}", v)
             if raw[name].get("lpips_weights"):
                 _set(raw, f"{name}.lpips_weights", None)  # no 500 MB VGG in a test: the last step keeps L1
-    _set_present(raw, "baseline_pd", dict(start_steps=4, updates_per_round=2, batch_size=4))
+    _set_present(raw, "baseline_pd", dict(start_steps=2, updates_per_round=2, batch_size=4))
     _set_present(raw, "baseline_sfddm", dict(teacher_steps=8, student_steps=[2], budget="updates", updates=2,
                                              batch_size=4))
     _set_present(raw, "baseline_vanilla", dict(updates=2, batch_size=4))
     _set_present(raw, "evaluate", dict(seeds="0-7", grid_seeds=4, batch_size=8, solvers=["euler"], nfes=[2],
                                        kid_subsets=2, kid_subset_size=4, noise_floor_seeds="2000000-2000007",
-                                       bootstrap=2, student_guidance=[2.0]))
+                                       bootstrap=0, student_guidance=[2.0]))
     if "reference" in raw.get("evaluate", {}):
         _set(raw, "evaluate.reference", {**raw["evaluate"]["reference"], "num_steps": 3})
     return raw
