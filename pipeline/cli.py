@@ -1,4 +1,9 @@
-"""The ``sfd`` command line. Subcommands live next to the code they drive and are attached here."""
+"""The ``sfd`` command line. Subcommands live next to the code they drive and are attached here.
+
+Every command is wrapped by :func:`pipeline.core.commands.one_line_errors`: the project's errors (missing
+files, bad values, bad checkpoints or stores) and OS errors end it with one line on stderr and exit code 2,
+never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -42,17 +47,33 @@ app.add_typer(params_app, name="params")
 @one_line_errors
 def params_check(
     file: str = typer.Argument("params.yaml", help="params file to validate (default: params.yaml)"),
+    dvc_yaml: str = typer.Option(None, "--dvc-yaml", help="check the keys this dvc.yaml tracks too "
+                                 "(default: dvc.yaml beside the params file, else in the current directory, if any)"),
+    target: list[str] = typer.Option([], "--target", help="check only what `dvc repro TARGET...` runs (repeatable; "
+                                     "default: every stage)"),
 ) -> None:
-    """Validate a whole params file (every section, every cross-section rule) without running anything."""
-    from pipeline.config.params import load_params
+    """Validate a whole params file (every section, every cross-section rule, every key dvc.yaml tracks)
+    without running anything: it passes exactly what the stages and DVC accept."""
+    from pathlib import Path
+
+    from pipeline.config.dvc_params import check_tracked_keys
+    from pipeline.config.params import TRAJECTORY_SECTIONS, load_params
     from pipeline.core.param_checks import ParamError
 
-    try:
-        params = load_params(file)
-    except ParamError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(f"ok: {file} ({len(params.given)} sections)")
+    params = load_params(file)
+    beside = Path(file).resolve().parent / "dvc.yaml"
+    pipeline_file = Path(dvc_yaml) if dvc_yaml else beside if beside.is_file() else Path("dvc.yaml")
+    tracked = 0
+    if dvc_yaml or target or pipeline_file.is_file():
+        if not pipeline_file.is_file():
+            raise ParamError(f"--dvc-yaml {pipeline_file}: does not exist")
+        tracked = check_tracked_keys(params.raw, pipeline_file, where=file, targets=target or None)
+    checked = f", {tracked} keys tracked by {pipeline_file.name}" if tracked else ""
+    typer.echo(f"ok: {file} ({len(params.given)} sections{checked})")
+    for name in TRAJECTORY_SECTIONS:
+        note = params.section(name).chunk_overhead_note(name) if name in params.given else None
+        if note:
+            typer.echo(f"note: {note}")
     if params.absent:
         typer.echo(f"note: no section {', '.join(params.absent)}: the stages that read them refuse to run "
                    "(`NAME: {}` runs one on the defaults of docs/params.md)")  # fmt: skip
@@ -95,14 +116,9 @@ def export(
     out: str = typer.Option(..., help="output folder"),
 ) -> None:
     """Export a distilled student of a diffusers teacher as a diffusers folder + sfd_sampler.json (sigmas, AFS, guidance)."""
-    from pipeline.core.param_checks import PipelineError
     from pipeline.teachers.diffusers_export import export_command
 
-    try:
-        info = export_command(ckpt, format, out)
-    except PipelineError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    info = export_command(ckpt, format, out)
     typer.echo(f"export: {info['unet_class']}, {info['num_steps']} timestamps (NFE {info['nfe']}) -> {out}")
 
 

@@ -9,9 +9,10 @@ from typing import Optional
 import typer
 
 from pipeline.core.param_checks import ParamError
-from pipeline.evaluation.comparison import build_comparison
+from pipeline.core.files import write_json
+from pipeline.evaluation.comparison import build_comparison, headline_metrics
 from pipeline.evaluation.pd_sweep import PD_SWEEP_JSON, TEACHER_FILE, load_sweep, sweep_on_teacher, teacher_file_hash
-from pipeline.evaluation.report import build_report, merge_evaluations, parse_named_paths
+from pipeline.evaluation.report import about_this_run, build_report, merge_evaluations, parse_named_paths
 from stages.common import check_outputs_writable, run, stage_params
 
 
@@ -28,7 +29,10 @@ def main(
     noise_floor: Optional[Path] = typer.Option(None, help="the evaluate_solvers stage's FID noise floor JSON"),
     comparison_json: Optional[Path] = typer.Option(None, help="write the method comparison (FID, total/marginal cost) here"),
     pd_sweep: Path = typer.Option(PD_SWEEP_JSON, help="the PD budget sweep JSON (bench/pd_sweep.py)"),
-    teacher: Optional[Path] = typer.Option(None, help="the teacher checkpoint folder: a PD sweep of another teacher is flagged"),
+    teacher: Optional[Path] = typer.Option(None, help="the teacher checkpoint folder: its architecture; a PD sweep of another teacher is left out"),
+    data_dir: Optional[Path] = typer.Option(None, "--data", help="the data stage's folder (dataset.json): what the run's data is"),
+    inputs: Optional[Path] = typer.Option(None, help="the inputs stage's manifests: the teacher's and the data's files by hash"),
+    headline_out: Optional[Path] = typer.Option(None, "--headline", help="write the headline metrics (`dvc exp show`) here"),
 ) -> None:
     p = stage_params(params).required("report")
     check_outputs_writable(out, merged_cost, comparison_json)
@@ -48,10 +52,13 @@ def main(
     if comparison_json is not None:
         comparison_json.parent.mkdir(parents=True, exist_ok=True)
         comparison_json.write_text(json.dumps(data, indent=2) + "\n")
+    if headline_out is not None:
+        write_json(headline_out, headline_metrics(evaluations, floor))
     report = build_report(
         evaluation=evaluations, cost_dir=cost_dir, grids_dirs=grids, out_dir=out,
         loss_logs=logs, params=p, merged_cost_path=merged_cost, comparison=comparison, noise_floor=floor,
         pd_sweep=sweep, pd_sweep_source=pd_sweep, teacher_hash=teacher_hash,
+        about=about_this_run(teacher_dir=teacher, data_dir=data_dir, inputs_dir=inputs),
     )  # fmt: skip
     typer.echo(f"report: {report}")
 

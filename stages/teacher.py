@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from pipeline.core.cost import CostMeter
 from pipeline.core.devices import resolve_device
 from pipeline.core.files import write_json
+from pipeline.core.inputs import read_manifest
 from pipeline.data.datasets import dataset_info, load_split
 from pipeline.teachers.training import import_pretrained_teacher, train_teacher
 from pipeline.core.distributed import is_main
@@ -23,6 +25,7 @@ def main(
     metrics: Path = typer.Option(..., help="training summary (loss, steps, wall time)"),
     live: Path = typer.Option(..., help="DVCLive directory: loss and lr per step, final metrics"),
     cost_out: Path = typer.Option(..., "--cost", help="cost record"),
+    inputs: Optional[Path] = typer.Option(None, help="the inputs stage's manifests (the pretrained file's content hash)"),
 ) -> None:
     p = stage_params(params, distributed=True, device=loaded_device(params, "teacher")).required("teacher")
     check_outputs_writable(out, state, metrics, live, cost_out)
@@ -33,6 +36,10 @@ def main(
         if not is_main():  # a copy, not training: rank 0 alone writes it
             return
         summary = import_pretrained_teacher(p.pretrained, out, description, prompts=p.prompts)
+        source = read_manifest(inputs, "teacher.pretrained")
+        if source is not None:
+            summary["source_file_hash"] = source["hash"]
+        write_json(live / "metrics.json", {"imported": 1, "steps": 0})  # no training: no loss curve
         cost.extra["role"] = "pretrained teacher from teacher.pretrained: copied, or converted from an EDM pickle or a diffusers folder (no training)"
     else:
         images, labels = load_split(data, "train")

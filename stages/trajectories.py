@@ -37,8 +37,12 @@ def main(
     loaded = stage_params(params, distributed=True)
     check_outputs_writable(summary, cost)  # the store itself is checked by the stage (a complete one may be read-only)
     meter = CostMeter(section, resolve_device(loaded.device))
+    p = loaded.required(section, TrajectoryParams)
+    note = None if seeds is not None else p.chunk_overhead_note(section)
+    if note and is_main():
+        typer.echo(f"trajectories: warning: {note}", err=True)
     result, teacher_images = run_trajectories_stage(
-        loaded.required(section, TrajectoryParams), out, name=section, device=loaded.device, teacher_ckpt=teacher_ckpt,
+        p, out, name=section, device=loaded.device, teacher_ckpt=teacher_ckpt,
         seeds=seeds, shard=parse_shard(shard), progress=progress and is_main(),
         compile=loaded.compile, channels_last=loaded.channels_last,
     )  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -239,6 +240,22 @@ def test_pixel_student_export_samples_with_plain_diffusers(tmp_path):
             x = x + (sig[i + 1] - sig[i]) * eps
     ours, _, _ = sample_teacher(load_student(tmp_path / "sfd"), [0, 1])
     torch.testing.assert_close(x, ours, rtol=1e-4, atol=1e-4)
+
+    # what the folder declares: DDPMPipeline + the SFD scheduler samples the student with its own steps
+    from unittest import mock
+
+    import pipeline.teachers.diffusers_scheduler  # noqa: F401  (diffusers loads only modules the caller imported)
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "export")
+    assert type(pipe).__name__ == "DDPMPipeline" and type(pipe.scheduler).__name__ == "SFDScheduler"
+    calls = []
+    pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    z = seed_noise([0, 1], s["sample_shape"]).float()  # the pipeline's own noise draw, replaced by the seeds' noise
+    with mock.patch("diffusers.pipelines.ddpm.pipeline_ddpm.randn_tensor", return_value=z):
+        images = pipe(batch_size=2, num_inference_steps=2, output_type="pt").images
+    assert len(calls) == 3  # N - 1 = 3 UNet calls (AFS: the first is not used), not the scheduler's 1000 steps
+    torch.testing.assert_close(images, (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+                               if not torch.is_tensor(images) else (ours / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-4)
     with pytest.raises(PipelineError, match="not a distilled diffusers UNet|no sampler section"):
         from pipeline.teachers.diffusers_export import export_diffusers
 
@@ -286,3 +303,42 @@ def test_sfd_v_step_condition_on_a_diffusers_unet(tmp_path):
     a = student.denoiser(x, 2.0)
     b = load_student(tmp_path / "sfd_v", num_steps=4).denoiser(x, 2.0)
     assert a.shape == (2, 3, 8, 8) and not torch.equal(a, b)  # the bound N matters after distillation
+
+
+@pytest.mark.parametrize("field, value", [("prediction_type", "v_prediction"), ("beta_end", 0.03),
+                                          ("timestep_spacing", "trailing"), ("clip_sample", False)])
+def test_a_changed_scheduler_field_changes_the_teacher_hash_and_the_same_folder_does_not(tmp_path, field, value):
+    """Every scheduler field enters the store key (the UNet's weights alone are not the teacher); loading the
+    same folder twice, from another path, or as its import gives one hash."""
+    from pipeline.teachers.diffusers_folder import convert_diffusers_folder
+
+    save_pixel_folder(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    cfg_path = tmp_path / "b" / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg.get(field) != value
+    cfg_path.write_text(json.dumps({**cfg, field: value}))
+    shutil.copytree(tmp_path / "a", tmp_path / "a-copy")
+    a, b = load_teacher(tmp_path / "a"), load_teacher(tmp_path / "b")
+    assert a.network_hash == b.network_hash and a.weights_hash != b.weights_hash
+    assert load_teacher(tmp_path / "a").weights_hash == load_teacher(tmp_path / "a-copy").weights_hash == a.weights_hash
+    convert_diffusers_folder(tmp_path / "a", tmp_path / "a-import")
+    assert load_teacher(tmp_path / "a-import").weights_hash == a.weights_hash
+
+
+def test_sfddm_features_of_a_diffusers_unet(tmp_path):
+    """return_features gives the map the UNet's output convolution reads (SFDDM's feature loss), D unchanged."""
+    from pipeline.distill.baselines.sfddm import sfddm_loss
+
+    save_pixel_folder(tmp_path)
+    teacher = load_teacher(tmp_path)
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 4.0])
+    with torch.no_grad():
+        d, h = teacher.denoiser(x, sigma, None, return_features=True)
+        assert torch.equal(d, teacher.denoiser(x, sigma, None))
+    assert h.shape[0] == 2 and h.shape[-2:] == (8, 8) and h.shape[1] == teacher.model.unet.conv_out.in_channels
+    sigmas = torch.tensor([80.0, 5.0, 0.5, 0.01], dtype=torch.float64)
+    with torch.no_grad():  # the teacher as its own student: its features match themselves, the feature term is 0
+        losses = [sfddm_loss(teacher.denoiser, teacher.denoiser, torch.zeros(2, 3, 8, 8), None, sigmas, 3,
+                             torch.Generator().manual_seed(0), w) for w in (1.0, 0.0)]
+    assert torch.isfinite(losses[0]) and torch.equal(losses[0], losses[1])

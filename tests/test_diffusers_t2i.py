@@ -182,6 +182,16 @@ def test_whole_pipeline_trajectories_distill_sample_decode(t2i, tmp_path):
     ours, _, _ = sample_teacher(student, [0], labels="1", guidance=3.0)
     torch.testing.assert_close(image, ours, rtol=1e-4, atol=1e-4)
 
+    # what the folder declares: StableDiffusionPipeline + the SFD scheduler, the student's own steps at any w
+    import pipeline.teachers.diffusers_scheduler  # noqa: F401  (diffusers loads only modules the caller imported)
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(exp)
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and type(pipe.scheduler).__name__ == "SFDScheduler"
+    z = seed_noise([0], s["sample_shape"]).float()
+    with torch.no_grad():
+        out = pipe(PROMPTS[1], num_inference_steps=s["nfe"], guidance_scale=w, latents=z, output_type="latent").images
+    torch.testing.assert_close(out, lat, rtol=1e-4, atol=1e-4)
+
 
 class PooledFeatures:
     """A stand-in feature space: per-channel means and stds of the decoded images (6-d)."""

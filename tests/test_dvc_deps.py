@@ -104,3 +104,18 @@ def test_closure_follows_lazy_imports(tmp_path):
     files = {str(f.relative_to(ROOT)) for f in closure("stages.evaluate")}
     assert "pipeline/diffusion/solvers.py" in files and "pipeline/diffusion/schedules.py" in files
     assert "pipeline/__init__.py" in files and "stages/common.py" in files
+
+
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_stages_depend_on_the_manifests_of_the_files_they_read(stage):
+    """A stage that reads a file named in params depends on its manifest (pipeline/config/inputs.py), so
+    replacing the file re-runs the stage; a stage that reads none depends on no manifest."""
+    from pipeline.config.inputs import EXTERNAL_INPUTS, inputs_read_by
+    from pipeline.core.inputs import manifest_name
+
+    deps = {str(d) for d in DVC[stage].get("deps", [])}
+    wanted = {f"data/inputs/{manifest_name(inp.key)}" for inp in inputs_read_by(stage)}
+    assert wanted <= deps, f"dvc.yaml stage {stage!r} misses {sorted(wanted - deps)}"
+    others = {f"data/inputs/{manifest_name(inp.key)}" for inp in EXTERNAL_INPUTS} - wanted
+    assert not (others & deps), f"dvc.yaml stage {stage!r} depends on {sorted(others & deps)} but does not read them"
+

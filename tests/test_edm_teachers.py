@@ -19,6 +19,7 @@ from pipeline.networks.edm import build_edm_model
 from pipeline.teachers.edm_pickle import EDMPickleMissing
 from pipeline.teachers.loader import load_network, load_teacher
 from test_edm_pickle import write_port_snapshot
+from pipeline.teachers.content import teacher_content_hash
 
 TINY = dict(img_resolution=8, img_channels=3, label_dim=0, use_fp16=False, model_type="SongUNet", model_channels=4,
             channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], resample_filter=[1, 1], augment_dim=9,
@@ -59,7 +60,8 @@ def test_load_teacher_reads_an_edm_pickle(edm_pkl, tmp_path):
     assert not (tmp_path / "ran.txt").exists()
     assert type(teacher.denoiser).__name__ == "VPPrecond" and teacher.model is teacher.denoiser
     assert teacher.sample_shape == (3, 8, 8) and teacher.num_classes == 0
-    assert teacher.weights_hash == teacher.network_hash == hash_state_dict(teacher.denoiser.state_dict())
+    assert teacher.network_hash == hash_state_dict(teacher.denoiser.state_dict())
+    assert teacher.weights_hash == teacher_content_hash(teacher.model)  # + the preconditioner and its arguments
     assert teacher.config["architecture"] == "edm" and teacher.config["edm"]["precond"] == "VPPrecond"
     assert teacher.config["edm"]["init_kwargs"]["model_channels"] == 4
     assert teacher.config["data"] == {"sample_shape": [3, 8, 8], "num_classes": 0}
@@ -199,3 +201,57 @@ def test_a_directory_named_like_a_pickle_is_a_checkpoint_directory(edm_pkl, tmp_
     out = tmp_path / "converted.pkl"
     import_pkl(edm_pkl, out)
     assert out.is_dir() and load_teacher(out).weights_hash == load_teacher(edm_pkl).weights_hash
+
+
+@pytest.mark.parametrize("precond, a, b", [
+    ("EDMPrecond", {"sigma_data": 0.5}, {"sigma_data": 0.2}),
+    ("VPPrecond", {}, {"beta_d": 10.0}),
+    ("VPPrecond", {"beta_min": 0.1}, {"beta_min": 0.2}),
+    ("VPPrecond", {"M": 1000}, {"M": 500}),
+    ("VEPrecond", {"sigma_max": 100}, {"sigma_max": 50}),
+])
+def test_teachers_that_differ_only_in_their_preconditioner_get_different_store_keys(tmp_path, precond, a, b):
+    """Same weights, another D(x, sigma): the store key must differ (a store pushed by another team for one
+    of them is never reused as the other's targets); the pickle and its converted folder share one key."""
+    from pipeline.config.trajectories import TrajectoryParams
+    from pipeline.config.validation import validate_section
+    from pipeline.trajectories.spec import trajectory_specs
+
+    keys = {}
+    for name, extra in (("a", a), ("b", b)):
+        model = tiny_edm_model(precond, {**TINY, **extra})
+        path = tmp_path / f"{name}.pkl"
+        write_port_snapshot(path, model, tmp_path / "ran.txt")
+        params = validate_section(TrajectoryParams, {"seeds": "0-3", "chunk_size": 4}, "trajectories")
+        for source in (path, tmp_path / f"{name}-folder"):
+            if source.suffix != ".pkl":
+                import_pkl(path, source)
+            t = load_teacher(source)
+            (spec,) = trajectory_specs(params, teacher_hash=t.weights_hash, num_classes=0, sample_shape=t.sample_shape)
+            keys.setdefault(name, set()).add(spec.key)
+        assert len(keys[name]) == 1, "a pickle and its converted folder must give one key"
+    assert load_teacher(tmp_path / "a.pkl").network_hash == load_teacher(tmp_path / "b.pkl").network_hash  # same weights
+    assert keys["a"] != keys["b"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        da = load_teacher(tmp_path / "a.pkl").denoiser(x, torch.tensor([0.5, 5.0]))
+        db = load_teacher(tmp_path / "b.pkl").denoiser(x, torch.tensor([0.5, 5.0]))
+    if precond != "VEPrecond":  # VE's sigma range only sets the sampler's default range, D is the same; the key
+        assert not torch.equal(da, db)  # still differs: every constructor argument counts, none is second-guessed
+
+
+def test_a_store_written_before_complete_teacher_keys_is_refused_with_the_reason(tmp_path, edm_pkl):
+    """A spec_version-1 key (teacher hash = weights only) is never read as the complete-key teacher's."""
+    from pipeline.diffusion.schedules import Schedule
+    from pipeline.trajectories.spec import TrajectorySpec
+    from pipeline.trajectories.store import KEY_ATTR, KeyMismatchError, open_store
+
+    t = load_teacher(edm_pkl)
+    spec = TrajectorySpec(teacher_hash=t.weights_hash, schedule=Schedule(num_steps=4), M=3, sample_shape=(3, 8, 8))
+    old = TrajectorySpec(teacher_hash=t.network_hash, schedule=Schedule(num_steps=4), M=3, sample_shape=(3, 8, 8))
+    store = open_store(tmp_path / "old.zarr", mode="a")
+    handle = store.create_key(old, chunk_size=4)
+    info = dict(handle.group.attrs[KEY_ATTR])
+    handle.group.attrs[KEY_ATTR] = {**info, "description": {**info["description"], "spec_version": 1}}
+    with pytest.raises(KeyMismatchError, match=r"spec_version 1\): its teacher hash covered the network weights only"):
+        open_store(tmp_path / "old.zarr", mode="r").open_spec(spec)

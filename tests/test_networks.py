@@ -11,6 +11,7 @@ from pipeline.core.hashing import hash_state_dict
 from pipeline.networks.unet import build_network, drop_labels
 from pipeline.teachers.loader import load_network, load_teacher
 from pipeline.core.param_checks import ParamError
+from pipeline.teachers.content import teacher_content_hash
 
 
 SHAPES = [  # (C, resolution, channel_mult, attn_resolutions)
@@ -106,7 +107,8 @@ def test_checkpoint_round_trip_is_safetensors(tmp_path):
     torch.testing.assert_close(model(x, sigma, lab), expected, rtol=0, atol=0)
 
     teacher = load_teacher(tmp_path / "ckpt")
-    assert teacher.weights_hash == hash_state_dict(net.state_dict()) == teacher.network_hash
+    assert teacher.network_hash == hash_state_dict(net.state_dict())
+    assert teacher.weights_hash == teacher_content_hash(teacher.model)  # weights and the whole config
     assert teacher.sample_shape == (1, 8, 8) and teacher.num_classes == 10
     via_source = load_teacher("checkpoint", path=str(tmp_path / "ckpt"))  # the old form, still accepted
     assert via_source.weights_hash == teacher.weights_hash

@@ -1,5 +1,6 @@
 """params.yaml loading: every section validated once, errors name the key, shared keys inherited."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,16 @@ def test_cifar10_preset_is_valid():
     assert p.evaluate.seeds == "0-49999" and p.evaluate.reference_stats == "/refs/cifar10-32x32.npz"
 
 
-PRESETS = sorted((Path(__file__).parents[1] / "presets").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
+
+
+def preset_targets(preset: Path) -> list[str]:
+    """The stages a preset's ``# Use:`` line runs (``dvc repro A B`` -> [A, B]; plain ``dvc repro`` -> [])."""
+    import re
+
+    use = next(line for line in preset.read_text().splitlines() if line.startswith("# Use:"))
+    return re.search(r"dvc repro([\w ]*)", use).group(1).split()
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
@@ -79,8 +89,10 @@ def test_every_preset_validates(preset):
 
     from pipeline.cli import app
 
-    result = CliRunner().invoke(app, ["params", "check", str(preset)])
+    targets = [a for t in preset_targets(preset) for a in ("--target", t)]
+    result = CliRunner().invoke(app, ["params", "check", str(preset), "--dvc-yaml", str(ROOT / "dvc.yaml"), *targets])
     assert result.exit_code == 0, result.output
+    assert "keys tracked by dvc.yaml" in result.output  # the keys DVC will ask for are there (precision, ...)
     p = load_params(preset)
     if preset.stem in DIFFUSERS_PRESETS:  # a diffusers folder; SD 1.5 evaluates FID-30k as the authors
         assert p.teacher.pretrained and not p.teacher.pretrained.endswith(".pkl")
@@ -204,17 +216,17 @@ def test_sections_by_type_for_the_stages():
         p.section("nope")
 
 
-# Store keys of the repository's params.yaml, computed with the code before the params model was typed
-# (teacher hash "0" * 32): a change here means every cached trajectory would be regenerated.
+# Store keys of the repository's params.yaml (teacher hash "0" * 32) since spec_version 2 (issue 28: the teacher
+# hash became the teacher's complete description); a change here means every cached trajectory would be regenerated.
 STORE_KEYS = {
-    ("trajectories", 10): ["e16ab43438e5c3c48f83384358e73ef6"],
-    ("trajectories", 0): ["455f1860e7e1551871ed14eed5a3f3c6"],
-    ("trajectories_v", 10): ["e16ab43438e5c3c48f83384358e73ef6", "a8113b2b2574ff943b978b6a962248f7",
-                             "516d406d7b02c2c4064cd0e90e67b096", "86ab9173fd2ff73ff3695196450ede37"],
-    ("trajectories_v", 0): ["455f1860e7e1551871ed14eed5a3f3c6", "e8ef79579c5af3808d04c90f92101519",
-                            "0bb6a4cbc6f0e18cacb78ed0c34b3b7d", "9638084e7e7a597bb34bb20412a7efbe"],
-    ("trajectories_stage2", 10): ["0848a9ec90775c60fbada86f547a1b17"],
-    ("trajectories_stage2", 0): ["098e6f6df64d98718a5c608ea764b041"],
+    ("trajectories", 10): ["373c724a891ec8bc419577b6e8879a46"],
+    ("trajectories", 0): ["84b2eb83830382d30f8cf996d1fe4d8d"],
+    ("trajectories_v", 10): ["373c724a891ec8bc419577b6e8879a46", "eb72f3728508fa11e6e6a90799fd68d9",
+                             "f78ce1cd9998d13b75ab2838a6e9f375", "7ccd554d1761f98582f193e7dcbe17f7"],
+    ("trajectories_v", 0): ["84b2eb83830382d30f8cf996d1fe4d8d", "3a427b8db0a113d35ffe19b4daab31ac",
+                            "b36aaad674e66fb07163c31e30959051", "93d93c61d0d3b2536f3e7d9930dac6af"],
+    ("trajectories_stage2", 10): ["455f037760f5b0cbbe3922c200a740b1"],
+    ("trajectories_stage2", 0): ["a1074f032b379fdb7b5bd1b4f3a946e0"],
 }  # fmt: skip
 
 
@@ -236,7 +248,7 @@ def test_params_check_command(tmp_path):
     root = Path(__file__).parents[1]
     ok = runner.invoke(app, ["params", "check", str(root / "params.yaml")])
     assert ok.exit_code == 0, ok.output
-    assert ok.output.strip() == f"ok: {root / 'params.yaml'} (14 sections)"
+    assert re.fullmatch(rf"ok: {root / 'params.yaml'} \(14 sections, \d+ keys tracked by dvc.yaml\)", ok.output.strip())
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"trajectories": {"schedule": {"t_min": -1}}}))
     result = runner.invoke(app, ["params", "check", str(bad)])
@@ -244,3 +256,74 @@ def test_params_check_command(tmp_path):
     assert result.output.strip().splitlines() == ["error: trajectories.schedule.t_min: must be > 0, got -1"]
     missing = runner.invoke(app, ["params", "check", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_params_check_refuses_what_dvc_would_refuse(tmp_path):
+    """A key dvc.yaml tracks but the file lacks (DVC refuses the stage even where the code has a default) fails
+    `sfd params check` with one line naming the key and its stages; --target checks only what those stages run."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del raw["precision"]
+    del raw["baseline_pd"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["params", "check", str(path), "--dvc-yaml", str(ROOT / "dvc.yaml")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "baseline_pd (tracked by baseline_pd)" in result.output and "precision (tracked by teacher," in result.output
+    only = CliRunner().invoke(app, ["params", "check", str(path), "--dvc-yaml", str(ROOT / "dvc.yaml"), "--target", "data"])
+    assert only.exit_code == 0, only.output  # the data stage tracks neither
+    teacher = CliRunner().invoke(app, ["params", "check", str(path), "--dvc-yaml", str(ROOT / "dvc.yaml"), "--target", "teacher"])
+    assert teacher.exit_code == 2 and "precision (tracked by teacher)" in teacher.output and "baseline_pd" not in teacher.output
+
+
+def test_several_n_without_step_conditioning_is_refused_at_params_check():
+    """SFD-v's rule between sections: a trajectories section with several N needs a step-conditioned student."""
+    with pytest.raises(ParamError, match=r"distill_v.step_condition: trajectories_v.schedule.num_steps lists several N"):
+        parse_params({"distill_v": {"trajectories": "trajectories_v", "step_condition": False},
+                      "trajectories_v": {"schedule": {"num_steps": [4, 5]}}})
+    parse_params({"trajectories": {"schedule": {"num_steps": [4, 5]}}})  # no distill section reads it: nothing runs
+    with pytest.raises(ParamError, match=r"N=2 with distill.afs=True leaves no network step"):
+        parse_params({"trajectories": {"schedule": {"num_steps": 2}}, "distill": {}})
+
+
+def test_params_check_states_what_whole_chunks_cost(tmp_path):
+    """Seeds not aligned to chunk_size generate whole chunks: `sfd params check` says how many trajectories
+    that is beyond the range (and says nothing for an aligned one)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.config.params import parse_params
+
+    p = parse_params({"trajectories": {"seeds": "50-149", "chunk_size": 64}})
+    assert p.trajectories.chunk_overhead() == (100, 192)  # 3 chunks: 0-63, 64-127, 128-191
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"data": {}, "trajectories": {"seeds": "0-99", "chunk_size": 64}}))
+    result = CliRunner().invoke(app, ["params", "check", str(path), "--dvc-yaml", str(ROOT / "dvc.yaml"),
+                                      "--target", "data"])
+    assert result.exit_code == 0, result.output
+    assert "note: trajectories.seeds '0-99' with chunk_size 64: 128 trajectories per N are generated for 100 seeds" \
+        " (28 more, +28%" in result.output
+    assert parse_params({"trajectories": {"seeds": "0-127", "chunk_size": 64}}).trajectories.chunk_overhead_note("t") is None
+
+
+def test_sfd_commands_and_the_feature_net_fail_in_one_line(tmp_path):
+    """A bad `sfd sample` argument and a feature network below its accuracy floor: one line, exit code 2."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", "--teacher", "gmm", "--seeds", "abc",
+                        "--out", str(tmp_path / "s")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: seeds: cannot parse 'abc' in 'abc'; use e.g. '0-99'"]
+    from pipeline.config.evaluation import FeatureNetParams
+    from pipeline.config.validation import validate_section
+    from pipeline.evaluation.feature_net import FeatureNetError, train_feature_net
+    import torch
+
+    p = validate_section(FeatureNetParams, {"channels": 4, "feature_dim": 8, "epochs": 1, "min_accuracy": 1.0}, "feature_net")
+    images, labels = torch.rand(40, 1, 8, 8) * 2 - 1, torch.arange(40) % 4
+    with pytest.raises(FeatureNetError, match="below feature_net.min_accuracy=1.0"):
+        train_feature_net(p, (images[:30], labels[:30]), (images[30:], labels[30:]), 4, tmp_path / "fn", progress=False)
+    assert not (tmp_path / "fn").exists()  # nothing written

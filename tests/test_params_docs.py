@@ -114,8 +114,10 @@ def test_a_deleted_section_is_refused_by_its_stage_and_named_by_params_check(tmp
         loaded.required(section)
     with pytest.raises(ParamError, match=r"the section is missing"):
         loaded.trajectories_for("distill", required=True)
-    check = CliRunner().invoke(app, ["params", "check", str(path)])
+    check = CliRunner().invoke(app, ["params", "check", str(path), "--dvc-yaml", str(ROOT / "dvc.yaml"), "--target", "data"])
     assert check.exit_code == 0 and f"note: no section {section}:" in check.output
+    refused = CliRunner().invoke(app, ["params", "check", str(path), "--dvc-yaml", str(ROOT / "dvc.yaml")])
+    assert refused.exit_code == 2 and f"{section} (tracked by {section}" in refused.output  # DVC would refuse it too
     raw[section] = {}
     path.write_text(yaml.safe_dump(raw))
     assert load_params(path).required(section) == load_params(path).section(section)

@@ -15,6 +15,7 @@ from pipeline.networks.unet import build_network
 from pipeline.teachers.loader import load_network
 from pipeline.core.param_checks import ParamError
 from pipeline.teachers.training import TeacherParams, edm_loss, train_teacher
+from pipeline.teachers.content import teacher_content_hash
 
 
 TINY = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}
@@ -98,7 +99,8 @@ def test_pretrained_teacher_is_checked_and_copied(digits, tmp_path):
     summary = import_pretrained_teacher(trained, tmp_path / "teacher", desc)
     assert (tmp_path / "teacher" / "model.safetensors").read_bytes() == (trained / "model.safetensors").read_bytes()
     model, _ = load_network(tmp_path / "teacher")
-    assert summary["weights_hash"] == hash_state_dict(model.net.state_dict())
+    assert summary["network_hash"] == hash_state_dict(model.net.state_dict())
+    assert summary["weights_hash"] == teacher_content_hash(model)  # the store keys' teacher hash: weights + config
     with pytest.raises(CheckpointError, match="shape"):
         import_pretrained_teacher(trained, tmp_path / "t2", {"sample_shape": [3, 32, 32]})
     (trained / "model.safetensors").unlink()

@@ -15,6 +15,7 @@ from pipeline.core.param_checks import ParamError
 from pipeline.diffusion.denoisers import EDMPrecond, StepBound, bind_num_steps
 from pipeline.diffusion.schedules import Schedule
 from pipeline.networks.unet import build_network, network_config
+from pipeline.teachers.content import teacher_content_hash
 
 ARCH = {"img_resolution": 8, "in_channels": 1, "label_dim": 3, "model_channels": 8, "channel_mult": [1, 2],
         "num_blocks": 1, "attn_resolutions": [4]}  # fmt: skip
@@ -47,7 +48,7 @@ def test_public_api_loads_a_teacher_checkpoint(tmp_path):
         t = load_teacher(where)
         assert isinstance(t.denoiser, nn.Module) and isinstance(t.denoiser, EDMPrecond) and t.model is t.denoiser
         assert t.sample_shape == (1, 8, 8) and t.num_classes == 3
-        assert t.weights_hash == hash_state_dict(net.state_dict()) == t.network_hash
+        assert t.network_hash == hash_state_dict(net.state_dict()) and t.weights_hash == teacher_content_hash(t.model)
         assert not t.is_distilled and t.sampler is None and t.num_steps is None
         assert t.config["data"]["num_classes"] == 3
     x, sigma, labels = inputs()
@@ -65,10 +66,10 @@ def test_distilled_sfd_v_checkpoint_binds_its_step_condition(tmp_path):
     t = load_teacher(tmp_path / "sfd_v")
     assert t.is_distilled and t.sampler.step_condition == (4, 5, 6, 7) and t.num_steps == 7
     assert isinstance(t.denoiser, StepBound) and t.denoiser.num_steps == 7 and t.model.net.step_condition
-    # the store-key hash of a step-conditioned distilled teacher: weights + bound N, as before
+    # the store-key hash of a step-conditioned distilled teacher: its content (weights + config) + bound N
     plain = hash_state_dict(net.state_dict())
     assert t.network_hash == plain
-    assert t.weights_hash == hash_description({"weights_hash": plain, "num_steps": 7})
+    assert t.weights_hash == hash_description({"weights_hash": teacher_content_hash(t.model), "num_steps": 7})
     x, sigma, labels = inputs()
     with torch.no_grad():
         expected = EDMPrecond(net, 0.5)(x, sigma, labels, num_steps=torch.full((4,), 7))
@@ -88,7 +89,7 @@ def test_trajectory_teacher_and_stage2_detection_go_through_the_loader(tmp_path)
     net = save_net(tmp_path / "sfd_v", step_condition=True, sampler=SFDV_SAMPLER)
     save_net(tmp_path / "teacher")
     teacher, denoiser, key_hash = load_trajectory_teacher(None, tmp_path / "sfd_v")
-    assert denoiser is teacher.denoiser and key_hash == bound_teacher_hash(hash_state_dict(net.state_dict()), 7)
+    assert denoiser is teacher.denoiser and key_hash == bound_teacher_hash(teacher_content_hash(teacher.model), 7)
     assert is_distilled_checkpoint(tmp_path / "sfd_v") and not is_distilled_checkpoint(tmp_path / "teacher")
     assert teacher.is_distilled and not load_teacher(tmp_path / "teacher").is_distilled
     via_params, _, h = load_trajectory_teacher({"source": "checkpoint", "path": str(tmp_path / "sfd_v")}, None)

@@ -21,6 +21,7 @@ from pipeline.teachers.loader import bound_teacher_hash, gmm_teacher
 from pipeline.trajectories.generation import parse_shard, run_trajectories_stage
 from pipeline.config.trajectories import TrajectoryParams
 from pipeline.trajectories.store import open_store
+from pipeline.teachers.content import teacher_content_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = {"source": "gmm", "num_components": 3, "sample_shape": [1, 4, 4], "std": 0.3, "seed": 1, "conditional": True}
@@ -139,5 +140,8 @@ def test_distilled_step_conditioned_checkpoint_as_teacher(tmp_path):
     d = summary["keys"][0]["description"]
     from pipeline.core.hashing import hash_state_dict
 
-    assert d["teacher_hash"] == bound_teacher_hash(hash_state_dict(net.state_dict()), 7)
+    from pipeline.teachers.loader import load_teacher
+
+    assert d["teacher_hash"] == bound_teacher_hash(teacher_content_hash(load_teacher(tmp_path / "sfd_n7").model), 7)
+    assert load_teacher(tmp_path / "sfd_n7").network_hash == hash_state_dict(net.state_dict())
     assert d["labels"]["policy"] == "none" and images == 8 * 5

@@ -65,6 +65,24 @@ class TrajectoryParams(Section):
             raise ValueError(f".schedule{msg}" if msg.startswith(".") else f".schedule: {msg}") from None
         return self
 
+    def chunk_overhead(self) -> tuple[int, int]:
+        """(seeds requested, trajectories generated per N): the store commits whole chunks of ``chunk_size`` seeds,
+        so a range not aligned to chunk_size computes the rest of its first and last chunks too."""
+        from pipeline.diffusion.seeds import parse_seeds
+
+        seeds = set(parse_seeds(self.seeds))
+        return len(seeds), len({s // self.chunk_size for s in seeds}) * self.chunk_size
+
+    def chunk_overhead_note(self, name: str) -> str | None:
+        """One line saying what whole chunks cost beyond the requested seeds of section ``name`` (None: nothing)."""
+        requested, generated = self.chunk_overhead()
+        if generated == requested:
+            return None
+        return (f"{name}.seeds {self.seeds!r} with chunk_size {self.chunk_size}: {generated:,} trajectories per N "
+                f"are generated for {requested:,} seeds ({generated - requested:,} more, +{(generated - requested) / requested:.0%}; "
+                "the store commits whole chunks, the rest of a chunk is reused by a later range); a range aligned "
+                "to chunk_size, or a chunk_size that divides it, computes none")
+
     def schedules(self, alphas_cumprod: Any = None) -> list[Schedule]:
         """One student schedule per N (a list of num_steps gives one key per N, for SFD-v). ``alphas_cumprod``:
         a discrete teacher's abar table (t_min / t_max default to its sigma range, the discrete kind uses it;

@@ -227,8 +227,9 @@ def write_dataset(
     return info
 
 
-def prepare_dataset(params: DataParams, out_dir: str | Path) -> DatasetInfo:
-    """The ``data`` stage: read the configured source and write the fixed split under ``out_dir``."""
+def prepare_dataset(params: DataParams, out_dir: str | Path, source_hash: str | None = None) -> DatasetInfo:
+    """The ``data`` stage: read the configured source and write the fixed split under ``out_dir``.
+    ``source_hash``: the content hash of the folder or zip (the inputs stage's manifest), kept as provenance."""
     if params.dataset == "digits":
         if params.num_classes not in (None, 10):
             raise DataError(f"data.num_classes: the digits have 10 classes, got {params.num_classes}; leave it empty")
@@ -244,6 +245,8 @@ def prepare_dataset(params: DataParams, out_dir: str | Path) -> DatasetInfo:
             )
         images = to_unit_range(raw)
         provenance = {"source": str(params.path), "scaling": "x / 127.5 - 1"}
+        if source_hash is not None:
+            provenance["source_hash"] = source_hash
     return write_dataset(
         out_dir,
         images,

@@ -32,7 +32,7 @@ class ClipScorer:
         try:
             import transformers
         except ImportError:
-            raise ParamError("evaluate.clip_weights: the CLIP score needs transformers: pip install sfd-pipeline[diffusers]") from None
+            raise ParamError("evaluate.clip_weights: the CLIP score needs transformers: pip install -e '.[diffusers]' in the clone") from None
         self.model = transformers.CLIPModel.from_pretrained(str(folder), use_safetensors=True).to(device).eval()
         self.tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.device = torch.device(device)

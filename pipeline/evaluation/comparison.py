@@ -418,6 +418,34 @@ def build_comparison(
     return comparison_json(rows, head, noise_floor), "\n".join(parts)
 
 
+def headline_metrics(evaluation: Mapping[str, Mapping[str, Any]], noise_floor: Mapping[str, Any] | None = None,
+                     *, nfe: int = 2) -> dict[str, Any]:
+    """``metrics/headline.json``, the few numbers `dvc exp show` lists: the FID of the teacher's reference,
+    of every distilled method at NFE <= ``nfe`` (SFD-v at each of its NFE), of the best training-free solver
+    at ``nfe``, and the FID noise floor. The full detail stays in metrics/eval*.json and comparison.json."""
+    fid: dict[str, float] = {}
+    training_free: dict[str, float] = {}
+    for key, metrics in sorted(evaluation.items()):
+        method, _, k = key.partition("/nfe")
+        value = metrics.get("fid")
+        if value is None or not k.isdigit():
+            continue
+        if method == "teacher":
+            fid["teacher"] = value
+        elif method in DEFAULT_PLANS:
+            if int(k) <= nfe or method == "sfd-v":
+                fid[key] = value
+        elif int(k) == nfe and method not in TRAINING_FREE:
+            training_free[method] = value
+    if training_free:
+        best = min(training_free, key=training_free.get)
+        fid[f"best_training_free/nfe{nfe}"] = training_free[best]
+    out: dict[str, Any] = {"fid": fid}
+    if noise_floor and noise_floor.get("floor") is not None:
+        out["fid_noise_floor"] = noise_floor["floor"]
+    return out
+
+
 def comparison_markdown(evaluation: str | Path | Mapping[str, Mapping[str, Any]], cost_dir: str | Path,
                         plot_path: str | Path | None = None, noise_floor: Mapping[str, Any] | None = None) -> str:
     """The report's comparison section (markdown)."""

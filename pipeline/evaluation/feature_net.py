@@ -19,7 +19,11 @@ from tqdm import tqdm
 from pipeline.core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.core.hashing import hash_state_dict
 from pipeline.config.evaluation import FeatureNetParams
-from pipeline.core.param_checks import ParamError
+from pipeline.core.param_checks import ParamError, PipelineError
+
+
+class FeatureNetError(PipelineError):
+    """The feature network did not reach feature_net.min_accuracy: the stage fails (one line), nothing is written."""
 
 
 class Classifier(nn.Module):
@@ -111,15 +115,15 @@ def train_feature_net(
         "held_out_accuracy": accuracy(model, *held_out),
         "held_out_count": len(held_out[0]),
     }
+    if metrics["held_out_accuracy"] < params.min_accuracy:  # nothing is written: a weak classifier is no metric
+        raise FeatureNetError(
+            f"feature_net: held-out accuracy {metrics['held_out_accuracy']:.4f} is below "
+            f"feature_net.min_accuracy={params.min_accuracy}; train longer (feature_net.epochs) or lower min_accuracy"
+        )
     state = _weights(model)
     metrics["weights_hash"] = hash_state_dict(state)
     config = {"classifier": arch, "sample_shape": list(images.shape[1:]), "training": asdict(params), "metrics": metrics}
     save_checkpoint(out_dir, state, config)
-    if metrics["held_out_accuracy"] < params.min_accuracy:
-        raise RuntimeError(
-            f"feature_net: held-out accuracy {metrics['held_out_accuracy']:.4f} is below "
-            f"feature_net.min_accuracy={params.min_accuracy}; train longer (feature_net.epochs)"
-        )
     return metrics
 
 

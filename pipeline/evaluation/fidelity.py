@@ -24,7 +24,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
@@ -88,8 +87,7 @@ def fid_from_stats(generated: torch.Tensor, stats: ReferenceStats) -> float:
             f"evaluate.reference_stats: {stats.source} has {len(stats.mu)}-d statistics, the feature space gives "
             f"{g.shape[1]}-d features (EDM's .npz files are Inception pool features: use evaluate.features: inception)"
         )
-    ref = {"mu": stats.mu.numpy(), "sigma": stats.sigma.numpy()}
-    return float(fid_statistics_to_metric(fid_features_to_statistics(g), ref, False)[KEY_METRIC_FID])
+    return reference_fid(stats)(g.numpy())
 
 
 class ClassifierFeatureExtractor(FeatureExtractorBase):
@@ -240,7 +238,7 @@ def fidelity_metrics(
 ) -> dict[str, float]:
     """{"fid", "kid", "precision", "recall"} of generated vs reference features (torch-fidelity)."""
     g, r = generated.to(torch.float64).cpu(), reference.to(torch.float64).cpu()
-    fid = fid_statistics_to_metric(fid_features_to_statistics(g), fid_features_to_statistics(r), False)[KEY_METRIC_FID]
+    fid = reference_fid(reference)(g.numpy())
     kid = kid_features_to_metric(
         g, r, kid_subsets=kid_subsets, kid_subset_size=min(kid_subset_size, len(g), len(r)), rng_seed=rng_seed, verbose=False
     )[KEY_METRIC_KID_MEAN]
@@ -252,8 +250,7 @@ def fid_between(generated: torch.Tensor, reference: torch.Tensor | ReferenceStat
     """FID of generated features [N, D] against reference features [M, D] or reference statistics."""
     if isinstance(reference, ReferenceStats):
         return fid_from_stats(generated, reference)
-    g, r = generated.to(torch.float64).cpu(), reference.to(torch.float64).cpu()
-    return float(fid_statistics_to_metric(fid_features_to_statistics(g), fid_features_to_statistics(r), False)[KEY_METRIC_FID])
+    return reference_fid(reference)(generated.to(torch.float64).cpu().numpy())
 
 
 def bootstrap_fid(
@@ -273,14 +270,32 @@ def bootstrap_fid(
     import numpy as np
 
     g = generated.to(torch.float64).cpu().numpy()
-    fid = _reference_fid(reference)
+    fid = reference_fid(reference)
     rng = np.random.default_rng(seed)
     values = [fid(g[rng.integers(0, len(g), len(g))]) for _ in range(resamples)]
     return {"fid_sd": float(np.std(values, ddof=1)) if resamples > 1 else 0.0, "fid_boot_mean": float(np.mean(values))}
 
 
+_REFERENCE_FIDS: list[tuple[Any, Any]] = []  # (reference object, its FID function): the last few references
+
+
+def reference_fid(reference: torch.Tensor | ReferenceStats) -> Any:
+    """features [N, D] (numpy) -> FID against ``reference`` (features [M, D] or statistics).
+
+    FID = |mu_g - mu_r|^2 + Tr S_g + Tr S_r - 2 Tr (S_r^1/2 S_g S_r^1/2)^1/2: one symmetric eigendecomposition
+    per call (of an n x n matrix when the n samples are fewer than the D dimensions), S_r^1/2 once per reference
+    object (an evaluation compares dozens of samplers with one reference).
+    The same value as torch-fidelity's scipy ``sqrtm(S_g S_r)`` (tests/test_fidelity.py), ~10x faster at
+    2048-d."""
+    for ref, fn in _REFERENCE_FIDS:
+        if ref is reference:
+            return fn
+    fn = _reference_fid(reference)
+    _REFERENCE_FIDS[:] = [*_REFERENCE_FIDS[-3:], (reference, fn)]
+    return fn
+
+
 def _reference_fid(reference: torch.Tensor | ReferenceStats) -> Any:
-    """features [N, D] (numpy) -> FID against ``reference``, with the reference's S^1/2 computed once."""
     import numpy as np
 
     if isinstance(reference, ReferenceStats):
@@ -293,10 +308,17 @@ def _reference_fid(reference: torch.Tensor | ReferenceStats) -> Any:
     tr_r = float(np.trace(s_r))
 
     def fid(x: Any) -> float:
-        mu, s = x.mean(0), np.cov(x, rowvar=False)
-        m = root @ s @ root
+        n, d = x.shape
+        mu = x.mean(0)
+        xc = x - mu
+        tr_s = float((xc * xc).sum() / (n - 1))
+        if n <= d:  # S_r^1/2 S_g S_r^1/2 = A^T A / (n - 1), A = X_c S_r^1/2: its nonzero eigenvalues are A A^T's (n x n)
+            a = xc @ root
+            m = a @ a.T / (n - 1)
+        else:
+            m = root @ (xc.T @ xc / (n - 1)) @ root
         ev = np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)
-        return float(((mu - mu_r) ** 2).sum() + np.trace(s) + tr_r - 2 * np.sqrt(ev).sum())
+        return float(((mu - mu_r) ** 2).sum() + tr_s + tr_r - 2 * np.sqrt(ev).sum())
 
     return fid
 

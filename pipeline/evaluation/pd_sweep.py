@@ -181,17 +181,14 @@ def baseline_sections(
     teacher_hash: str | None = None,  # this run's teacher_file_hash: a sweep of another teacher is flagged
     floor: float | None = None,  # the FID noise floor of this run
 ) -> list[str]:
-    """Report lines: PD's compute to match SFD (from the committed sweep, against this run's SFD FID) and SFDDM vs its
-    control."""
-    parts: list[str] = ["## Progressive distillation: compute to match SFD at NFE 2", ""]
-    if sweep is None:
-        parts += [f"No sweep file ({source}): run `python bench/pd_sweep.py` (bench/pd_sweep.md).", ""]
-    else:
-        if not sweep_on_teacher(sweep, teacher_hash):
-            parts += [f"**The sweep ran on another teacher** (weights file hash {sweep.get('teacher_file_hash') or 'not recorded'}; "
-                      f"this run's teacher: {teacher_hash}): its PD FIDs are not this teacher's, so the ratio below does "
-                      f"not describe this run. Re-run `python bench/pd_sweep.py` on this teacher (bench/pd_sweep.md).", ""]
-        parts += [pd_sweep_markdown(sweep, sfd_fid=evaluation.get("sfd/nfe2", {}).get("fid"), floor=floor), ""]
+    """Report lines: PD's compute to match SFD (from a sweep that ran on this run's teacher, against this run's SFD
+    FID) and SFDDM vs its control. A sweep of another teacher (or none) is not reported: the report describes
+    this run only."""
+    parts: list[str] = []
+    if sweep is not None and sweep_on_teacher(sweep, teacher_hash):
+        parts += ["## Progressive distillation: compute to match SFD at NFE 2", "",
+                  f"From the PD budget sweep in {source}, which ran on this run's teacher (`python bench/pd_sweep.py`).", "",
+                  pd_sweep_markdown(sweep, sfd_fid=evaluation.get("sfd/nfe2", {}).get("fid"), floor=floor), ""]
     note = sfddm_note(evaluation)
     if note:
         parts += ["## SFDDM and its control", "", note, ""]

@@ -304,6 +304,44 @@ def side_by_side(grids_dirs: Sequence[Path], panels: Sequence[str], out: Path) -
     return out, missing
 
 
+def about_this_run(*, teacher_dir: Path | None, data_dir: Path | None, inputs_dir: Path | None) -> list[str]:
+    """Report lines naming what this run is about: the teacher and the data by file and content hash (the
+    inputs stage's manifests), the teacher's architecture and the data's shape, classes and split."""
+    from pipeline.config.inputs import EXTERNAL_INPUTS
+    from pipeline.core.inputs import read_manifest
+
+    def source(key: str) -> str | None:
+        m = read_manifest(inputs_dir, key)
+        if m is None or m.get("kind") == "none":
+            return None
+        return f"`{key}` = `{m['path']}` ({m['kind']}, {m['bytes']:,} bytes, xxh3 `{m['hash']}`)"
+
+    lines = ["## This run", ""]
+    config = {}
+    if teacher_dir is not None and (teacher_dir / "model.json").is_file():
+        config = json.loads((teacher_dir / "model.json").read_text())
+    arch = config.get("architecture")
+    if arch == "edm":
+        kind = f"EDM {config['edm']['precond']} ({config['edm']['init_kwargs'].get('model_type', '?')})"
+    elif arch == "diffusers":
+        kind = f"diffusers {config['diffusers'].get('unet_class', 'UNet')}"
+    else:
+        kind = "this project's U-Net with EDM preconditioning" if config else "unknown (no model.json)"
+    shape = config.get("data", {}).get("sample_shape")
+    teacher_from = source("teacher.pretrained") or "trained by this run's teacher stage (`teacher.pretrained: null`)"
+    lines.append(f"- **Teacher:** {teacher_from}; {kind}, samples {shape}.")
+    if data_dir is not None and (data_dir / "dataset.json").is_file():
+        info = json.loads((data_dir / "dataset.json").read_text())
+        data_from = source("data.path") or f"`{info.get('provenance', {}).get('source', info.get('name'))}`"
+        sizes = ", ".join(f"{k} {v:,}" for k, v in sorted(info.get("sizes", {}).items()))
+        lines.append(f"- **Data:** {data_from}; images {info.get('sample_shape')}, "
+                     f"{info.get('num_classes') or 'no'} classes, {sizes}.")
+    for inp in EXTERNAL_INPUTS:
+        if inp.key not in ("teacher.pretrained", "data.path") and (text := source(inp.key)):
+            lines.append(f"- {text}")
+    return [*lines, ""]
+
+
 def build_report(
     *,
     evaluation: dict[str, dict[str, Any]],
@@ -319,6 +357,7 @@ def build_report(
     pd_sweep: dict[str, Any] | None = None,  # the PD budget sweep (pd_sweep.load_sweep), compared with this run's SFD
     pd_sweep_source: str | Path = PD_SWEEP_JSON,  # the file it came from
     teacher_hash: str | None = None,  # this run's teacher weights file hash (pd_sweep.teacher_file_hash)
+    about: Sequence[str] = (),  # about_this_run's lines: which teacher and data
 ) -> Path:
     """Write ``out_dir/report.md`` and its PNGs; also merge the per-stage costs into one JSON."""
     costs = load_cost_records(cost_dir)
@@ -333,6 +372,7 @@ def build_report(
     parts = [
         "# SFD pipeline report",
         "",
+        *about,
         "Every sampler is evaluated on the same seeds with the same feature extractor; the protocol "
         "(sample count, reference set, extractor) is the `evaluate` section of `params.yaml`.",
         "",

@@ -26,7 +26,7 @@ indices into the bound prompt table (:meth:`DiffusersVP.bind_prompts`), ``labels
 empty prompt. The VAE and text encoder are held outside the module tree (``components``), so the
 optimiser of a student sees the UNet's parameters only.
 
-diffusers / transformers are imported lazily (pip install sfd-pipeline[diffusers]).
+diffusers / transformers are imported lazily (pip install -e '.[diffusers]' in the clone).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.core.hashing import hash_state_dict
 from pipeline.core.param_checks import PipelineError
 
 DIFFUSERS_ARCHITECTURE = "diffusers"
@@ -47,7 +48,7 @@ UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 DEFAULT_VAE_SCALING = 0.18215
 STEP_PREFIX = "sfd_map_steps."  # SFD-v step-condition layers in model.safetensors
 STEP_FREQS = 8  # sin/cos features of N
-INSTALL_HINT = "pip install sfd-pipeline[diffusers]"
+INSTALL_HINT = "pip install -e '.[diffusers]' in the clone"
 
 
 class DiffusersError(PipelineError, ValueError):
@@ -202,6 +203,28 @@ class DiffusersVP(nn.Module):
         self.null_cond = null_cond.detach().to(self.log_sigmas.device)
         self.prompts = None if prompts is None else list(prompts)
 
+    def content_description(self) -> dict[str, Any]:
+        """What determines D beyond the UNet's weights and the configs (pipeline.teachers.content): the abar
+        table, the VAE's and the text encoder's weights, and the tokenizer's files (the prompt set itself is
+        part of the store key as its own field). Hashes of stored bytes, never of computed encodings, so
+        the key is the same on every device."""
+        from pathlib import Path
+
+        from pipeline.core.hashing import hash_bytes
+
+        vae, enc = self.components.get("vae"), self.components.get("text_encoder")
+        tok_dir = self.components.get("tokenizer_dir")
+        tokenizer = None
+        if tok_dir is not None:
+            files = sorted(f for f in Path(tok_dir).iterdir() if f.is_file())
+            tokenizer = {f.name: hash_bytes(f.read_bytes()) for f in files}
+        return {
+            "alphas_cumprod": hash_state_dict({"abar": self.alphas_cumprod.detach().cpu()}),
+            "vae": None if vae is None else hash_state_dict(vae.state_dict()),
+            "text_encoder": None if enc is None else hash_state_dict(enc.state_dict()),
+            "tokenizer": tokenizer,
+        }
+
     # -- the denoiser ------------------------------------------------------------------------------
     def _add_step_embedding(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
         if self._step_emb is None:
@@ -211,8 +234,10 @@ class DiffusersVP(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None,
                 **net_kwargs: Any) -> torch.Tensor:
         num_steps = net_kwargs.pop("num_steps", None)
+        if net_kwargs.pop("return_features", False):
+            return self._with_features(x, sigma, labels, num_steps=num_steps, **net_kwargs)
         if net_kwargs:
-            raise TypeError(f"a diffusers UNet takes no extra inputs but num_steps, got {sorted(net_kwargs)}")
+            raise TypeError(f"a diffusers UNet takes no extra inputs but num_steps and return_features, got {sorted(net_kwargs)}")
         if self.map_steps is None:
             if num_steps is not None:
                 raise DiffusersError("num_steps: this UNet is not step-conditioned (SFD-v)")
@@ -228,6 +253,18 @@ class DiffusersVP(nn.Module):
             return self._forward(x, sigma, labels)
         finally:
             self._step_emb = None
+
+    def _with_features(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None,
+                       **net_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D, h): h is the feature map the UNet's output convolution reads, SiLU(conv_norm_out(.)) - the map
+        right before the output layer, as the EDM networks' ``return_features`` (SFDDM's feature loss)."""
+        captured: list[torch.Tensor] = []
+        handle = self.unet.conv_out.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            d = self.forward(x, sigma, labels, **net_kwargs)
+        finally:
+            handle.remove()
+        return d, captured[-1]
 
     def _forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None) -> torch.Tensor:
         if self.text_conditioned:

@@ -1,9 +1,9 @@
 """``sfd export --ckpt models/sfd --format diffusers --out DIR``: a distilled diffusers student as a diffusers folder.
 
 DIR holds ``model_index.json``, ``unet/`` (the distilled UNet, ``save_pretrained`` with safetensors),
-``scheduler/`` (the teacher's scheduler config, unchanged), for a latent text-to-image model also
-``vae/``, ``text_encoder/`` and ``tokenizer/``, and ``sfd_sampler.json``, the sampler the student was
-distilled for:
+``scheduler/`` (the student's own sampler as :class:`pipeline.teachers.diffusers_scheduler.SFDScheduler`:
+its time points, AFS and prediction type), for a latent text-to-image model also ``vae/``, ``text_encoder/``
+and ``tokenizer/``, and ``sfd_sampler.json``, the sampler the student was distilled for:
 
 - ``sigmas``: the VE noise levels t_0 = t_max > ... > t_{N-1} (float64), ``timesteps``: the UNet timestep
   of each (fractional between the scheduler's grid points, linear in log sigma);
@@ -11,8 +11,12 @@ distilled for:
   ``guidance`` (the w it was distilled at; any w works: eps = eps_u + w (eps_c - eps_u)), ``nfe``;
 - ``prediction_type``, ``sample_shape``, ``latent`` and ``vae_scaling_factor``.
 
-The README ("Use your own teacher") shows the few lines of diffusers code that sample with it; the
-test (tests/test_diffusers_export.py) runs exactly that loop against ``sfd sample``.
+``model_index.json`` declares ``DDPMPipeline`` (pixel) or ``StableDiffusionPipeline`` (text-to-image) with the
+SFD scheduler, so ``DiffusionPipeline.from_pretrained(DIR)`` samples the student with its own steps once
+``pipeline.teachers.diffusers_scheduler`` is imported (diffusers does not import a module a folder names). The
+README ("Use your own teacher") shows both that and the few lines of plain diffusers code that sample with
+``sfd_sampler.json``; tests/test_diffusers_pixel.py and tests/test_diffusers_t2i.py check both against
+``sfd sample``.
 """
 
 from __future__ import annotations
@@ -50,12 +54,15 @@ def export_diffusers(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     model.unet.save_pretrained(out / "unet", safe_serialization=True)
-    (out / "scheduler").mkdir()
-    sched_cfg = dict(model.scheduler_config)
-    sched_cls = sched_cfg.get("_class_name", "DDPMScheduler")
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2) + "\n")
+    from pipeline.teachers.diffusers_scheduler import SFDScheduler
+
+    sample_space = "ve" if "text_encoder" in model.components else "vp"  # StableDiffusionPipeline / DDPMPipeline
+    SFDScheduler(sigmas=[float(s) for s in sigmas], timesteps=[float(t) for t in timesteps], afs=bool(spec.afs),
+                 prediction_type=model.prediction_type, sample_space=sample_space,
+                 num_train_timesteps=int(model.scheduler_config.get("num_train_timesteps", 1000)),
+                 ).save_pretrained(out / "scheduler")
     index: dict[str, Any] = {"_diffusers_version": diffusers.__version__, "unet": ["diffusers", model.unet_class],
-                             "scheduler": ["diffusers", sched_cls]}
+                             "scheduler": [SFDScheduler.__module__, SFDScheduler.__name__]}
     if model.latent:
         model.components["vae"].save_pretrained(out / "vae", safe_serialization=True)
         index["vae"] = ["diffusers", type(model.components["vae"]).__name__]

@@ -38,11 +38,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.core.hashing import hash_description, hash_state_dict
 from pipeline.networks.diffusers_vp import (
     DIFFUSERS_ARCHITECTURE, DiffusersError, DiffusersVP, build_unet, require_diffusers, require_transformers,
 )  # fmt: skip
 from pipeline.teachers.prompts import prompt_set_hash, read_prompts
+from pipeline.teachers.content import teacher_content_hash
 
 MODEL_INDEX = "model_index.json"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -242,17 +242,6 @@ def image_shape(model: DiffusersVP) -> list[int]:
     return [int(vae.config.out_channels), h * factor, w * factor]
 
 
-def diffusers_teacher_hash(model: DiffusersVP) -> str:
-    """What determines D: the UNet's weights, the abar table and prediction type, the text encoder's weights."""
-    enc = model.components.get("text_encoder")
-    return hash_description({
-        "unet": hash_state_dict(model.checkpoint_state_dict()),
-        "prediction_type": model.prediction_type,
-        "alphas_cumprod": hash_state_dict({"abar": model.alphas_cumprod.cpu()}),
-        "text_encoder": None if enc is None else hash_state_dict(enc.state_dict()),
-    })
-
-
 def checkpoint_config(model: DiffusersVP, *, provenance: dict[str, Any], sampler: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         **model.checkpoint_architecture(),
@@ -311,7 +300,7 @@ def convert_diffusers_folder(source: str | Path, out_dir: str | Path, *, prompts
     return {
         "class": model.unet_class, "prediction_type": model.prediction_type,
         "parameters": sum(p.numel() for p in model.unet.parameters()),
-        "weights_hash": diffusers_teacher_hash(model), "sample_shape": list(model.sample_shape),
+        "weights_hash": teacher_content_hash(model), "sample_shape": list(model.sample_shape),
         "num_classes": model.num_classes, "sigma_range": [model.sigma_min, model.sigma_max],
         "latent": model.latent, "prompts": len(model.prompts or []), "out": str(out_dir),
     }

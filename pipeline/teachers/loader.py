@@ -53,10 +53,11 @@ from pipeline.diffusion.preconditioners import EDM_ARCHITECTURE
 from pipeline.diffusion.sampling import SamplerSpec, make_denoiser, resolve_sampler
 from pipeline.networks.edm import build_edm_model
 from pipeline.teachers.diffusers_folder import (
-    build_diffusers_model, diffusers_teacher_hash, is_diffusers_config, is_diffusers_folder, load_converted_diffusers,
+    build_diffusers_model, is_diffusers_config, is_diffusers_folder, load_converted_diffusers,
     load_diffusers_folder,
 )  # fmt: skip
 from pipeline.teachers.diffusers_folder import checkpoint_config as diffusers_checkpoint_config
+from pipeline.teachers.content import network_weights_hash, teacher_content_hash
 from pipeline.networks.unet import build_network
 
 TEACHER_SOURCES = ("gmm", "checkpoint")  # "checkpoint": the old form load_teacher("checkpoint", path=...)
@@ -331,12 +332,6 @@ def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     return model.to(device).eval().requires_grad_(False), config
 
 
-def network_weights_hash(model: nn.Module) -> str:
-    """hash_state_dict of the weights as a checkpoint stores them: our U-Net's bare network, an EDM
-    preconditioner whole (``checkpoint_state_dict``)."""
-    return hash_state_dict(model.checkpoint_state_dict())
-
-
 def edm_pickle_config(path: Path, model: nn.Module) -> dict[str, Any]:
     """The model.json that ``sfd teacher import`` writes for the EDM snapshot at ``path`` (loaded as ``model``)."""
     return edm_checkpoint_config(
@@ -367,12 +362,11 @@ def _teacher_from(model: nn.Module, config: dict[str, Any], path: Path, *, sampl
         raise CheckpointError(f"{path}/model.json: the sampler has a step_condition but the network is not step-conditioned")
     network_hash = network_weights_hash(model)
     data = config.get("data", {})
-    content_hash = network_hash
+    content_hash = teacher_content_hash(model, network_hash)
     if is_diffusers_config(config):
         default_shape, arch = list(model.sample_shape), {"diffusers": {"unet_class": model.unet_class}}
         default_classes = model.num_classes
         data = {**data, "num_classes": model.num_classes}  # the bound prompt set decides, not model.json
-        content_hash = diffusers_teacher_hash(model)
     elif is_edm_config(config):
         default_shape = [model.img_channels, model.img_resolution, model.img_resolution]
         default_classes, arch = model.label_dim, {"edm": config["edm"]}

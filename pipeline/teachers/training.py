@@ -235,7 +235,7 @@ def import_pretrained_teacher(source: str | Path, out_dir: str | Path, data_desc
         out_dir.mkdir(parents=True)
         for name in ("model.safetensors", "model.json"):
             shutil.copyfile(source / name, out_dir / name)
-    summary = {"pretrained": str(source), "weights_hash": teacher.network_hash, "steps": 0}
+    summary = {"pretrained": str(source), "weights_hash": teacher.weights_hash, "network_hash": teacher.network_hash, "steps": 0}
     if "architecture" in config:
         summary.update(architecture=config["architecture"], edm_class=config["edm"]["precond"])
     if is_pickle:

@@ -7,7 +7,8 @@ project's dvc.yaml, so `dvc exp show` and `dvc plots` read them. Files written:
     plots/metrics/<prefix>loss/<key>.tsv   one row per logged step (columns step, <key>); a single loss
                                            named "loss" (teacher, baselines) is <prefix>loss.tsv
     plots/metrics/<prefix>lr.tsv, <prefix>kimg.tsv
-    plots/custom/<prefix>loss.json         every log row at once ({step, kimg, lr, <key>...}), x = kimg
+    plots/custom/<prefix>loss.json         every log row at once ({step, kimg, lr, loss}), x = kimg; ``loss`` is
+                                           the mean of the row's step losses (one curve per stage, dvc.yaml's plots)
     metrics.json                           the latest values and the run's final metrics (``final``)
 
 A resumed run starts the directory afresh and replays the log rows kept in its training state, so
@@ -55,12 +56,19 @@ class LiveLog:
             self.live.log_metric(f"{prefix}{metric}", float(value))
 
     def log_table(self, rows: Sequence[Mapping[str, Any]], *, x: str, prefix: str = "", title: str | None = None) -> None:
-        """Every log row as one custom plot (x = kimg for SFD); keys with no value in a row are left out of it."""
+        """The loss per log row as one custom plot (x = kimg for SFD): ``step``, ``kimg``, ``lr`` and ``loss``, the
+        mean of the row's step losses (or its single loss). Every row has the same fields (DVC's plots refuse rows
+        that differ, as SFD-v's rows would: each holds the losses of the N it drew); the per-step curves are the
+        per-key TSVs of :meth:`log_row`."""
         if not rows or not self.enabled:
             return
-        keys = sorted({k for r in rows for k, v in r.items() if k not in ROW_FIELDS and v is not None})
-        points = [{k: v for k, v in _ordered(r).items() if v is not None} for r in rows]
-        self.live.log_plot(f"{prefix}loss", points, x=x, y=keys, template="linear", title=title, y_label="loss")
+        points = []
+        for r in rows:
+            losses = [v for k, v in r.items() if k not in ROW_FIELDS and v is not None]
+            if losses:
+                points.append({**{k: r[k] for k in ROW_FIELDS if k in r}, "loss": sum(losses) / len(losses)})
+        if points:
+            self.live.log_plot(f"{prefix}loss", points, x=x, y=["loss"], template="linear", title=title, y_label="loss")
 
     def log_final(self, metrics: Mapping[str, Any], prefix: str = "final/") -> None:
         """Final metrics (numbers, or mappings of numbers) into metrics.json under ``final``."""

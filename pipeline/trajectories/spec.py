@@ -24,7 +24,12 @@ from pipeline.core.param_checks import ParamError, check_choice, check_int, chec
 from pipeline.diffusion.schedules import Schedule
 from pipeline.diffusion.solvers import DYNAMIC_THRESHOLD_QUANTILE, MAX_ORDER, SOLVERS
 
-SPEC_VERSION = 1  # bump when the meaning of a stored trajectory changes
+SPEC_VERSION = 2  # bump when the meaning of a stored trajectory or of its key changes
+SPEC_CHANGES = {  # what an older version's keys lacked, for the error that refuses them
+    1: "its teacher hash covered the network weights only, not the preconditioner, scheduler or VAE "
+       "(pipeline.teachers.content); regenerate the trajectories (the stage writes the new key) and drop the "
+       "old key with `sfd store gc`",
+}
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,8 @@ class TrajectorySpec:
     def from_description(cls, d: dict[str, Any]) -> "TrajectorySpec":
         """Inverse of :meth:`description` (used to rebuild a spec from a store's attributes)."""
         if d.get("spec_version") != SPEC_VERSION:
-            raise ParamError(f"spec_version: this code reads version {SPEC_VERSION}, the store has {d.get('spec_version')!r}")
+            raise ParamError(f"spec_version: this code reads version {SPEC_VERSION}, the store has {d.get('spec_version')!r}"
+                             + older_version_hint(d.get("spec_version")))
         return cls(
             teacher_hash=d["teacher_hash"],
             schedule=Schedule.from_dict(d["schedule"]),
@@ -172,6 +178,12 @@ def trajectory_specs(
         )
         for s in params.schedules(alphas_cumprod)
     ]
+
+
+def older_version_hint(version: Any) -> str:
+    """'' or '; written by an earlier version of the pipeline: <what changed>' for a stored spec_version."""
+    reason = SPEC_CHANGES.get(version) if isinstance(version, int) and version < SPEC_VERSION else None
+    return f"; written by an earlier version of the pipeline (spec_version {version}): {reason}" if reason else ""
 
 
 def _thresholding_from(value: Any) -> bool:

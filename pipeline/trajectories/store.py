@@ -45,7 +45,7 @@ from zarr.core.sync import sync
 from pipeline.core.files import os_error_message
 from pipeline.core.hashing import hash_bytes
 from pipeline.config.trajectories import COMPRESSORS
-from pipeline.trajectories.spec import TrajectorySpec, diff
+from pipeline.trajectories.spec import TrajectorySpec, diff, older_version_hint
 from pipeline.core.param_checks import PipelineError
 
 FORMAT = "sfd-trajectory-store"
@@ -228,10 +228,11 @@ class TrajectoryStore:
         if not keys:
             raise KeyMismatchError(f"{self.location}: the store holds no trajectories (expected key {spec.key})")
         nearest = min(keys, key=lambda k: len(diff(expected, self.key(k).description)))
-        differences = diff(expected, self.key(nearest).description)
+        found = self.key(nearest).description
+        differences = diff(expected, found)
         raise KeyMismatchError(
             f"{self.location}: no trajectories for key {spec.key}. The nearest stored key {nearest} differs in: "
-            + "; ".join(differences)
+            + "; ".join(differences) + older_version_hint(found.get("spec_version"))
             + f". Stored keys: {', '.join(keys)}"
         )
 
