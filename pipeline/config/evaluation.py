@@ -140,3 +140,5 @@ class ReportParams(Section):
     panels: list[Annotated[str, AfterValidator(_check_panel)]] = field(
         default_factory=lambda: ["teacher/nfe35", "dpmpp3m/nfe2", "sfd/nfe2", "sfd-stage2/nfe1"]
     )  # grids shown side by side (same seeds), in this order; missing entries are skipped with a note
+    bootstrap: Annotated[int, Field(ge=100)] = 1000  # resamples of the paired bootstrap (differences from SFD)
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95  # the paired bootstrap's percentile interval
