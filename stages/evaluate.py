@@ -1,4 +1,5 @@
-"""DVC stages ``evaluate_solvers``, ``evaluate_baselines``, ``evaluate``: FID, KID, precision, recall, label accuracy."""
+"""DVC stages ``evaluate_solvers``, ``evaluate_baselines``, ``evaluate``: FID, KID, precision, recall, label accuracy,
+and the paired distance to the teacher's reference samples from the same x_T."""
 
 from __future__ import annotations
 
@@ -27,14 +28,20 @@ def main(
     noise_floor: Optional[Path] = typer.Option(
         None, help="write the protocol's FID noise floor here (teacher vs teacher on evaluate.noise_floor_seeds, held-out FID)"
     ),
+    paired_reference_out: Optional[Path] = typer.Option(
+        None, help="write the teacher reference entry's first evaluate.paired_seeds samples and features here (safetensors)"
+    ),
+    paired_reference: Optional[Path] = typer.Option(None, help="the teacher's reference samples (evaluate_solvers wrote them)"),
+    paired: Optional[Path] = typer.Option(None, help="every entry's per-seed paired distances to the reference (safetensors)"),
 ) -> None:
     p = stage_params(params, distributed=True, device=loaded_device(params, "evaluate")).required("evaluate")
-    check_outputs_writable(out, grids, cost_out, noise_floor)
+    check_outputs_writable(out, grids, cost_out, noise_floor, paired_reference_out, paired)
     cost = CostMeter(cost_out.stem, resolve_device(p.device))
     results = run_evaluation(
         p, teacher_dir=teacher, data_dir=data, feature_net_dir=feature_net,
         students=parse_student_args(student), grids_dir=grids, cost=cost,
-        reference_and_solvers=solvers, noise_floor_out=noise_floor,
+        reference_and_solvers=solvers, noise_floor_out=noise_floor, paired_reference=paired_reference,
+        paired_reference_out=paired_reference_out, paired_out=paired,
     )  # fmt: skip
     if not is_main():  # rank 0 gathered the samples and writes every output
         return

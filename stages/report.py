@@ -10,7 +10,9 @@ import typer
 
 from pipeline.core.param_checks import ParamError
 from pipeline.core.files import write_json
+from pipeline.evaluation.claims import headline_lines, paired_markdown
 from pipeline.evaluation.comparison import build_comparison, headline_metrics
+from pipeline.evaluation.paired import load_distances
 from pipeline.evaluation.pd_sweep import PD_SWEEP_JSON, TEACHER_FILE, load_sweep, sweep_on_teacher, teacher_file_hash
 from pipeline.evaluation.report import about_this_run, build_report, merge_evaluations, parse_named_paths
 from stages.common import check_outputs_writable, run, stage_params
@@ -33,9 +35,12 @@ def main(
     data_dir: Optional[Path] = typer.Option(None, "--data", help="the data stage's folder (dataset.json): what the run's data is"),
     inputs: Optional[Path] = typer.Option(None, help="the inputs stage's manifests: the teacher's and the data's files by hash"),
     headline_out: Optional[Path] = typer.Option(None, "--headline", help="write the headline metrics (`dvc exp show`) here"),
+    paired: list[Path] = typer.Option(
+        [], help="an evaluate stage's per-seed paired distances (its --paired; repeatable): the paired bootstrap"
+    ),
 ) -> None:
     p = stage_params(params).required("report")
-    check_outputs_writable(out, merged_cost, comparison_json)
+    check_outputs_writable(out, merged_cost, comparison_json, headline_out)
     evaluations = merge_evaluations(evaluation)
     logs = parse_named_paths(loss_log, "--loss-log")
     floor = None
@@ -47,18 +52,22 @@ def main(
     # no weights file (a built-in teacher, a wrong path): a hash no sweep carries, so any sweep is flagged
     teacher_hash = None if teacher is None else (teacher_file_hash(teacher) or f"unknown (no {TEACHER_FILE} in {teacher})")
     out.mkdir(parents=True, exist_ok=True)
+    distances = load_distances(paired)
     data, comparison = build_comparison(evaluations, cost_dir, plot_path=out / "comparison.png", noise_floor=floor,
-                                        pd_sweep=sweep if sweep_on_teacher(sweep, teacher_hash) else None)
+                                        pd_sweep=sweep if sweep_on_teacher(sweep, teacher_hash) else None,
+                                        paired=distances, resamples=p.bootstrap, confidence=p.confidence)
     if comparison_json is not None:
         comparison_json.parent.mkdir(parents=True, exist_ok=True)
         comparison_json.write_text(json.dumps(data, indent=2) + "\n")
     if headline_out is not None:
-        write_json(headline_out, headline_metrics(evaluations, floor))
+        write_json(headline_out, headline_metrics(evaluations, floor, paired=data["paired"]))
     report = build_report(
         evaluation=evaluations, cost_dir=cost_dir, grids_dirs=grids, out_dir=out,
         loss_logs=logs, params=p, merged_cost_path=merged_cost, comparison=comparison, noise_floor=floor,
         pd_sweep=sweep, pd_sweep_source=pd_sweep, teacher_hash=teacher_hash,
         about=about_this_run(teacher_dir=teacher, data_dir=data_dir, inputs_dir=inputs),
+        headline=headline_lines(data["paired"], data["headline"]["statement"]) if paired else (),
+        paired=paired_markdown(data["paired"], evaluations) if paired else None,
     )  # fmt: skip
     typer.echo(f"report: {report}")
 

@@ -169,12 +169,14 @@ def test_total_and_marginal_arithmetic():
 
 
 def test_headline_marks_a_difference_below_the_noise_floor():
+    """Without paired distances the headline falls back on FID: below the noise floor it is unresolved (no ratio claim)."""
     from pipeline.evaluation.comparison import Cost, Row, headline
 
     rows = [Row("sfd", 2, 0.376, Cost(100, 0, 0, 1.0), marginal=Cost(0, 0, 0, 0.5)), Row("pd", 2, 0.5, Cost(80, 0, 0, 1.0))]
     head = headline(rows, floor=0.25)
-    assert head["significant"] is False and head["status"] == "not met (within noise)"
-    assert "not significantly different" in head["statement"] and "0 teacher forwards" in head["statement"]
+    assert head["significant"] is False and head["status"] == "unresolved" and head["basis"] == "fid"
+    assert "unresolved at this sample size" in head["statement"] and "0 teacher forwards" in head["statement"]
+    assert "below the noise floor 0.25" in head["statement"] and "quality with" not in head["statement"]
     head = headline(rows, floor=0.1)
-    assert head["significant"] is True and head["ratio_kind"] == "lower bound" and "significant." in head["statement"]
-    assert "significant" not in headline(rows)  # no floor: no claim
+    assert head["significant"] is True and head["ratio_kind"] == "lower bound" and "above the noise floor" in head["statement"]
+    assert "significant" not in headline(rows) and "not assessed" in headline(rows)["statement"]  # no floor: no claim

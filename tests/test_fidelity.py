@@ -95,18 +95,38 @@ def test_evaluation_stage_on_a_tiny_teacher(digits, tmp_path):
                     {**base, "network": {**cfg, "step_condition": True}, "sampler": {**student_sampler, "step_condition": [4, 5]}})
     params = EvalParams.from_dict({"seeds": "1000000-1000031", "grid_seeds": 16, "nfes": [2, 3], "solvers": ["euler", "dpmpp3m"],
                                    "cache_dir": str(tmp_path / "cache"), "device": "cpu", "kid_subsets": 10,
-                                   "noise_floor_seeds": "2000000-2000031", "bootstrap": 20})
+                                   "noise_floor_seeds": "2000000-2000031", "bootstrap": 20,
+                                   "paired_seeds": 24})  # the paired metric on the first 24 of the 32 seeds
     results = run_evaluation(params, teacher_dir=tmp_path / "teacher", data_dir=root / "digits", feature_net_dir=root / "feature_net",
                              students=parse_student_args([f"sfd={tmp_path / 's1'}", f"sfdv={tmp_path / 'sv'}"]),
-                             grids_dir=tmp_path / "grids", noise_floor_out=tmp_path / "floor.json")
+                             grids_dir=tmp_path / "grids", noise_floor_out=tmp_path / "floor.json",
+                             paired_reference_out=tmp_path / "ref.safetensors", paired_out=tmp_path / "paired.safetensors")
     assert sorted(results) == sorted(["teacher/nfe35", "euler/nfe2", "euler/nfe3", "dpmpp3m/nfe2", "dpmpp3m/nfe3",
                                       "sfd/nfe2", "sfdv/nfe2", "sfdv/nfe3"])
+    paired = ("paired_pixel_rms", "paired_pixel_rms_se", "paired_feature_l2", "paired_feature_l2_se", "paired_seeds")
     for key, m in results.items():
-        assert set(m) == {"fid", "fid_sd", "kid", "precision", "recall", "label_accuracy"}
+        assert set(m) == {"fid", "fid_sd", "kid", "kid_std", "precision", "recall", "label_accuracy", *paired}
         assert m["fid"] >= 0 and 0 <= m["label_accuracy"] <= 1 and 0 <= m["precision"] <= 1 and m["fid_sd"] > 0
+        assert m["kid_std"] > 0 and m["paired_seeds"] == 24
         assert (tmp_path / "grids" / f"{key.replace('/', '_')}.png").is_file()
     # the step-conditioned student starts equal to the teacher, so N=4 gives the same samples as s1
     assert results["sfdv/nfe2"]["fid"] == pytest.approx(results["sfd/nfe2"]["fid"], rel=1e-6)
+    assert results["sfdv/nfe2"]["paired_pixel_rms"] == pytest.approx(results["sfd/nfe2"]["paired_pixel_rms"], rel=1e-6)
+    # the reference to itself: the float16 round-off of the stored images; fewer steps lie further from it
+    assert results["teacher/nfe35"]["paired_pixel_rms"] < 1e-3 and results["teacher/nfe35"]["paired_feature_l2"] < 1e-5
+    assert results["euler/nfe2"]["paired_pixel_rms"] > results["euler/nfe3"]["paired_pixel_rms"] > 0.01
+    # a students-only stage reads the reference and measures the same distances
+    again = run_evaluation(params, teacher_dir=tmp_path / "teacher", data_dir=root / "digits", feature_net_dir=root / "feature_net",
+                           students=parse_student_args([f"sfd={tmp_path / 's1'}"]), reference_and_solvers=False,
+                           paired_reference=tmp_path / "ref.safetensors", paired_out=tmp_path / "paired_students.safetensors")
+    assert again["sfd/nfe2"]["paired_pixel_rms"] == results["sfd/nfe2"]["paired_pixel_rms"]
+    from pipeline.evaluation.paired import load_distances
+
+    per_seed = load_distances([tmp_path / "paired.safetensors"])
+    assert per_seed.seeds == list(range(1000000, 1000024)) and set(per_seed.pixel) == set(results)
+    assert float(per_seed.pixel["euler/nfe2"].mean()) == pytest.approx(results["euler/nfe2"]["paired_pixel_rms"], rel=1e-12)
+    students = load_distances([tmp_path / "paired_students.safetensors"])
+    torch.testing.assert_close(students.pixel["sfd/nfe2"], per_seed.pixel["sfd/nfe2"], rtol=0, atol=0)
     json.dumps(results)
     # the noise floor: the same teacher sampler on the second seed range (32 samples, as evaluated)
     floor = json.loads((tmp_path / "floor.json").read_text())

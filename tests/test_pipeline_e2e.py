@@ -101,8 +101,29 @@ def test_repro_then_loss_experiment_reruns_only_what_the_loss_touches(repo):
                 "sfd-stage2/nfe1", "pd/nfe1", "pd/nfe2", "sfddm/nfe2", "sfddm_control/nfe2", "vanilla/nfe2"):  # fmt: skip
         assert key in evaluation, f"{key} not evaluated: {sorted(evaluation)}"
         assert evaluation[key]["fid"] >= 0
+    for key, m in evaluation.items():  # the paired metric for every entry, on all 100 seeds; KID with its sd
+        assert m["paired_seeds"] == 100 and m["paired_pixel_rms"] >= 0 and m["paired_feature_l2_se"] >= 0, key
+        assert m["kid_std"] > 0, key
+    assert evaluation["teacher/nfe7"]["paired_pixel_rms"] < 1e-3  # the reference itself (float16 round-off)
+    assert evaluation["euler/nfe2"]["paired_pixel_rms"] > 0.01
+    comparison = json.loads((repo / "metrics" / "comparison.json").read_text())
+    paired = comparison["paired"]
+    assert paired["reference_sampler"] == "teacher/nfe7" and paired["seeds"] == 100 and paired["resamples"] == 1000
+    assert set(paired["entries"]) == set(evaluation)
+    pairs = {(c["a"], c["b"]): c for c in paired["comparisons"]}
+    for a, b in (("pd/nfe2", "sfd/nfe2"), ("vanilla/nfe2", "sfd/nfe2"), ("dpmpp3m/nfe2", "sfd/nfe2"),
+                 ("pd/nfe1", "sfd-stage2/nfe1"), ("sfddm/nfe2", "sfddm_control/nfe2")):
+        ci = pairs[(a, b)]["pixel"]
+        assert ci["ci_low"] <= ci["difference"] <= ci["ci_high"] and ci["resolved"] == (ci["ci_low"] > 0 or ci["ci_high"] < 0)
+        assert pairs[(a, b)]["verdict"]["pixel"] in ("better", "worse", "unresolved")
+    assert comparison["entries"]["pd/nfe2"]["paired_vs"]["b"] == "sfd/nfe2"
+    assert comparison["headline"]["basis"] == "paired pixel distance"
+    headline = json.loads((repo / "metrics" / "headline.json").read_text())
+    assert headline["paired_pixel"]["sfd/nfe2"]["pixel_rms"] == paired["entries"]["sfd/nfe2"]["pixel_rms"]
+    assert {"ci_low", "ci_high", "difference"} == set(headline["paired_pixel"]["pd/nfe2_vs_sfd/nfe2"])
     report = (repo / "reports" / "report.md").read_text()
     assert "| sfd |" in report and "Cost per stage" in report
+    assert "## Headline: what this run resolves" in report and "## Teacher fidelity: paired distances" in report
     for png in ("fid_vs_nfe.png", "distill_loss.png", "grids_side_by_side.png", "comparison.png"):
         assert (repo / "reports" / png).stat().st_size > 1000
     costs = json.loads((repo / "metrics" / "cost.json").read_text())

@@ -55,6 +55,9 @@ class EvalParams(Section):
     # every evaluation and trajectory seed (resolved by pipeline.config.params); null: no noise floor
     noise_floor_seeds: Seeds | Literal["auto"] | None = "auto"
     bootstrap: NonNegativeInt = 100  # bootstrap resamples of each entry's features for its FID's sd (0: off)
+    # the paired teacher-fidelity metric: the first this-many evaluation seeds (all when fewer); evaluate_solvers keeps
+    # the teacher's reference samples of them (float16 images + features: ~P x C x H x W x 2 bytes)
+    paired_seeds: Annotated[int, Field(ge=2)] = 1000
     grid_seeds: NonNegativeInt = 64  # the first this-many evaluation seeds go into each grid PNG
     batch_size: PositiveInt = 1000
     solvers: list[EvalSolverName] = field(default_factory=lambda: ["euler", "ipndm", "dpmpp3m"])
@@ -137,3 +140,5 @@ class ReportParams(Section):
     panels: list[Annotated[str, AfterValidator(_check_panel)]] = field(
         default_factory=lambda: ["teacher/nfe35", "dpmpp3m/nfe2", "sfd/nfe2", "sfd-stage2/nfe1"]
     )  # grids shown side by side (same seeds), in this order; missing entries are skipped with a note
+    bootstrap: Annotated[int, Field(ge=100)] = 1000  # resamples of the paired bootstrap (differences from SFD)
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95  # the paired bootstrap's percentile interval

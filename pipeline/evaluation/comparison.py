@@ -18,10 +18,11 @@ Two numbers per method: the **total** cost, and the **marginal** cost of re-runn
 cache (the teacher's persistent trajectory stores filled): what `dvc exp run -S loss=l2` spends.
 For SFD that is its training alone (0 teacher forwards); stage 2 still pays for its trajectories,
 whose teacher (the SFD-v model) is retrained; the baselines have no cache, so marginal = total.
-The headline compares SFD's total cost to reach its FID at NFE 2 with progressive distillation's cost
-to reach at most that FID at NFE 2, as a ratio, stating plainly when this run cannot show it; FID
-differences smaller than the evaluation's noise floor (pipeline.evaluation.evaluate.noise_floor) are
-marked not significant.
+The headline compares SFD's total cost at NFE 2 with progressive distillation's cost to reach SFD's quality at
+NFE 2, as a ratio (an upper or a lower bound), only where the paired teacher-fidelity metric resolves which of the
+two is better (pipeline.evaluation.claims: the paired bootstrap's interval excludes 0), and says "unresolved at this
+sample size" otherwise. FID stays as the field's context: differences smaller than the evaluation's noise floor
+(pipeline.evaluation.evaluate.noise_floor) are marked not significant.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from typing import Any
 
 from pipeline.core.cost import BACKWARD_FORWARD_RATIO, load_cost_records
 from pipeline.config.evaluation import ENTRY
+from pipeline.evaluation.claims import headline_numbers, paired_json
+from pipeline.evaluation.paired import PairedDistances
 from pipeline.evaluation.pd_sweep import match_summary, sweep_sentence
 from pipeline.evaluation.report import markdown_table
 
@@ -191,16 +194,19 @@ def significance(fid: float | None, other: float | None, floor: float | None) ->
 
 def headline(rows: Sequence[Row], *, nfe: int = 2, reference: str = "sfd", baseline: str = "pd",
              target_ratio: float = TARGET_RATIO, floor: float | None = None,
-             pd_sweep: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """SFD's cost to reach its FID at ``nfe`` vs the baseline's cost to reach at most that FID at ``nfe``.
+             pd_sweep: Mapping[str, Any] | None = None, paired: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """SFD's cost to reach its quality at ``nfe`` vs the baseline's cost, as a ratio, only as far as the data resolve it.
 
-    - baseline FID <= SFD's: ratio = baseline cost / SFD cost (the baseline's spending when its NFE
-      student existed; it may have got there earlier, so this is an upper bound).
-    - baseline FID > SFD's: the baseline never reached SFD's quality in this run; the ratio is a
-      lower bound (it would have to spend more).
-    Costs are totals (SFD: including its teacher trajectories). With a noise ``floor``, an FID
-    difference below it is stated as not significant. ``pd_sweep`` (bench/pd_sweep.json, run on this teacher)
-    adds PD's measured compute to match the reference at NFE 2 (``pd_sweep`` key, against this run's FID).
+    Whether the baseline reached SFD's quality is decided by the paired teacher-fidelity metric when ``paired`` is
+    given (pipeline.evaluation.paired.paired_bootstrap of the baseline's minus SFD's per-seed pixel distances):
+    - the interval below 0 (the baseline is closer to the teacher): reached; ratio = baseline cost / SFD cost is an
+      upper bound (it may have got there earlier within its rounds);
+    - the interval above 0: not reached; the ratio is a lower bound (it would have to spend more);
+    - the interval includes 0: unresolved at this sample size; no ratio claim is made.
+    Without ``paired``, by FID: a difference below the noise ``floor`` is unresolved; without a floor the FID
+    comparison is made and said to be unassessed. Costs are totals (SFD: including its teacher trajectories).
+    ``pd_sweep`` (bench/pd_sweep.json, run on this teacher) adds PD's measured compute to match the reference's FID at
+    NFE 2 (``pd_sweep`` key; FID-based: the sweep has no paired distances).
     """
     find = {(r.method, r.nfe): r for r in rows}
     ref, base = find.get((reference, nfe)), find.get((baseline, nfe))
@@ -212,48 +218,53 @@ def headline(rows: Sequence[Row], *, nfe: int = 2, reference: str = "sfd", basel
     ref_fe, base_fe = ref.cost.forward_equivalents, base.cost.forward_equivalents
     ratio = base_fe / ref_fe if ref_fe > 0 else math.inf
     wall_ratio = base.cost.wall_seconds / ref.cost.wall_seconds if ref.cost.wall_seconds > 0 else math.inf
-    reached = base.fid <= ref.fid
     out.update({
         "reference_fid": ref.fid, "baseline_fid": base.fid,
         "reference_forward_equivalents": ref_fe, "baseline_forward_equivalents": base_fe,
         "reference_wall_seconds": ref.cost.wall_seconds, "baseline_wall_seconds": base.cost.wall_seconds,
-        "ratio": ratio, "wall_ratio": wall_ratio, "baseline_reached_reference_fid": reached,
-        "ratio_kind": "upper bound" if reached else "lower bound",
+        "ratio": ratio, "wall_ratio": wall_ratio,
     })
     sfd, pd = reference.upper(), baseline.upper()
     delta = abs(base.fid - ref.fid)
-    within = floor is not None and delta < floor
     if floor is not None:
-        out.update({"noise_floor": floor, "fid_difference": delta, "significant": not within})
-    if within:
-        status = "met (within noise)" if ratio >= target_ratio else "not met (within noise)"
-        out["ratio_kind"] = "same quality within the noise floor"
-        statement = (
-            f"At NFE {nfe}, {sfd} (FID {ref.fid:.3f}, {ref_fe:.4g} forward-pass equivalents) and {pd} (FID {base.fid:.3f}, "
-            f"{base_fe:.4g}) are not significantly different: the FID difference {delta:.3g} is below the noise floor "
-            f"{floor:.3g}. Within what this protocol resolves, {pd} reached {sfd}'s quality with {ratio:.3g}x its "
-            f"compute ({wall_ratio:.3g}x its wall time). Target (>= {target_ratio:g}x): {status}."
-        )
-    elif reached:
+        out.update({"noise_floor": floor, "fid_difference": delta, "significant": delta >= floor})
+    if paired is not None:
+        outcome = {"a": "reached", "b": "not reached", None: "unresolved"}[paired["better"]]
+        lo, hi = paired["ci_low"], paired["ci_high"]
+        evidence = (f"the paired pixel distance to the teacher's samples, {pd} − {sfd}: {paired['difference']:+.3g} "
+                    f"({paired['confidence']:.0%} CI [{lo:+.3g}, {hi:+.3g}], {paired['seeds']} seeds)")
+        out.update({"basis": "paired pixel distance", "paired_difference": paired["difference"], "paired_ci": [lo, hi]})
+    else:
+        outcome = "unresolved" if floor is not None and delta < floor else "reached" if base.fid <= ref.fid else "not reached"
+        evidence = (f"FID {base.fid:.3f} vs {sfd}'s {ref.fid:.3f}, difference {delta:.3g} "
+                    + ("(significance not assessed: no noise floor)" if floor is None else
+                       f"({'below' if delta < floor else 'above'} the noise floor {floor:.3g})"))
+        out["basis"] = "fid"
+    out["baseline_reached_reference"] = None if outcome == "unresolved" else outcome == "reached"
+    spent = (f"{pd} spent {base_fe:.4g} forward-pass equivalents, {ratio:.3g}x {sfd}'s {ref_fe:.4g} "
+             f"({wall_ratio:.3g}x its wall time)")
+    if outcome == "unresolved":
+        status = "unresolved"
+        out["ratio_kind"] = "unresolved"
+        statement = (f"At NFE {nfe}, whether {pd} reached {sfd}'s quality is unresolved at this sample size ({evidence}). "
+                     f"{spent}; this run supports no ratio of the compute {pd} needs to match {sfd}. "
+                     f"Target (>= {target_ratio:g}x): unresolved.")
+    elif outcome == "reached":
         status = "met (upper bound)" if ratio >= target_ratio else "not met"
-        statement = (
-            f"At NFE {nfe}, {pd} reached FID {base.fid:.3f} (<= {sfd}'s {ref.fid:.3f}) after {base_fe:.4g} forward-pass "
-            f"equivalents; {sfd} spent {ref_fe:.4g}. {pd} needed at most {ratio:.3g}x {sfd}'s compute "
-            f"({wall_ratio:.3g}x its wall time) to reach {sfd}'s quality (an upper bound: it may have got there "
-            f"earlier within its rounds). Target (>= {target_ratio:g}x): {status}."
-        )
+        out["ratio_kind"] = "upper bound"
+        statement = (f"At NFE {nfe}, {pd} is at least as good as {sfd} ({evidence}): {spent}, so {pd} needed at most "
+                     f"{ratio:.3g}x {sfd}'s compute to reach its quality (an upper bound: it may have got there earlier "
+                     f"within its rounds). Target (>= {target_ratio:g}x): {status}.")
     else:
         status = "met" if ratio >= target_ratio else "not shown"
-        statement = (
-            f"At NFE {nfe}, {sfd} reached FID {ref.fid:.3f} with {ref_fe:.4g} forward-pass equivalents; {pd} spent "
-            f"{base_fe:.4g} ({ratio:.3g}x, {wall_ratio:.3g}x the wall time) and reached only FID {base.fid:.3f}, so {pd} "
-            f"needs more than {ratio:.3g}x {sfd}'s compute to match it (a lower bound). Target (>= {target_ratio:g}x): "
-            + ("met." if status == "met" else f"not shown by this run (the lower bound is below {target_ratio:g}x"
-                                              + ("; the PD budget sweep measures more)." if pd_sweep is not None
-                                                 else f"; a longer {pd} run would tell)."))
+        out["ratio_kind"] = "lower bound"
+        statement = (f"At NFE {nfe}, {sfd} is better than {pd} ({evidence}): {spent} without reaching {sfd}'s quality, so "
+                     f"{pd} needs more than {ratio:.3g}x {sfd}'s compute to match it (a lower bound). Target (>= "
+                     f"{target_ratio:g}x): " + ("met." if status == "met" else
+                                               f"not shown by this run (the lower bound is below {target_ratio:g}x"
+                                               + ("; the PD budget sweep measures more)." if pd_sweep is not None
+                                                  else f"; a longer {pd} run would tell)."))
         )
-    if floor is not None and not within:
-        statement += f" The FID difference ({delta:.3g}) exceeds the noise floor ({floor:.3g}): significant."
     if pd_sweep is not None and baseline == "pd" and nfe == 2:
         m = match_summary(pd_sweep["points"], ref.fid, ref_fe)
         # the sweep decides the target where its bracket does: [lower_ratio, ratio] all above or all below it
@@ -265,7 +276,8 @@ def headline(rows: Sequence[Row], *, nfe: int = 2, reference: str = "sfd", basel
             m["status"] = "undecided"
         out["pd_sweep"] = m
         statement += (f" PD budget sweep on this teacher (bench/pd_sweep.json): {sweep_sentence(m, ref.fid, ref_fe)} "
-                      f"Target (>= {target_ratio:g}x) by the sweep: {m['status']}.")
+                      f"Target (>= {target_ratio:g}x) by the sweep: {m['status']}. (The sweep compares FIDs, without "
+                      "the noise floor or paired distances: context, not a resolved claim.)")
     if ref.marginal is not None:
         out["reference_marginal_forward_equivalents"] = ref.marginal.forward_equivalents
         statement += (f" Given the trajectory cache, re-running {sfd} (e.g. `dvc exp run -S loss=l2`) costs "
@@ -307,11 +319,12 @@ def rows_markdown(rows: Sequence[Row], *, floor: float | None = None, reference:
 
 
 def comparison_json(rows: Sequence[Row], head: Mapping[str, Any], noise_floor: Mapping[str, Any] | None = None,
-                    *, reference: str = "sfd") -> dict[str, Any]:
+                    *, reference: str = "sfd", paired: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``metrics/comparison.json``: one entry per method and NFE (keys ``<method>/nfe<k>``) with fid and the
     total cost's counts (null where unknown), ``marginal`` where it differs from the total, and the
-    FID difference to ``reference`` with its significance against the noise floor; plus the headline
-    and the noise floor."""
+    FID difference to ``reference`` with its significance against the noise floor; with the ``paired`` block
+    (pipeline.evaluation.claims.paired_json), each entry's paired pixel distance and its difference from the SFD
+    model of its NFE (``paired_vs``: interval and verdict); plus the headline, the paired block and the noise floor."""
     floor = None if not noise_floor else noise_floor.get("floor")
     ref_fid = {r.nfe: r.fid for r in rows if r.method == reference}
     entries: dict[str, Any] = {}
@@ -327,8 +340,24 @@ def comparison_json(rows: Sequence[Row], head: Mapping[str, Any], noise_floor: M
                 entry["significant"] = sig["significant"]
         if r.note:
             entry["note"] = r.note
-        entries[f"{r.method}/nfe{r.nfe}"] = entry
-    return _finite({"entries": entries, "headline": dict(head), "noise_floor": dict(noise_floor) if noise_floor else None})
+        entries[f"{r.method}/nfe{r.nfe}"] = {**entry, **_paired_fields(f"{r.method}/nfe{r.nfe}", paired)}
+    return _finite({"entries": entries, "headline": dict(head), "paired": None if paired is None else dict(paired),
+                    "noise_floor": dict(noise_floor) if noise_floor else None})
+
+
+def _paired_fields(key: str, paired: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A comparison entry's paired pixel distance and its first comparison (with the SFD model of its NFE, or the
+    control): difference, interval, verdict."""
+    if not paired or key not in paired["entries"]:
+        return {}
+    e = paired["entries"][key]
+    out: dict[str, Any] = {"paired_pixel_rms": e["pixel_rms"], "paired_pixel_rms_se": e["pixel_rms_se"]}
+    comp = next((c for c in paired["comparisons"] if c["a"] == key), None)
+    if comp is not None:
+        p = comp["pixel"]
+        out["paired_vs"] = {"b": comp["b"], "difference": p["difference"], "ci_low": p["ci_low"], "ci_high": p["ci_high"],
+                            "verdict": comp["verdict"]["pixel"]}
+    return out
 
 
 def _finite(value: Any) -> Any:
@@ -383,6 +412,9 @@ def build_comparison(
     plot_path: str | Path | None = None,
     noise_floor: Mapping[str, Any] | None = None,  # pipeline.evaluation.evaluate.noise_floor's result
     pd_sweep: Mapping[str, Any] | None = None,  # the PD budget sweep, only when it ran on this run's teacher
+    paired: PairedDistances | None = None,  # the evaluate stages' per-seed paired distances
+    resamples: int = 1000,  # the paired bootstrap's resamples
+    confidence: float = 0.95,  # and its interval
 ) -> tuple[dict[str, Any], str]:
     """(data, markdown): ``metrics/comparison.json``'s content (:func:`comparison_json`) and the report's section."""
     if not isinstance(evaluation, Mapping):
@@ -390,7 +422,10 @@ def build_comparison(
     records = load_cost_records(cost_dir)
     rows = comparison_rows(evaluation, records, plans=plans)
     floor = None if not noise_floor else noise_floor.get("floor")
-    head = headline(rows, nfe=nfe, floor=floor, pd_sweep=pd_sweep)
+    pairs = paired_json(evaluation, paired, nfe=nfe, resamples=resamples, confidence=confidence)
+    pd_vs_sfd = next((c["pixel"] for c in (pairs or {}).get("comparisons", [])
+                      if (c["a"], c["b"]) == (f"pd/nfe{nfe}", f"sfd/nfe{nfe}")), None)
+    head = headline(rows, nfe=nfe, floor=floor, pd_sweep=pd_sweep, paired=pd_vs_sfd)
     plot = plot_comparison(rows, plot_path) if plot_path is not None else None
     parts = [
         "Distillation cost counted the same way for every method: teacher forward images + student forward "
@@ -415,14 +450,16 @@ def build_comparison(
         parts += ["", f"Total cost unknown for {', '.join(unknown)} (see the note column)."]
     if plot is not None:
         parts += ["", f"![FID vs distillation cost]({Path(plot).name})"]
-    return comparison_json(rows, head, noise_floor), "\n".join(parts)
+    return comparison_json(rows, head, noise_floor, paired=pairs), "\n".join(parts)
 
 
 def headline_metrics(evaluation: Mapping[str, Mapping[str, Any]], noise_floor: Mapping[str, Any] | None = None,
-                     *, nfe: int = 2) -> dict[str, Any]:
+                     *, nfe: int = 2, paired: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``metrics/headline.json``, the few numbers `dvc exp show` lists: the FID of the teacher's reference,
     of every distilled method at NFE <= ``nfe`` (SFD-v at each of its NFE), of the best training-free solver
-    at ``nfe``, and the FID noise floor. The full detail stays in metrics/eval*.json and comparison.json."""
+    at ``nfe``, and the FID noise floor; with comparison.json's ``paired`` block, the resolved numbers
+    (pipeline.evaluation.claims.headline_numbers): SFD's paired pixel distance and the headline differences with
+    their intervals. The full detail stays in metrics/eval*.json and comparison.json."""
     fid: dict[str, float] = {}
     training_free: dict[str, float] = {}
     for key, metrics in sorted(evaluation.items()):
@@ -443,6 +480,9 @@ def headline_metrics(evaluation: Mapping[str, Mapping[str, Any]], noise_floor: M
     out: dict[str, Any] = {"fid": fid}
     if noise_floor and noise_floor.get("floor") is not None:
         out["fid_noise_floor"] = noise_floor["floor"]
+    numbers = headline_numbers(paired, nfe)
+    if numbers:
+        out["paired_pixel"] = numbers
     return out
 
 

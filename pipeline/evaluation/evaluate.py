@@ -10,7 +10,12 @@ Entries (keys ``"<sampler>/nfe<k>"``):
 Every entry samples the same seeds; labels come from pipeline.diffusion.seeds.seed_labels when the model
 is conditional. Reference features are the training images' (cached, keyed by weights hash). With
 ``evaluate.bootstrap`` > 0 every entry also gets ``fid_sd``: the FID's bootstrap standard deviation
-over resampled features (no new images).
+over resampled features (no new images). KID comes with ``kid_std``, the standard deviation over its subsets.
+
+The paired teacher-fidelity metric (pipeline.evaluation.paired): ``evaluate_solvers`` keeps the reference entry's first
+``evaluate.paired_seeds`` samples and features (``--paired-reference-out``), the other stages read them
+(``--paired-reference``); every entry gets the mean and standard error of its per-seed pixel RMS and feature L2
+distances to them (``paired_*``), and the per-seed distances go to ``--paired`` for the report's paired bootstrap.
 
 The noise floor (:func:`noise_floor`, written by ``evaluate_solvers``): the FID between two
 independent sample sets of the teacher's reference sampler (the evaluation seeds and
@@ -47,6 +52,7 @@ from pipeline.evaluation.fidelity import (
     fidelity_metrics, label_accuracy, load_reference_stats, reference_features,
 )  # fmt: skip
 from pipeline.core.param_checks import ParamError
+from pipeline.evaluation.paired import PairedMeter, load_reference, save_reference
 from pipeline.core.images import save_grid
 from pipeline.diffusion.sampling import SamplerSpec, generate, make_denoiser
 from pipeline.diffusion.seeds import parse_seeds, seed_labels
@@ -140,6 +146,7 @@ def evaluate_entries(
     features_out: dict[str, torch.Tensor] | None = None,  # filled with each entry's metric-layer features
     precision: str = "fp32",  # bf16/fp16: the forwards under autocast
     clip: Any = None,  # a pipeline.evaluation.clip_score.ClipScorer: CLIP score of text-to-image entries
+    paired: PairedMeter | None = None,  # each entry's per-seed distances to the teacher's reference samples
 ) -> dict[str, dict[str, float | None]]:
     """Sample every entry on the same seeds and compute its metrics; grids named ``<sampler>_nfe<k>.png``.
 
@@ -165,7 +172,8 @@ def evaluate_entries(
         feats = space.extract(images)
         metrics: dict[str, float | None]
         if isinstance(reference, ReferenceStats):
-            metrics = {"fid": fid_from_stats(feats[space.layer], reference), "kid": None, "precision": None, "recall": None}
+            metrics = {"fid": fid_from_stats(feats[space.layer], reference), "kid": None, "kid_std": None,
+                       "precision": None, "recall": None}
         else:
             metrics = fidelity_metrics(
                 feats[space.layer], reference[space.layer], kid_subsets=kid_subsets, kid_subset_size=kid_subset_size
@@ -180,6 +188,8 @@ def evaluate_entries(
             logits = (feats if label_space is space else label_space.extract(images))["logits"]
             acc = label_accuracy(logits, labels)
         metrics["label_accuracy"] = acc
+        if paired is not None:
+            metrics.update(paired.measure(entry.key, list(seeds), images, feats[space.layer]))
         if clip is not None and entry.prompts and labels is not None:
             metrics["clip_score"] = clip.score(images, [entry.prompts[i] for i in labels.tolist()])
         results[entry.key] = metrics
@@ -228,10 +238,13 @@ def run_evaluation(
     cost: CostMeter | None = None,
     reference_and_solvers: bool = True,
     noise_floor_out: str | Path | None = None,  # JSON of :func:`noise_floor` (needs the reference entry)
+    paired_reference: str | Path | None = None,  # read the teacher's reference samples (evaluate_solvers wrote them)
+    paired_reference_out: str | Path | None = None,  # write the reference entry's first evaluate.paired_seeds samples
+    paired_out: str | Path | None = None,  # every entry's per-seed paired distances (safetensors)
 ) -> dict[str, dict[str, float | None]]:
     """The ``evaluate`` stages: teacher reference and training-free solvers (unless
     ``reference_and_solvers`` is false), then the distilled students; with ``noise_floor_out``,
-    the noise floor of this protocol too."""
+    the noise floor of this protocol too; with a paired reference (read or written), the paired metric."""
     from pipeline.data.datasets import load_image_folder, load_split
     from pipeline.core.devices import resolve_device
     device = rank_device(resolve_device(params.device))
@@ -273,13 +286,20 @@ def run_evaluation(
         raise ParamError("evaluation: nothing to evaluate (no students given and the reference/solvers are off)")
     if noise_floor_out is not None and not reference_and_solvers:
         raise ParamError("evaluation: the noise floor needs the teacher's reference entry (drop --no-solvers)")
+    paired = paired_meter(params, space, entries[0].key, seeds, reference_and_solvers, paired_reference,
+                          paired_reference_out, paired_out)
     features: dict[str, torch.Tensor] = {}
     results = evaluate_entries(
         entries, seeds, space, reference, label_space=label_space, grids_dir=grids_dir, grid_seeds=params.grid_seeds,
         batch_size=params.batch_size, kid_subsets=params.kid_subsets, kid_subset_size=params.kid_subset_size,
         device=device, cost=cost, bootstrap=params.bootstrap, features_out=features, precision=params.precision,
-        clip=clip,
+        clip=clip, paired=paired,
     )
+    if paired is not None and is_main():  # rank 0 measured every entry (torchrun)
+        if paired_reference_out is not None and paired.reference is not None:
+            save_reference(paired_reference_out, paired.reference)
+        if paired_out is not None:
+            paired.save(paired_out)
     if cost is not None:
         cost.extra.update({"samples_per_sampler": len(seeds), "samplers": len(entries), "features": space.kind})
     if noise_floor_out is not None and params.noise_floor_seeds is None:
@@ -293,6 +313,30 @@ def run_evaluation(
         )  # fmt: skip
         write_results(noise_floor_out, floor)
     return results
+
+
+def paired_meter(params: EvalParams, space: FeatureSpace, first_key: str, seeds: list[int], reference_and_solvers: bool,
+                 reference_in: str | Path | None, reference_out: str | Path | None,
+                 distances_out: str | Path | None) -> PairedMeter | None:
+    """The paired metric's meter: reading the teacher's reference samples (checked against this evaluation before
+    anything is sampled), or building them from the reference entry (the first entry; ``reference_and_solvers``);
+    None when no paired file is asked for."""
+    if reference_in is None and reference_out is None:
+        if distances_out is not None:
+            raise ParamError("evaluation: --paired needs --paired-reference (read) or --paired-reference-out (write)")
+        return None
+    if reference_in is not None and reference_out is not None:
+        raise ParamError("evaluation: give --paired-reference (read) or --paired-reference-out (write), not both")
+    if reference_out is not None and not reference_and_solvers:
+        raise ParamError("evaluation: --paired-reference-out needs the teacher's reference entry (drop --no-solvers)")
+    ident = f"{space.kind}:{space.weights_hash}"
+    if reference_out is not None:
+        return PairedMeter(reference_key=first_key, count=params.paired_seeds, feature_space=ident)
+    if not is_main():  # rank 0 measures (torchrun)
+        return PairedMeter(count=params.paired_seeds, feature_space=ident)
+    meter = PairedMeter(load_reference(reference_in), count=params.paired_seeds, feature_space=ident)
+    meter.check(seeds)
+    return meter
 
 
 def noise_floor(

@@ -8,7 +8,8 @@ Feature spaces:
   with weights from a local file; nothing is downloaded.
 
 FID = ||mu_g - mu_r||^2 + Tr(S_g + S_r - 2 (S_g S_r)^{1/2}) (Heusel et al. 2017); KID is the
-unbiased polynomial-kernel MMD^2 averaged over subsets (Binkowski et al. 2018); precision and
+unbiased polynomial-kernel MMD^2 averaged over subsets (Binkowski et al. 2018), reported with the
+standard deviation over the subsets (``kid_std``, the spread of a subset-size estimate); precision and
 recall are the k-NN manifold estimates (Kynkaanniemi et al. 2019), k = 3. Reference features
 (of the training images) are cached as safetensors, keyed by the extractor's weights hash and
 the images' hash; torch-fidelity's own pickle cache is not used.
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
-from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
@@ -236,14 +237,16 @@ def fidelity_metrics(
     prc_neighborhood: int = 3,
     rng_seed: int = 2020,
 ) -> dict[str, float]:
-    """{"fid", "kid", "precision", "recall"} of generated vs reference features (torch-fidelity)."""
+    """{"fid", "kid", "kid_std", "precision", "recall"} of generated vs reference features (torch-fidelity; kid_std:
+    the standard deviation of the KID over its subsets)."""
     g, r = generated.to(torch.float64).cpu(), reference.to(torch.float64).cpu()
     fid = reference_fid(reference)(g.numpy())
     kid = kid_features_to_metric(
         g, r, kid_subsets=kid_subsets, kid_subset_size=min(kid_subset_size, len(g), len(r)), rng_seed=rng_seed, verbose=False
-    )[KEY_METRIC_KID_MEAN]
+    )
     prc = prc_features_to_metric(g, r, prc_neighborhood=prc_neighborhood, verbose=False, save_cpu_ram=True)
-    return {"fid": fid, "kid": kid, "precision": float(prc[KEY_METRIC_PRECISION]), "recall": float(prc[KEY_METRIC_RECALL])}
+    return {"fid": fid, "kid": kid[KEY_METRIC_KID_MEAN], "kid_std": kid[KEY_METRIC_KID_STD],
+            "precision": float(prc[KEY_METRIC_PRECISION]), "recall": float(prc[KEY_METRIC_RECALL])}
 
 
 def fid_between(generated: torch.Tensor, reference: torch.Tensor | ReferenceStats) -> float:

@@ -21,7 +21,8 @@ from pipeline.core.cost import load_cost_records
 from pipeline.config.evaluation import ENTRY, ReportParams
 from pipeline.core.param_checks import ParamError
 
-METRIC_COLUMNS = ("fid", "fid_sd", "kid", "precision", "recall", "label_accuracy")
+METRIC_COLUMNS = ("fid", "fid_sd", "kid", "kid_std", "precision", "recall", "label_accuracy", "paired_pixel_rms",
+                  "paired_feature_l2")
 
 
 def split_entry(key: str) -> tuple[str, int]:
@@ -358,6 +359,8 @@ def build_report(
     pd_sweep_source: str | Path = PD_SWEEP_JSON,  # the file it came from
     teacher_hash: str | None = None,  # this run's teacher weights file hash (pd_sweep.teacher_file_hash)
     about: Sequence[str] = (),  # about_this_run's lines: which teacher and data
+    headline: Sequence[str] = (),  # what this run resolves (pipeline.evaluation.claims.headline_lines)
+    paired: str | None = None,  # the paired teacher-fidelity section (pipeline.evaluation.claims.paired_markdown)
 ) -> Path:
     """Write ``out_dir/report.md`` and its PNGs; also merge the per-stage costs into one JSON."""
     costs = load_cost_records(cost_dir)
@@ -376,8 +379,16 @@ def build_report(
         "Every sampler is evaluated on the same seeds with the same feature extractor; the protocol "
         "(sample count, reference set, extractor) is the `evaluate` section of `params.yaml`.",
         "",
+    ]
+    if headline:
+        parts += ["## Headline: what this run resolves", "", *headline, ""]
+    if paired is not None:
+        parts += ["## Teacher fidelity: paired distances to the teacher's samples", "", paired, ""]
+    parts += [
         "## FID by sampler and NFE",
         "",
+        *(["The field's measure, kept as context (with its noise floor below): no claim of this report rests on FID.",
+           ""] if paired is not None else []),
         fid_pivot_table(evaluation),
         "",
     ]
