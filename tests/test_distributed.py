@@ -27,6 +27,7 @@ from pipeline.distill.sfd import run_distill_stage
 from pipeline.trajectories.generation import run_trajectories_stage
 from pipeline.trajectories.spec import trajectory_specs
 from pipeline.trajectories.store import open_store
+from pipeline.training.parallel import prepare
 
 TEACHER = {"source": "gmm", "num_components": 4, "sample_shape": [1, 4, 4], "std": 0.2, "seed": 0}
 TINY_NET = {"model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []}
@@ -98,13 +99,30 @@ def do_evaluate(params: dict, teacher: str, data: str, feature_net: str, out: st
 
 
 def do_gather(out: str) -> None:
-    """Helpers: shares, gradient averaging and gathering."""
+    """Helpers: shares, the loss mean, gathering; DDP averages gradients and syncs only the last micro-batch."""
+    from pipeline.training.parallel import prepare
+
     lo, hi = distributed.share(8)
     assert (lo, hi) == ((0, 4) if distributed.rank() == 0 else (4, 8))
-    p = torch.nn.Parameter(torch.zeros(3))
-    p.grad = torch.full((3,), float(distributed.rank() + 1))
-    loss = distributed.average_gradients([p], torch.tensor(float(10 * distributed.rank())))
-    assert loss == 5.0 and torch.equal(p.grad, torch.full((3,), 1.5))
+    assert distributed.mean_over_ranks(torch.tensor(float(10 * distributed.rank()))) == 5.0
+    torch.manual_seed(distributed.rank())  # different initial weights: DDP broadcasts rank 0's
+    lin = torch.nn.Linear(3, 1, bias=False)
+    model = prepare(lin, sharding="ddp")
+    assert model.sharding == "ddp" and isinstance(model.forward, torch.nn.parallel.DistributedDataParallel)
+    reductions = []
+
+    def counting_hook(state, bucket):  # DDP's default all-reduce, counted
+        reductions.append(bucket.index())
+        fut = torch.distributed.all_reduce(bucket.buffer().div_(2), async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    model.forward.register_comm_hook(None, counting_hook)
+    x = torch.full((1, 3), float(distributed.rank() + 1))
+    for j in range(3):  # three micro-batches: only the last one communicates
+        with model.sync(j == 2):
+            model.forward(x).sum().backward()
+    assert len(reductions) == 1
+    torch.testing.assert_close(lin.weight.grad, torch.full((1, 3), 3 * 1.5))  # 3 micro-batches x mean(1, 2)
     got = distributed.all_gather_objects(distributed.rank())
     assert got == [0, 1]
     with pytest.raises(ParamError, match="multiple of the 2 processes"):
@@ -168,9 +186,10 @@ def do_baselines(out: str) -> None:
 def test_helpers_are_single_process_no_ops():
     assert not distributed.is_distributed() and distributed.world_size() == 1 and distributed.is_main()
     assert distributed.share(7) == (0, 7)
-    p = torch.nn.Parameter(torch.ones(2))
-    p.grad = torch.ones(2)
-    assert distributed.average_gradients([p], torch.tensor(2.5)) == 2.5 and torch.equal(p.grad, torch.ones(2))
+    assert distributed.mean_over_ranks(torch.tensor(2.5)) == 2.5
+    lin = torch.nn.Linear(2, 2)
+    model = prepare(lin)
+    assert model.forward is lin and model.sharding is None  # one process: the module itself, today's path
     assert distributed.all_gather_objects("x") == ["x"]
 
 
