@@ -244,9 +244,17 @@ def two_process_run(stores, tmp_path_factory):
     return out
 
 
-def test_distill_two_processes_equal_one(stores, two_process_run, tmp_path):
+@pytest.fixture(scope="module")
+def one_process_run(stores, tmp_path_factory):
     params, one, _ = stores
-    do_distill(params, one, str(tmp_path / "one"))
+    out = tmp_path_factory.mktemp("one")
+    do_distill(params, one, str(out))
+    return out
+
+
+def test_distill_two_processes_equal_one(stores, one_process_run, two_process_run, tmp_path):
+    params, one, _ = stores
+    (tmp_path / "one").symlink_to(one_process_run)
     (tmp_path / "two").symlink_to(two_process_run)
     w1, w2 = _weights(tmp_path / "one" / "student"), _weights(tmp_path / "two" / "student")
     assert sorted(w1) == sorted(w2)
@@ -274,12 +282,12 @@ def _init_weights(params: dict) -> dict[str, torch.Tensor]:
     return init.model.checkpoint_state_dict()
 
 
-def test_distill_fsdp_two_processes_equal_one_and_resume(stores, tmp_path, capfd):
+def test_distill_fsdp_two_processes_equal_one_and_resume(stores, one_process_run, tmp_path, capfd):
     """FSDP2 (sharding: fsdp) with two micro-batches per process: interrupted after 3 batches, resumed from the state
     of batch 2 (saved in whole tensors, the one-process format), the student equals the one-process one.
     (SIGKILL of every rank and a bit-identical re-run: tests/test_scale_out.py, with DDP.)"""
     params, one, _ = stores
-    do_distill(params, one, str(tmp_path / "one"))
+    (tmp_path / "one").symlink_to(one_process_run)
     fsdp = make_params(sharding="fsdp", batch_gpu=4)
     spawn("do_distill", params=fsdp, store=one, out=str(tmp_path / "two"), stop_after_batches=3)
     state = load_checkpoint(tmp_path / "two" / "state", name="training_state")[0]

@@ -241,3 +241,31 @@ def test_lora_student_starts_as_its_teacher_and_refuses_what_it_cannot_adapt(wor
     with pytest.raises(ParamError, match="LoRA students are single-N"):
         distill(world, world / "lora_v", lora_rank=2, step_condition=True)
 
+
+
+def test_trajectory_teacher_loop_makes_no_host_syncs_between_forwards(world, monkeypatch):
+    """Between the first and the last teacher forward of a batch, nothing asks a tensor for a host value (item,
+    float, bool, tolist, cpu, numpy): on a GPU the solver loop queues kernels without waiting (schedule coefficients
+    are Python floats computed once from the float64 schedule). Checked for every solver the trajectories use."""
+    from pipeline.diffusion.schedules import Schedule
+    from pipeline.teachers.loader import load_teacher
+    from pipeline.trajectories.generation import teacher_trajectories
+    from pipeline.trajectories.spec import TrajectorySpec
+
+    teacher = load_teacher(world / "teacher")
+    events: list[str] = []
+
+    def denoiser(x, sigma, labels=None, **kw):
+        events.append("D")
+        return teacher.denoiser(x, sigma, labels, **kw)
+
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name, **k: (events.append(_n), _r(self, *a, **k))[1])
+    for solver, order in (("dpmpp", 3), ("euler", 1), ("heun", 1), ("ipndm", 4)):
+        events.clear()
+        spec = TrajectorySpec(teacher_hash="t", schedule=Schedule(num_steps=4), M=3, solver=solver, max_order=order,
+                              sample_shape=(1, 8, 8))
+        teacher_trajectories(denoiser, spec, list(range(4)))
+        first, last = events.index("D"), len(events) - 1 - events[::-1].index("D")
+        assert events.count("D") >= 9 and set(events[first : last + 1]) == {"D"}, (solver, events)
