@@ -9,7 +9,8 @@ single-process answer, so a one-process run takes exactly today's code path.
 - :func:`rank`, :func:`world_size`, :func:`is_main`, :func:`barrier`;
 - :func:`share`: the rows ``[lo, hi)`` of a global batch that this rank computes (equal shares:
   the global batch size must be a multiple of the number of processes);
-- :func:`mean_over_ranks` (a loss value), :func:`all_reduce_sum`, :func:`all_gather_objects`, :func:`main_first`.
+- :func:`mean_over_ranks` (a loss value), :func:`all_reduce_sum`, :func:`all_gather_objects`, :func:`main_first`,
+  :func:`full_state_dict` (FSDP2's sharded tensors gathered whole on rank 0).
   Gradients are averaged by torch's DistributedDataParallel or FSDP2 (pipeline.training.parallel), never here.
 
 Precision. :func:`autocast_context` (``fp32`` | ``bf16`` | ``fp16``) and :func:`grad_scaler`
@@ -156,6 +157,20 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     t = value.detach().to(torch.float64).reshape(1).to(_comm_device())
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
+
+
+def full_state_dict(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Whole tensors for a state dict whose values may be DTensors (FSDP2 shards): every rank gathers each
+    tensor in the same order; rank 0 keeps them on the CPU, the others get an empty dict."""
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, torch.Tensor] = {}
+    main = is_main()
+    for key, value in state.items():
+        whole = value.full_tensor() if isinstance(value, DTensor) else value
+        if main:
+            out[key] = whole.detach().cpu()
+    return out
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

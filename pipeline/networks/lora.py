@@ -78,7 +78,7 @@ class LoraAdapters:
     def adapter_state_dict(self, trainable: Any = None) -> dict[str, torch.Tensor]:
         """The adapters in saved names (relative to the host network, without peft's adapter name); whole tensors
         under FSDP2 (every rank takes part, rank 0 holds them)."""
-        from pipeline.training.parallel import full_state_dict
+        from pipeline.core.distributed import full_state_dict
 
         state = {k: v for k, v in self.host().state_dict().items() if self.is_adapter(k)}
         if trainable is not None and getattr(trainable, "sharding", None) == "fsdp":

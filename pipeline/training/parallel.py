@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.core.distributed import is_distributed, is_main
+from pipeline.core.distributed import full_state_dict, is_distributed, is_main
 from pipeline.core.param_checks import ParamError
 
 SHARDINGS = ("ddp", "fsdp")
@@ -127,20 +127,6 @@ def _outermost(root: nn.Module, candidates: list[nn.Module]) -> list[nn.Module]:
             visit(child)
 
     visit(root)
-    return out
-
-
-def full_state_dict(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Whole tensors for a state dict whose values may be DTensors (FSDP2 shards): every rank gathers each
-    tensor in the same order; rank 0 keeps them on the CPU, the others get an empty dict."""
-    from torch.distributed.tensor import DTensor
-
-    out: dict[str, torch.Tensor] = {}
-    main = is_main()
-    for key, value in state.items():
-        whole = value.full_tensor() if isinstance(value, DTensor) else value
-        if main:
-            out[key] = whole.detach().cpu()
     return out
 
 
