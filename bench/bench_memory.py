@@ -9,7 +9,8 @@ step of pipeline.training.loop). Measured per process: the resident set before t
 weights) and its peak (VmHWM) after; the training memory is peak - base (weights' gradients, Adam state,
 activations). On a GPU (``--device cuda``) it reports torch.cuda.max_memory_allocated instead.
 
-    python bench/bench_memory.py                  # the whole table (about 10 minutes on 2 cores)
+    python bench/bench_memory.py                  # small and medium nets, batch 32 (activations dominate)
+    python bench/bench_memory.py --sizes large --batch 4   # a wide net, small batch (weights + Adam dominate)
     python bench/bench_memory.py --one small fp32 full plain 1   # one row
 """
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 SIZES = {  # this project's U-Net (pipeline.networks.unet) at 3x32x32, 10 classes
     "small": {"model_channels": 32, "channel_mult": [1, 2, 2], "num_blocks": 2, "attn_resolutions": [16]},
     "medium": {"model_channels": 96, "channel_mult": [1, 2, 2], "num_blocks": 2, "attn_resolutions": [16]},
+    "large": {"model_channels": 192, "channel_mult": [1, 2, 2], "num_blocks": 2, "attn_resolutions": [16]},
 }
 
 

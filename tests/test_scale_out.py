@@ -269,3 +269,38 @@ def test_trajectory_teacher_loop_makes_no_host_syncs_between_forwards(world, mon
         teacher_trajectories(denoiser, spec, list(range(4)))
         first, last = events.index("D"), len(events) - 1 - events[::-1].index("D")
         assert events.count("D") >= 9 and set(events[first : last + 1]) == {"D"}, (solver, events)
+
+
+def test_batch_gpu_in_teacher_training_and_a_baseline_equals_the_plain_run(tmp_path):
+    """The teacher and the baselines replay the global batch's noise draws for every micro-batch: the same batch,
+    the same step (to float tolerance), the same generator state afterwards."""
+    from pipeline.config.baselines import VanillaParams
+    from pipeline.config.teacher import TeacherParams
+    from pipeline.diffusion.denoisers import EDMPrecond
+    from pipeline.distill.baselines.common import TrainingData
+    from pipeline.distill.baselines.vanilla import vanilla_distillation
+    from pipeline.teachers.training import train_teacher
+
+    g = torch.Generator().manual_seed(3)
+    images, labels = torch.rand((64, 1, 8, 8), generator=g) * 2 - 1, torch.randint(3, (64,), generator=g)
+    net = {k: NET[k] for k in ("model_channels", "channel_mult", "num_blocks", "attn_resolutions")}
+    results = {}
+    for batch_gpu in (None, 4):
+        p = TeacherParams.from_dict({"network": net, "batch_size": 16, "steps": 6, "lr": 2e-3, "lr_rampup_steps": 2,
+                                     "ema_halflife_kimg": 0.01, "device": "cpu", "batch_gpu": batch_gpu})
+        s = train_teacher(p, images, labels, 3, tmp_path / f"teacher{batch_gpu}", progress=False)
+        torch.manual_seed(0)
+        teacher = EDMPrecond(build_network(**NET))
+        torch.nn.init.normal_(teacher.net.out_conv.weight, std=0.05)
+        config = {"network": NET, "sigma_data": 0.5, "data": {"sample_shape": [1, 8, 8], "num_classes": 3},
+                  "sampler": None, "provenance": {}}
+        va = VanillaParams.from_dict({"updates": 4, "batch_size": 8, "lr": 1e-3, "M": 1, "device": "cpu",
+                                      "batch_gpu": None if batch_gpu is None else 2})
+        v = vanilla_distillation(teacher, config, TrainingData(images, labels), va,
+                                 tmp_path / f"vanilla{batch_gpu}", progress=False)
+        results[batch_gpu] = (s, v)
+    assert results[4][0]["final_loss"] == pytest.approx(results[None][0]["final_loss"], rel=1e-5)
+    for sub in ("teacher", "vanilla"):
+        a, b = weights(tmp_path / f"{sub}None"), weights(tmp_path / f"{sub}4")
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=lambda m: f"{sub}: {k}: {m}")
