@@ -10,7 +10,7 @@ weights) and its peak (VmHWM) after; the training memory is peak - base (weights
 activations). On a GPU (``--device cuda``) it reports torch.cuda.max_memory_allocated instead.
 
     python bench/bench_memory.py                  # small and medium nets, batch 32 (activations dominate)
-    python bench/bench_memory.py --sizes large --batch 4   # a wide net, small batch (weights + Adam dominate)
+    python bench/bench_memory.py --sizes large --batch 4 --precisions fp32   # a wide net, small batch (weights + Adam dominate)
     python bench/bench_memory.py --one small fp32 full plain 1   # one row
 """
 
@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,29 +92,33 @@ def launch(args: list[str], procs: int) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
-    me = [str(Path(__file__).resolve()), "--worker", *args]
-    cmd = [sys.executable, *me] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                     f"--nproc-per-node={procs}", *me]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    return [json.loads(line.removeprefix("ROW ")) for line in out.splitlines() if line.startswith("ROW ")]
+    with tempfile.TemporaryDirectory() as rows:
+        me = [str(Path(__file__).resolve()), "--worker", "--rows", rows, *args]
+        cmd = [sys.executable, *me] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                         f"--nproc-per-node={procs}", *me]
+        subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        return [json.loads(f.read_text()) for f in sorted(Path(rows).glob("*.json"))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--rows", help="(worker) folder for this process's result")
     ap.add_argument("--one", nargs=5, metavar=("SIZE", "PRECISION", "MODE", "CKPT", "PROCS"))
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", default="small,medium")
+    ap.add_argument("--precisions", default="fp32,bf16")
     a = ap.parse_args()
     if a.worker:
         size, precision, mode, ckpt, procs = a.one
         row = run_one(size, precision, mode, ckpt, int(procs), a.steps, a.batch, a.device)
-        print("ROW " + json.dumps({**row, "size": size, "precision": precision, "mode": mode, "ckpt": ckpt,
-                                   "procs": int(procs)}), flush=True)
+        rank = os.environ.get("RANK", "0")
+        (Path(a.rows) / f"{rank}.json").write_text(json.dumps({**row, "size": size, "precision": precision,
+                                                               "mode": mode, "ckpt": ckpt, "procs": int(procs)}))
         return
-    grid = [a.one] if a.one else list(itertools.product(a.sizes.split(","), ["fp32", "bf16"], ["full", "lora16", "lora64"],
+    grid = [a.one] if a.one else list(itertools.product(a.sizes.split(","), a.precisions.split(","), ["full", "lora16", "lora64"],
                                                         ["plain", "checkpointing"], ["1", "2"]))
     print("| network (params) | precision | student | activations | processes | trained params | base RSS MiB | "
           "peak RSS MiB | training MiB (peak - base) |")
