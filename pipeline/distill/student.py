@@ -261,7 +261,8 @@ def save_student(directory: str | Path, model: nn.Module, config: dict[str, Any]
     state = model.checkpoint_state_dict() if state is None else state
     config = {**config, "provenance": {**config.get("provenance", {}), "weights_hash": hash_state_dict(state)}}
     out = save_checkpoint(directory, state, config)
-    if is_diffusers_config(config):  # VAE, text encoder, tokenizer, prompt set: copied from the teacher
+    if is_diffusers_config(config) and "lora" not in config:  # VAE, text encoder, tokenizer, prompt set: copied from
+        # the teacher (a LoRA student loads them with its base network)
         from pipeline.teachers.diffusers_folder import save_components
 
         save_components(model, out)
