@@ -228,7 +228,7 @@ def distill(
     """Train ``model`` in place by the SFD loop; returns the training summary (see module docstring).
 
     Under torchrun every rank streams the same global batches and trains on its rows
-    ``share(batch_size)`` of each; the loop averages the gradients (pipeline.training.loop).
+    ``share(batch_size)`` of each; DDP or FSDP2 averages the gradients (pipeline.training.parallel).
     """
     if not sources:
         raise ParamError("distill: no trajectory keys to learn from")

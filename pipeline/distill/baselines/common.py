@@ -120,7 +120,7 @@ def fit_student(
     """The baselines' training: per update, a batch of clean data, the method's loss, one Adam step.
 
     Under torchrun every rank draws the same global batch and noise and computes its rows
-    (pipeline.core.distributed.share); the loop averages the gradients. ``params.precision`` bf16/fp16
+    (pipeline.core.distributed.share); DDP averages the gradients (pipeline.training.parallel). ``params.precision`` bf16/fp16
     runs the loss (teacher and student forwards) under autocast, fp16 with a gradient scaler.
 
     Returns {updates, loss_first, loss_last, teacher_images}."""
