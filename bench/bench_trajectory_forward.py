@@ -68,7 +68,7 @@ def main() -> None:
                     teacher_trajectories(fn, spec, seeds)
                     best = min(best, time.perf_counter() - start)
                 rates[label] = batch / best
-            print(f"| {name} | {batch} | {rates['eager']:.0f} | {rates['compiled']:.0f} | {warm:.1f} |", flush=True)
+            print(f"| {name} | {batch} | {rates['eager']:.1f} | {rates['compiled']:.1f} | {warm:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
