@@ -112,7 +112,9 @@ def sample(
 @one_line_errors
 def export(
     ckpt: str = typer.Option(..., help="a distilled checkpoint directory, e.g. models/sfd"),
-    format: str = typer.Option("diffusers", "--format", help="export format: diffusers"),
+    format: str = typer.Option("diffusers", "--format",
+                               help="export format: diffusers (the whole UNet; a LoRA student merged) | diffusers-lora "
+                                    "(a LoRA student's adapters, for pipe.load_lora_weights)"),
     out: str = typer.Option(..., help="output folder"),
 ) -> None:
     """Export a distilled student of a diffusers teacher as a diffusers folder + sfd_sampler.json (sigmas, AFS, guidance)."""

@@ -8,6 +8,7 @@ teacher and the section's trajectory params (sfd-method.md sections 6-8). Resuma
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -21,7 +22,10 @@ def main(
     params: Path = typer.Option(..., help="params file"),
     section: str = typer.Option(..., help="params section: distill (SFD), distill_v (SFD-v) or distill_stage2"),
     store: str = typer.Option(..., help="trajectory store written by the section's trajectories stage"),
-    teacher_ckpt: Path = typer.Option(..., help="the trajectories' teacher checkpoint, copied into the student"),
+    teacher_ckpt: Optional[Path] = typer.Option(
+        None, help="the trajectories' teacher checkpoint, copied into the student; without it, the trajectories "
+        "section's built-in teacher (gmm) and the section's student_network"
+    ),
     out: Path = typer.Option(..., help="distilled checkpoint directory (model.safetensors + model.json)"),
     state: Path = typer.Option(..., help="resumable state (verified by its checksum) and the last usable checkpoint"),
     metrics: Path = typer.Option(..., help="summary: final loss per step index, epochs over the cache"),

@@ -8,6 +8,8 @@ process (a stage exactly as dvc.yaml calls it, with the fault in place):
                             whom chmod does not stop, when ``chattr +i`` is not available either)
     enospc:<substring>      every write to a path containing <substring> fails with ENOSPC
     kill_after_saves:<n>    SIGKILL right after the n-th training-state save (a kill at a checkpoint)
+    killpg_after_saves:<n>  the same from rank 0, SIGKILL to the whole torchrun job (its agent and every rank)
+    killpg_after_chunks:<n> SIGKILL to the whole torchrun job right after this process's n-th chunk commit
 
 File-size limits (EFBIG) need no launcher: ``resource.setrlimit(RLIMIT_FSIZE, ...)`` in the child.
 :func:`read_only` makes a directory tree read-only for real (chmod; ``chattr +i`` as root) and says
@@ -88,20 +90,56 @@ def install_write_fault(code: int, matches) -> Callable[[], None]:
     return restore
 
 
-def install_kill_after_saves(n: int) -> Callable[[], None]:
-    from pipeline.training.state import TrainingState
+def kill_torchrun_job() -> None:
+    """SIGKILL torchrun's agent (this worker's parent), every other worker it started, then this one (Linux /proc)."""
+    agent, me = os.getppid(), os.getpid()
+    workers = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != me:
+            try:
+                stat_fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat_fields[1]) == agent:  # field 4 of /proc/PID/stat: the parent's pid
+                workers.append(int(entry))
+    os.kill(agent, signal.SIGKILL)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    os.kill(me, signal.SIGKILL)
 
-    real_save = TrainingState.save
+
+def install_kill_after(owner, method: str, n: int, group: bool) -> Callable[[], None]:
+    """SIGKILL right after the n-th call of ``owner.method`` in this process: the process itself, or with ``group``
+    the whole torchrun job (its agent and every rank at once: :func:`kill_torchrun_job`)."""
+    real = getattr(owner, method)
     count = [0]
 
-    def save(self, *args, **kwargs):
-        real_save(self, *args, **kwargs)
+    def wrapped(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
         count[0] += 1
         if count[0] >= n:
+            if group:
+                kill_torchrun_job()
             os.kill(os.getpid(), signal.SIGKILL)
+        return out
 
-    TrainingState.save = save
-    return lambda: setattr(TrainingState, "save", real_save)
+    setattr(owner, method, wrapped)
+    return lambda: setattr(owner, method, real)
+
+
+def install_kill_after_saves(n: int, group: bool = False) -> Callable[[], None]:
+    from pipeline.core.distributed import is_main
+    from pipeline.training.state import TrainingState
+
+    if group and not is_main():  # rank 0 writes the states; it kills everyone
+        return lambda: None
+    return install_kill_after(TrainingState, "save", n, group)
+
+
+def install_kill_after_chunks(n: int) -> Callable[[], None]:
+    from pipeline.trajectories.store import TrajectoryKey
+
+    return install_kill_after(TrajectoryKey, "write_chunk", n, True)
 
 
 def _path_matches(test):
@@ -127,6 +165,10 @@ def install(spec: str) -> Callable[[], None]:
             undo.append(install_write_fault(errno.ENOSPC, _path_matches(lambda p, s=arg: s in p)))
         elif kind == "kill_after_saves":
             undo.append(install_kill_after_saves(int(arg)))
+        elif kind == "killpg_after_saves":
+            undo.append(install_kill_after_saves(int(arg), group=True))
+        elif kind == "killpg_after_chunks":
+            undo.append(install_kill_after_chunks(int(arg)))
         else:
             raise SystemExit(f"fault_injection: unknown fault {fault!r}")
     return lambda: [u() for u in reversed(undo)] and None

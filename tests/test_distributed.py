@@ -27,6 +27,7 @@ from pipeline.distill.sfd import run_distill_stage
 from pipeline.trajectories.generation import run_trajectories_stage
 from pipeline.trajectories.spec import trajectory_specs
 from pipeline.trajectories.store import open_store
+from pipeline.training.parallel import prepare
 
 TEACHER = {"source": "gmm", "num_components": 4, "sample_shape": [1, 4, 4], "std": 0.2, "seed": 0}
 TINY_NET = {"model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []}
@@ -98,13 +99,30 @@ def do_evaluate(params: dict, teacher: str, data: str, feature_net: str, out: st
 
 
 def do_gather(out: str) -> None:
-    """Helpers: shares, gradient averaging and gathering."""
+    """Helpers: shares, the loss mean, gathering; DDP averages gradients and syncs only the last micro-batch."""
+    from pipeline.training.parallel import prepare
+
     lo, hi = distributed.share(8)
     assert (lo, hi) == ((0, 4) if distributed.rank() == 0 else (4, 8))
-    p = torch.nn.Parameter(torch.zeros(3))
-    p.grad = torch.full((3,), float(distributed.rank() + 1))
-    loss = distributed.average_gradients([p], torch.tensor(float(10 * distributed.rank())))
-    assert loss == 5.0 and torch.equal(p.grad, torch.full((3,), 1.5))
+    assert distributed.mean_over_ranks(torch.tensor(float(10 * distributed.rank()))) == 5.0
+    torch.manual_seed(distributed.rank())  # different initial weights: DDP broadcasts rank 0's
+    lin = torch.nn.Linear(3, 1, bias=False)
+    model = prepare(lin, sharding="ddp")
+    assert model.sharding == "ddp" and isinstance(model.forward, torch.nn.parallel.DistributedDataParallel)
+    reductions = []
+
+    def counting_hook(state, bucket):  # DDP's default all-reduce, counted
+        reductions.append(bucket.index())
+        fut = torch.distributed.all_reduce(bucket.buffer().div_(2), async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    model.forward.register_comm_hook(None, counting_hook)
+    x = torch.full((1, 3), float(distributed.rank() + 1))
+    for j in range(3):  # three micro-batches: only the last one communicates
+        with model.sync(j == 2):
+            model.forward(x).sum().backward()
+    assert len(reductions) == 1
+    torch.testing.assert_close(lin.weight.grad, torch.full((1, 3), 3 * 1.5))  # 3 micro-batches x mean(1, 2)
     got = distributed.all_gather_objects(distributed.rank())
     assert got == [0, 1]
     with pytest.raises(ParamError, match="multiple of the 2 processes"):
@@ -168,9 +186,10 @@ def do_baselines(out: str) -> None:
 def test_helpers_are_single_process_no_ops():
     assert not distributed.is_distributed() and distributed.world_size() == 1 and distributed.is_main()
     assert distributed.share(7) == (0, 7)
-    p = torch.nn.Parameter(torch.ones(2))
-    p.grad = torch.ones(2)
-    assert distributed.average_gradients([p], torch.tensor(2.5)) == 2.5 and torch.equal(p.grad, torch.ones(2))
+    assert distributed.mean_over_ranks(torch.tensor(2.5)) == 2.5
+    lin = torch.nn.Linear(2, 2)
+    model = prepare(lin)
+    assert model.forward is lin and model.sharding is None  # one process: the module itself, today's path
     assert distributed.all_gather_objects("x") == ["x"]
 
 
@@ -216,10 +235,27 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(directory)[0]
 
 
-def test_distill_two_processes_equal_one(stores, tmp_path):
+@pytest.fixture(scope="module")
+def two_process_run(stores, tmp_path_factory):
+    """An uninterrupted 2-process distill run (DDP) of the stores' params."""
     params, one, _ = stores
-    do_distill(params, one, str(tmp_path / "one"))
-    spawn("do_distill", params=params, store=one, out=str(tmp_path / "two"))
+    out = tmp_path_factory.mktemp("two")
+    spawn("do_distill", params=params, store=one, out=str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process_run(stores, tmp_path_factory):
+    params, one, _ = stores
+    out = tmp_path_factory.mktemp("one")
+    do_distill(params, one, str(out))
+    return out
+
+
+def test_distill_two_processes_equal_one(stores, one_process_run, two_process_run, tmp_path):
+    params, one, _ = stores
+    (tmp_path / "one").symlink_to(one_process_run)
+    (tmp_path / "two").symlink_to(two_process_run)
     w1, w2 = _weights(tmp_path / "one" / "student"), _weights(tmp_path / "two" / "student")
     assert sorted(w1) == sorted(w2)
     moved = max(float((w1[k] - _init_weights(params)[k]).abs().max()) for k in w1)
@@ -246,16 +282,27 @@ def _init_weights(params: dict) -> dict[str, torch.Tensor]:
     return init.model.checkpoint_state_dict()
 
 
-@pytest.mark.slow  # several 2-process spawns (~1 min on a 2-core CPU)
-def test_distill_two_processes_resume_is_bit_identical(stores, tmp_path):
+def test_distill_fsdp_two_processes_equal_one_and_resume(stores, one_process_run, tmp_path, capfd):
+    """FSDP2 (sharding: fsdp) with two micro-batches per process: interrupted after 3 batches, resumed from the state
+    of batch 2 (saved in whole tensors, the one-process format), the student equals the one-process one.
+    (SIGKILL of every rank and a bit-identical re-run: tests/test_scale_out.py, with DDP.)"""
     params, one, _ = stores
-    spawn("do_distill", params=params, store=one, out=str(tmp_path / "whole"))
-    spawn("do_distill", params=params, store=one, out=str(tmp_path / "cut"), stop_after_batches=3)  # interrupted
-    assert not (tmp_path / "cut" / "student").exists() and (tmp_path / "cut" / "state").is_dir()
-    spawn("do_distill", params=params, store=one, out=str(tmp_path / "cut"))  # resumed from the batch-2 state
-    w1, w2 = _weights(tmp_path / "whole" / "student"), _weights(tmp_path / "cut" / "student")
+    (tmp_path / "one").symlink_to(one_process_run)
+    fsdp = make_params(sharding="fsdp", batch_gpu=4)
+    spawn("do_distill", params=fsdp, store=one, out=str(tmp_path / "two"), stop_after_batches=3)
+    state = load_checkpoint(tmp_path / "two" / "state", name="training_state")[0]
+    one_state = load_checkpoint(tmp_path / "one" / "state", name="training_state")[0]
+    assert sorted(state) == sorted(one_state)  # whole tensors, parameter-indexed Adam moments: the same file format
+    assert all(state[k].shape == one_state[k].shape for k in state)
+    capfd.readouterr()
+    spawn("do_distill", params=fsdp, store=one, out=str(tmp_path / "two"))
+    assert "(verified) at batch 2 of 6" in capfd.readouterr().out  # resumed, not restarted
+    w1, w2 = _weights(tmp_path / "one" / "student"), _weights(tmp_path / "two" / "student")
+    assert sorted(w1) == sorted(w2)
     for k in w1:
-        assert torch.equal(w1[k], w2[k]), k
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=2e-6)
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m2["processes"] == 2 and m2["kimg"] == 0.096
 
 
 def test_distill_batch_must_split_evenly(stores, tmp_path):
@@ -299,28 +346,73 @@ def test_evaluate_two_processes_equal_one(tmp_path):
     assert c1["teacher_forward_images"] == c2["teacher_forward_images"] > 0
 
 
-@pytest.mark.slow  # several 2-process spawns (~1 min on a 2-core CPU)
-def test_trajectories_stage_with_nproc_relaunches_under_torchrun(stores, tmp_path):
-    """The DVC way: `nproc: 2` in params.yaml makes `python -m stages.trajectories ...` re-run itself under torchrun."""
+def torchrun(stage_name: str, args: list[str], faults: str = "") -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 -m stages.<stage> ARGS`` (gloo, one thread each; the README's
+    by-hand command), the stage started through tests/fault_injection.py so that ``faults`` are in every rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "tests" / "fault_injection.py"), f"stages.{stage_name}", *args]
+    return subprocess.run(cmd, cwd=ROOT, env={**stage_env(), "SFD_FAULTS": faults}, capture_output=True, text=True,
+                          timeout=300, start_new_session=True)
+
+
+def stage_env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SFD_FAULTS"):
+        env.pop(k, None)
+    return env
+
+
+def test_sigkill_of_every_rank_then_rerun_is_bit_identical(stores, two_process_run, tmp_path):
+    """2-process (gloo) distill under torchrun: every rank and torchrun's agent SIGKILLed right after the state of
+    batch 4 of 6 is saved; the same command again resumes and ends bit-identical to an uninterrupted 2-process run."""
     import yaml
 
     params, one, _ = stores
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "nproc": 2}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    run = tmp_path / "run"
+    args = ["--params", str(tmp_path / "params.yaml"), "--section", "distill", "--store", one, "--out", str(run / "student"),
+            "--state", str(run / "state"), "--metrics", str(run / "metrics.json"), "--live", str(run / "live"),
+            "--cost", str(run / "cost.json"), "--no-progress"]  # fmt: skip
+    killed = torchrun("distill", args, faults="killpg_after_saves:2")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert json.loads((run / "state" / "training_state.json").read_text())["counters"]["batch"] == 4
+    assert not (run / "student").exists()
+    again = torchrun("distill", args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(verified) at batch 4 of 6" in again.stdout
+    w1, w2 = _weights(two_process_run / "student"), _weights(run / "student")
+    assert sorted(w1) == sorted(w2) and all(torch.equal(w1[k], w2[k]) for k in w1)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["processes"] == 2 and m == {**json.loads((two_process_run / "metrics.json").read_text()),
+                                         "wall_seconds": m["wall_seconds"], "checkpoint": m["checkpoint"]}
+
+
+def test_trajectories_sigkill_of_every_rank_then_nproc_rerun_equals_one_process(stores, tmp_path):
+    """2-process trajectory generation SIGKILLed (every rank and the agent) after the first chunk commit, then re-run
+    the DVC way (`nproc: 2` in params.yaml: `python -m stages.trajectories ...` re-runs itself under torchrun): only
+    the missing chunks are generated and the store equals the one-process store bit for bit."""
+    import yaml
+
+    params, one, _ = stores
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "nproc": 1}))
     store = tmp_path / "stage.zarr"
-    cmd = [sys.executable, "-m", "stages.trajectories", "--params", str(tmp_path / "params.yaml"), "--section",
-           "trajectories", "--out", str(store), "--summary", str(tmp_path / "summary.json"),
-           "--cost", str(tmp_path / "cost.json"), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["shard"] == [0, 2] and summary["chunks_generated"] == 6  # both ranks, merged by rank 0
-    assert json.loads((tmp_path / "cost.json").read_text())["teacher_forward_images"] > 0
+    args = ["--params", str(tmp_path / "params.yaml"), "--section", "trajectories", "--out", str(store),
+            "--summary", str(tmp_path / "summary.json"), "--cost", str(tmp_path / "cost.json"), "--no-progress"]
+    killed = torchrun("trajectories", args, faults="killpg_after_chunks:1")
+    assert killed.returncode == -9, killed.stderr[-3000:]
     (spec,) = trajectory_specs(parse_params(params).trajectories, teacher_hash=_gmm_hash(), num_classes=0,
                                sample_shape=(1, 4, 4))
+    done = open_store(store).open_spec(spec).committed_chunks()
+    assert 1 <= len(done) < 6, done  # killed mid-way
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "nproc": 2}))
+    cmd = [sys.executable, "-m", "stages.trajectories", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["shard"] == [0, 2] and summary["chunks_generated"] == 6 - len(done)  # both ranks, merged by rank 0
+    assert json.loads((tmp_path / "cost.json").read_text())["teacher_forward_images"] > 0
     a, b = open_store(one).open_spec(spec), open_store(store).open_spec(spec)
+    assert b.committed_chunks() == list(range(6))
     for c in range(6):
         x, y = a.read_chunk(c), b.read_chunk(c)
         for name in x:

@@ -40,6 +40,8 @@ class PDParams(Section):
     seed: NonNegativeInt = 0
     precision: Precision = "fp32"  # fp32 | bf16 | fp16: autocast of the forwards (fp16: a gradient scaler)
     device: Device = "auto"
+    batch_gpu: PositiveInt | None = None  # rows per micro-batch on each process (gradient accumulation); None: all its rows
+    activation_checkpointing: bool = False  # recompute the student's block activations in the backward pass
 
     @model_validator(mode="after")
     def _check(self) -> "PDParams":
@@ -85,6 +87,8 @@ class SFDDMParams(Section):
     seed: NonNegativeInt = 0
     precision: Precision = "fp32"  # fp32 | bf16 | fp16: autocast of the forwards (fp16: a gradient scaler)
     device: Device = "auto"
+    batch_gpu: PositiveInt | None = None  # rows per micro-batch on each process (gradient accumulation); None: all its rows
+    activation_checkpointing: bool = False  # recompute the student's block activations in the backward pass
 
     @model_validator(mode="after")
     def _check(self) -> "SFDDMParams":
@@ -124,6 +128,8 @@ class VanillaParams(Section):
     seed: NonNegativeInt = 0
     precision: Precision = "fp32"  # fp32 | bf16 | fp16: autocast of the forwards (fp16: a gradient scaler)
     device: Device = "auto"
+    batch_gpu: PositiveInt | None = None  # rows per micro-batch on each process (gradient accumulation); None: all its rows
+    activation_checkpointing: bool = False  # recompute the student's block activations in the backward pass
 
     @model_validator(mode="after")
     def _check(self) -> "VanillaParams":

@@ -61,9 +61,18 @@ class DistillParams(Section):
     precision: Literal["fp32", "bf16", "fp16", "fp16_authors"] = "fp32"
     device: Device = "auto"
     threads: NonNegativeInt = 1  # torch CPU threads (0 = torch's default); small nets on a shared CPU run fastest on 1
+    # memory and scale-out settings (docs/scale-out.md); they change results only to float round-off
+    batch_gpu: PositiveInt | None = None  # rows per micro-batch on each process (gradient accumulation); None: all its rows
+    sharding: Literal["ddp", "fsdp"] = "ddp"  # several processes: DDP replicas | FSDP2 shards (weights, grads, Adam state)
+    activation_checkpointing: bool = False  # recompute the student's block activations in the backward pass
+    # LoRA student (pipeline.networks.lora): the teacher frozen + adapters of this rank; 0 = every weight trained
+    lora_rank: NonNegativeInt = 0
+    lora_alpha: PositiveFloat | None = None  # adapter scale alpha / rank; None: alpha = rank
+    lora_targets: list[str] | None = None  # layer-name suffixes that get adapters; None: the network's default set
 
     RUN_ONLY: ClassVar[tuple[str, ...]] = (
-        "checkpoint_every_kimg", "log_every_kimg", "prefetch", "device", "threads",
+        "checkpoint_every_kimg", "log_every_kimg", "prefetch", "device", "threads", "batch_gpu", "sharding",
+        "activation_checkpointing",
     )  # not part of the training key  # fmt: skip
 
     def total_batches(self) -> int:

@@ -33,11 +33,13 @@ class TeacherParams(Section):
     seed: NonNegativeInt = 0
     precision: Precision = "fp32"  # fp32 | bf16 | fp16: autocast of the forwards (fp16 training: a gradient scaler)
     device: Device = "auto"
+    batch_gpu: PositiveInt | None = None  # rows per micro-batch on each process (gradient accumulation); None: all its rows
+    activation_checkpointing: bool = False  # recompute the network's block activations in the backward pass
 
     def training_key(self, data_description: dict[str, Any]) -> str:
         """Identity of a run: a saved training state is resumed only under the same key.
 
         ``steps`` is left out so that a longer run continues a shorter one.
         """
-        d = described(self, leave_out=("checkpoint_every", "device", "steps"))
+        d = described(self, leave_out=("checkpoint_every", "device", "steps", "batch_gpu", "activation_checkpointing"))
         return hash_description({"params": d, "data": data_description})

@@ -195,11 +195,18 @@ def format_error(e: ValidationError, name: str, cls: type) -> str:
     return _one(first, name)
 
 
+OMITTED_AT_DEFAULT = {"batch_gpu": None, "sharding": "ddp", "activation_checkpointing": False, "lora_rank": 0,
+                      "lora_alpha": None, "lora_targets": None}
+
+
 def described(params: Any, *, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
     """``dataclasses.asdict(params)`` for hashing and provenance, less ``leave_out``, and less ``precision``
-    when it is the default ``fp32``: keys, training keys and model.json of fp32 runs stay as they were
-    before the setting existed."""
+    when it is the default ``fp32`` (and each key of ``OMITTED_AT_DEFAULT`` at its default): keys, training keys
+    and model.json of earlier runs stay as they were before the setting existed."""
     d = {k: v for k, v in dataclasses.asdict(params).items() if k not in leave_out}
     if d.get("precision", "fp32") == "fp32":
         d.pop("precision", None)
+    for key, default in OMITTED_AT_DEFAULT.items():  # settings added later: absent while at their default
+        if key in d and d[key] == default:
+            d.pop(key)
     return d

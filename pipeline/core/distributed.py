@@ -9,10 +9,9 @@ single-process answer, so a one-process run takes exactly today's code path.
 - :func:`rank`, :func:`world_size`, :func:`is_main`, :func:`barrier`;
 - :func:`share`: the rows ``[lo, hi)`` of a global batch that this rank computes (equal shares:
   the global batch size must be a multiple of the number of processes);
-- :func:`average_gradients`: one all-reduce of every gradient (and the loss) per optimizer step,
-  divided by the number of processes -- what DistributedDataParallel does, without overlapping the
-  communication with the backward pass (pipeline.training.loop.optimizer_step calls it);
-- :func:`broadcast_parameters`, :func:`all_gather_objects`, :func:`main_first`.
+- :func:`mean_over_ranks` (a loss value), :func:`all_reduce_sum`, :func:`all_gather_objects`, :func:`main_first`,
+  :func:`full_state_dict` (FSDP2's sharded tensors gathered whole on rank 0).
+  Gradients are averaged by torch's DistributedDataParallel or FSDP2 (pipeline.training.parallel), never here.
 
 Precision. :func:`autocast_context` (``fp32`` | ``bf16`` | ``fp16``) and :func:`grad_scaler`
 (fp16 only) are the one place that turns the ``precision`` param into torch's autocast and
@@ -25,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -148,47 +147,30 @@ def share(batch_size: int, what: str = "batch_size") -> tuple[int, int]:
     return r * b, (r + 1) * b
 
 
-def _reduce_device(tensors: list[torch.Tensor]) -> torch.device:
-    return tensors[0].device if tensors else torch.device("cpu")
-
-
-def average_gradients(parameters: Iterable[torch.nn.Parameter], loss: torch.Tensor | None = None) -> float | None:
-    """All-reduce (mean over processes) every gradient in one flat buffer, plus the loss value; returns the mean loss.
-
-    Parameters without a gradient are skipped (the same on every rank: one model, one code path).
-    A no-op returning ``float(loss)`` with one process.
-    """
-    params = [p for p in parameters if p.grad is not None]
-    value = None if loss is None else loss.detach().float().reshape(1)
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """The mean of a scalar tensor over the processes (a loss value for logging and the finiteness check);
+    ``float(value)`` with one process. Gradients are averaged by torch's DDP / FSDP2 (pipeline.training.parallel)."""
     if not is_distributed():
-        return None if value is None else float(value)
+        return float(value)
     import torch.distributed as dist
 
-    grads = [p.grad for p in params]
-    device = _reduce_device(grads) if grads else (value.device if value is not None else _comm_device())
-    parts = [g.reshape(-1).to(torch.float32) for g in grads]
-    if value is not None:
-        parts.append(value.to(device))
-    flat = torch.cat(parts) if parts else torch.zeros(0, device=device)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset : offset + n].view_as(g).to(g.dtype))
-        offset += n
-    return None if value is None else float(flat[offset])
+    t = value.detach().to(torch.float64).reshape(1).to(_comm_device())
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
 
 
-def broadcast_parameters(parameters: Iterable[torch.Tensor]) -> None:
-    """Rank 0's values to every rank (the ranks start from the same seed anyway; this makes it certain)."""
-    if not is_distributed():
-        return
-    import torch.distributed as dist
+def full_state_dict(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Whole tensors for a state dict whose values may be DTensors (FSDP2 shards): every rank gathers each
+    tensor in the same order; rank 0 keeps them on the CPU, the others get an empty dict."""
+    from torch.distributed.tensor import DTensor
 
-    with torch.no_grad():
-        for p in parameters:
-            dist.broadcast(p.data, src=0)
+    out: dict[str, torch.Tensor] = {}
+    main = is_main()
+    for key, value in state.items():
+        whole = value.full_tensor() if isinstance(value, DTensor) else value
+        if main:
+            out[key] = whole.detach().cpu()
+    return out
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

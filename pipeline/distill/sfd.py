@@ -32,6 +32,7 @@ only their common interface is used: ``step_condition``, ``checkpoint_module()``
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -62,6 +63,7 @@ from pipeline.trajectories.spec import trajectory_specs
 from pipeline.training.live import LiveLog
 from pipeline.training.loop import TrainingLoop, optimizer_step
 from pipeline.training.optim import adam
+from pipeline.training.parallel import Trainable, enable_activation_checkpointing, micro_batches, prepare, state_view
 from pipeline.training.state import TrainingState
 
 RECENT = 50  # batches per step index averaged into the final loss
@@ -86,6 +88,8 @@ class DistillRun:
     training_key: str
     checkpoint_config: dict[str, Any]  # model.json of the usable checkpoint written with each state
     cost: CostMeter = field(default_factory=lambda: CostMeter("distill"))
+    lora: Any = None  # a LoRA student's adapters (pipeline.networks.lora.LoraAdapters); None: every weight trained
+    final_state: dict[str, torch.Tensor] | None = None  # the trained checkpoint tensors (whole, on rank 0), set by distill
 
 
 def step_losses_keys(schedules: Sequence[Schedule], afs: bool) -> list[str]:
@@ -147,6 +151,8 @@ def sfd_batch(
     scaler: "torch.amp.GradScaler | None" = None,  # fp16: pipeline.core.distributed.grad_scaler
     forward: Any = None,  # the callable run as the network (a torch.compile'd model); None: ``model``
     nan_to_num: bool = False,  # sfd-main's recipe: no stop on a non-finite loss, sanitised gradients (optimizer_step)
+    batch_gpu: int | None = None,  # micro-batch rows (gradient accumulation); None: the whole batch at once
+    trainable: "Trainable | None" = None,  # the DDP / FSDP2 model (pipeline.training.parallel): syncs the last micro-batch
 ) -> list[tuple[int, float]]:
     """One batch of the SFD loop (module docstring): [(n + 1, loss_n)] for every optimizer step taken."""
     net = model if forward is None else forward
@@ -160,26 +166,48 @@ def sfd_batch(
     net_kwargs: dict[str, Any] = {}
     if getattr(model, "step_condition", False):
         net_kwargs["num_steps"] = torch.full((x.shape[0],), num_steps, dtype=torch.int64, device=device)
+    parts = micro_batches(x.shape[0], batch_gpu)
+
+    def student_step(n: int, x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_hat, loss) of rows [lo, hi) at student step n."""
+        xs = x[lo:hi]
+        sigma = torch.full((xs.shape[0],), t[n], dtype=xs.dtype, device=device)
+        lab = None if labels is None else labels[lo:hi]
+        kw = {k: v[lo:hi] for k, v in net_kwargs.items()}
+        if precision == "fp32":
+            eps = (xs - net(xs, sigma, lab, **kw)) / t[n]
+        else:
+            with autocast_context(precision, device):
+                denoised = net(xs, sigma, lab, **kw)
+            eps = (xs - denoised.float()) / t[n]
+        x_hat = xs + (t[n + 1] - t[n]) * eps
+        loss = loss_fn(x_hat, y[lo:hi, n])
+        if last_step_extra is not None and n == num_steps - 2:
+            loss = loss + last_step_extra(x_hat, y[lo:hi, n])
+        return x_hat, loss
+
     out = []
     for n in range(num_steps - 1):
         if afs and n == 0:
             x = x + (t[1] - t[0]) * afs_epsilon(x, t[0])
             continue
-        sigma = torch.full((x.shape[0],), t[n], dtype=x.dtype, device=device)
-        if precision == "fp32":
-            eps = (x - net(x, sigma, labels, **net_kwargs)) / t[n]
-        else:
-            with autocast_context(precision, device):
-                denoised = net(x, sigma, labels, **net_kwargs)
-            eps = (x - denoised.float()) / t[n]
-        x_hat = x + (t[n + 1] - t[n]) * eps
-        loss = loss_fn(x_hat, y[:, n])
-        if last_step_extra is not None and n == num_steps - 2:
-            loss = loss + last_step_extra(x_hat, y[:, n])
-        value = optimizer_step(optimizer, loss, what=f"the loss of student step {n + 1} (N={num_steps})", scaler=scaler,
-                               nan_to_num=nan_to_num)
+        what = f"the loss of student step {n + 1} (N={num_steps})"
+        if len(parts) == 1:
+            x_hat, loss = student_step(n, x, 0, x.shape[0])
+            value = optimizer_step(optimizer, loss, what=what, scaler=scaler, nan_to_num=nan_to_num, model=trainable)
+            x = x_hat.detach()
+        else:  # batch_gpu: each micro-batch's mean weighted by its rows; its rollout state kept for the next step
+            states: list[torch.Tensor] = []
+
+            def micro(n: int, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+                x_hat, loss = student_step(n, x, lo, hi)
+                states.append(x_hat.detach())
+                return loss * ((hi - lo) / x.shape[0])
+
+            value = optimizer_step(optimizer, [functools.partial(micro, n, x, lo, hi) for lo, hi in parts], what=what,
+                                   scaler=scaler, nan_to_num=nan_to_num, model=trainable)
+            x = torch.cat(states)
         out.append((n + 1, value))
-        x = x_hat.detach()
     return out
 
 
@@ -195,21 +223,34 @@ def distill(
     stop_after_batches: int | None = None,  # simulate an interruption after this many batches (tests)
     live: LiveLog | None = None,  # DVCLive: loss per step index and lr per log window
     name: str = "distill",
-    forward: Any = None,  # a torch.compile'd model (run setting `compile`); None: ``model``
+    compile: bool = False,  # run setting: torch.compile the student's forward (GPU only; pipeline.core.distributed)
 ) -> dict[str, Any]:
     """Train ``model`` in place by the SFD loop; returns the training summary (see module docstring).
 
     Under torchrun every rank streams the same global batches and trains on its rows
-    ``share(batch_size)`` of each; the loop averages the gradients (pipeline.training.loop).
+    ``share(batch_size)`` of each; DDP or FSDP2 averages the gradients (pipeline.training.parallel).
     """
     if not sources:
         raise ParamError("distill: no trajectory keys to learn from")
     device = next(model.parameters()).device
     lo, hi = share(params.batch_size, f"{name}.batch_size")
+    micro_batches(hi - lo, params.batch_gpu, f"{name}.batch_gpu")  # refuse a batch_gpu that does not divide before any work
     authors_fp16 = params.precision == "fp16_authors"  # sfd-main's use_fp16 recipe (module docstring of this section below)
     scaler = None if authors_fp16 else grad_scaler(params.precision, device)
-    model.train().requires_grad_(True)
-    optimizer = adam(model, params.lr)
+    if scaler is not None and params.sharding == "fsdp" and world_size() > 1:
+        raise ParamError(f"{name}.sharding: fsdp with precision fp16 (a gradient scaler) is not supported; use bf16")
+    lora = run.lora
+    if lora is None:
+        model.train().requires_grad_(True)
+    else:  # the teacher's weights frozen, the adapters trained (pipeline.networks.lora)
+        model.train()
+    if params.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    trainable = prepare(model, sharding=params.sharding, device=device, what=f"{name}.sharding")
+    forward, compile_note = maybe_compile(trainable.forward, compile, device)
+    if compile_note is not None and progress and is_main():
+        tqdm.write(f"{name}: {compile_note}")
+    optimizer = adam(model, params.lr, trainable.parameters() if lora is not None else None)
     draw = torch.Generator().manual_seed(params.seed)
     torch.manual_seed(params.seed)
     keys = step_losses_keys([s.schedule for s in sources], params.afs)
@@ -217,11 +258,16 @@ def distill(
     draw_index = _step_drawer(sources, params, draw, name) if multi else (lambda batch: 0)
     state = None
     if run.state_dir is not None:
-        state = TrainingState(run.state_dir, run.training_key, modules={"net": model.checkpoint_module()},
-                              optimizers={"optimizer": optimizer}, generators={"draw": draw})
+        module_state, optimizer_state = state_view(trainable, optimizer, model.checkpoint_module(),
+                                                   keep=None if lora is None else lora.is_adapter)
+        state = TrainingState(run.state_dir, run.training_key, modules={"net": module_state},
+                              optimizers={"optimizer": optimizer_state}, generators={"draw": draw},
+                              collective=trainable.sharding == "fsdp")
 
     def save_usable(loop: TrainingLoop) -> None:  # a usable student next to the state: `sfd sample --ckpt STATE_DIR`
-        net_state = model.checkpoint_state_dict()
+        net_state = trainable.checkpoint_state_dict() if lora is None else lora.adapter_state_dict(trainable)
+        if not is_main():
+            return
         config = dict(run.checkpoint_config)
         config["provenance"] = {**config.get("provenance", {}), "weights_hash": hash_state_dict(net_state),
                                 "kimg_done": loop.kimg()}
@@ -259,7 +305,8 @@ def distill(
         step_values = sfd_batch(
             model, optimizer, mine, sources[i].schedule.t_steps(), loss_fn,
             afs=params.afs, last_step_extra=last_step_extra, device=device,
-            precision=batch_precision(), scaler=scaler, forward=forward, nan_to_num=authors_fp16,
+            precision=batch_precision(), scaler=scaler, forward=None if forward is model else forward, nan_to_num=authors_fp16,
+            batch_gpu=params.batch_gpu, trainable=trainable,
         )  # fmt: skip
         if authors_fp16 and loop.counters["fp16_off_at_batch"] is None and step_values and math.isnan(step_values[-1][1]):
             loop.counters["fp16_off_at_batch"] = batch_index  # sfd-main: "Meet nan, disable fp16!" for the rest of the run
@@ -280,6 +327,7 @@ def distill(
             model.use_fp16 = edm_fp16
     if not finished:
         return {"interrupted_at_batch": loop.batch}
+    run.final_state = trainable.checkpoint_state_dict() if lora is None else lora.adapter_state_dict(trainable)
     model.eval().requires_grad_(False)
     batch, rows = loop.batch, loop.counters["rows"]
     trajectories = batch * params.batch_size
@@ -457,6 +505,18 @@ def run_distill_stage(
             step_condition=p.step_condition, seed=p.seed, device=device, step_condition_init=p.step_condition_init,
         )  # fmt: skip
     model = init.model
+    lora = None
+    if p.lora_rank > 0:
+        from pipeline.networks.lora import add_lora
+
+        if p.step_condition:
+            raise ParamError(f"{section}.lora_rank: LoRA students are single-N (distill, distill_stage2); SFD-v's new step "
+                             "layers are not teacher weights an adapter could modify: set lora_rank: 0")
+        if teacher_ckpt is None:
+            raise ParamError(f"{section}.lora_rank: a LoRA student adapts a teacher network; the teacher "
+                             f"({traj.teacher}) has none: set lora_rank: 0")
+        lora = add_lora(model, rank=p.lora_rank, alpha=p.lora_alpha, targets=p.lora_targets, seed=p.seed,
+                        what=f"{section}.lora_rank")
     if model.step_condition:
         step_condition = [s.num_steps for s in schedules]
     else:
@@ -509,19 +569,21 @@ def run_distill_stage(
     }  # fmt: skip
     sampler = sampler_section(default_schedule, afs=p.afs, step_condition=step_condition, guidance=p.guidance)
     config = student_config(init.config, sampler, provenance)
+    if lora is not None:  # model.safetensors holds the adapters; the base is the teacher checkpoint (pipeline.networks.lora)
+        config["lora"] = {**lora.describe(), "base": str(teacher_ckpt), "base_weights_hash": init.init_hash}
     cost = CostMeter(section, device)
-    run = DistillRun(Path(state_dir) if state_dir is not None else None, key, config, cost)
+    run = DistillRun(Path(state_dir) if state_dir is not None else None, key, config, cost, lora=lora)
 
     live = LiveLog(live_dir) if live_dir is not None else None
     _, cl_note = to_channels_last(model, channels_last, device)
-    forward, compile_note = maybe_compile(model, compile, device)
+    compile_note = maybe_compile(model, compile, device)[1] if compile and device.type != "cuda" else None
     summary = distill(
         model, sources, p, run, loss_fn=loss_fn, last_step_extra=last_step_extra, progress=progress,
-        stop_after_batches=stop_after_batches, live=live, name=section, forward=None if forward is model else forward,
+        stop_after_batches=stop_after_batches, live=live, name=section, compile=compile and compile_note is None,
     )  # fmt: skip
     if "interrupted_at_batch" in summary:
         return summary
-    save_student(out, model, config)
+    save_student(out, model, config, state=run.final_state)
     summary.pop("log")
     result = {
         "section": section,
@@ -533,6 +595,8 @@ def run_distill_stage(
         **summary,
         "wall_seconds": round(cost.wall_seconds, 3),
         "checkpoint": str(out),
+        **({"lora": config["lora"], "trained_parameters": sum(t.numel() for t in run.final_state.values())}
+           if lora is not None and run.final_state else {}),
     }
     if world_size() > 1 or p.precision != "fp32" or cl_note or compile_note:
         result["processes"] = world_size()

@@ -254,12 +254,15 @@ def student_config(base: dict[str, Any], sampler: dict[str, Any], provenance: di
     return {**arch, "data": copy.deepcopy(base.get("data", {})), "sampler": sampler, "provenance": provenance}
 
 
-def save_student(directory: str | Path, model: nn.Module, config: dict[str, Any]) -> Path:
-    """Write model.safetensors (``model.checkpoint_state_dict()``) + model.json; the weights hash goes into the provenance."""
-    state = model.checkpoint_state_dict()
+def save_student(directory: str | Path, model: nn.Module, config: dict[str, Any],
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write model.safetensors (``model.checkpoint_state_dict()``, or ``state``: FSDP2's gathered tensors, a LoRA
+    student's adapters) + model.json; the weights hash goes into the provenance."""
+    state = model.checkpoint_state_dict() if state is None else state
     config = {**config, "provenance": {**config.get("provenance", {}), "weights_hash": hash_state_dict(state)}}
     out = save_checkpoint(directory, state, config)
-    if is_diffusers_config(config):  # VAE, text encoder, tokenizer, prompt set: copied from the teacher
+    if is_diffusers_config(config) and "lora" not in config:  # VAE, text encoder, tokenizer, prompt set: copied from
+        # the teacher (a LoRA student loads them with its base network)
         from pipeline.teachers.diffusers_folder import save_components
 
         save_components(model, out)

@@ -1,4 +1,6 @@
-"""``sfd export --ckpt models/sfd --format diffusers --out DIR``: a distilled diffusers student as a diffusers folder.
+"""``sfd export --ckpt models/sfd --format diffusers --out DIR``: a distilled diffusers student as a diffusers folder
+(a LoRA student: its adapters merged); ``--format diffusers-lora``: a LoRA student's adapters as diffusers LoRA
+weights (:func:`export_diffusers_lora`).
 
 DIR holds ``model_index.json``, ``unet/`` (the distilled UNet, ``save_pretrained`` with safetensors),
 ``scheduler/`` (the student's own sampler as :class:`pipeline.teachers.diffusers_scheduler.SFDScheduler`:
@@ -30,25 +32,14 @@ from pipeline.core.param_checks import ParamError
 from pipeline.networks.diffusers_vp import DEFAULT_VAE_SCALING, DiffusersVP, require_diffusers
 from pipeline.teachers.loader import load_student
 
-EXPORT_FORMATS = ("diffusers",)
+EXPORT_FORMATS = ("diffusers", "diffusers-lora")
 SAMPLER_FILE = "sfd_sampler.json"
 
 
 def export_diffusers(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the distilled checkpoint ``ckpt`` (of a diffusers teacher) as a diffusers folder ``out``."""
     diffusers = require_diffusers()
-    student = load_student(ckpt)
-    model = student.model
-    if not isinstance(model, DiffusersVP):
-        raise ParamError(f"--format diffusers: {ckpt} is not a distilled diffusers UNet (its teacher was not a diffusers folder)")
-    spec = student.sampler_spec()
-    if model.step_condition:
-        raise ParamError(f"--format diffusers: {ckpt} is step-conditioned (SFD-v); its step layers have no diffusers "
-                         "equivalent, export a single-N student (distill, distill_stage2)")
-    if spec.solver != "euler":
-        raise ParamError(f"--format diffusers: the checkpoint's sampler is {spec.solver!r}; the export describes Euler samplers only")
-    sigmas = spec.t_steps()
-    timesteps = model.sigma_to_t(sigmas.to(model.log_sigmas.device)).cpu()
+    _, model, spec, sigmas, timesteps = _distilled_diffusers(ckpt, "diffusers")
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -79,6 +70,12 @@ def export_diffusers(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     else:
         index["_class_name"] = "DDPMPipeline"
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    sampler = write_sampler_file(out, ckpt, model, spec, sigmas, timesteps)
+    return {"out": str(out), "nfe": spec.nfe, "num_steps": len(sampler["sigmas"]), "unet_class": model.unet_class}
+
+
+def write_sampler_file(out: Path, ckpt: str | Path, model: DiffusersVP, spec: Any, sigmas: Any, timesteps: Any) -> dict[str, Any]:
+    """``sfd_sampler.json`` (module docstring) beside an export."""
     vae = model.components.get("vae")
     sampler = {
         "solver": spec.solver,
@@ -94,10 +91,55 @@ def export_diffusers(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         "source_checkpoint": str(ckpt),
     }
     (out / SAMPLER_FILE).write_text(json.dumps(sampler, indent=2) + "\n")
-    return {"out": str(out), "nfe": spec.nfe, "num_steps": len(sampler["sigmas"]), "unet_class": model.unet_class}
+    return sampler
+
+
+def _distilled_diffusers(ckpt: str | Path, fmt: str) -> tuple[Any, DiffusersVP, Any, Any, Any]:
+    """(student, its DiffusersVP, sampler spec, sigmas, UNet timesteps) of a single-N Euler student of a diffusers teacher."""
+    student = load_student(ckpt)
+    model = student.model
+    if not isinstance(model, DiffusersVP):
+        raise ParamError(f"--format {fmt}: {ckpt} is not a distilled diffusers UNet (its teacher was not a diffusers folder)")
+    spec = student.sampler_spec()
+    if model.step_condition:
+        raise ParamError(f"--format {fmt}: {ckpt} is step-conditioned (SFD-v); its step layers have no diffusers "
+                         "equivalent, export a single-N student (distill, distill_stage2)")
+    if spec.solver != "euler":
+        raise ParamError(f"--format {fmt}: the checkpoint's sampler is {spec.solver!r}; the export describes Euler samplers only")
+    sigmas = spec.t_steps()
+    timesteps = model.sigma_to_t(sigmas.to(model.log_sigmas.device)).cpu()
+    return student, model, spec, sigmas, timesteps
+
+
+def export_diffusers_lora(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
+    """A LoRA student (``lora_rank`` > 0) as diffusers LoRA weights: ``pytorch_lora_weights.safetensors`` (the UNet's
+    adapters under ``unet.``, with their rank / alpha / targets in the file's metadata) + ``sfd_sampler.json``.
+    A user loads them into the teacher's pipeline: ``pipe.load_lora_weights(out)`` (StableDiffusionPipeline), or a
+    bare UNet: ``unet.load_lora_adapter(out, prefix="unet")``. ``--format diffusers`` writes the merged folder."""
+    require_diffusers()
+    from diffusers import StableDiffusionPipeline
+
+    from pipeline.core.checkpoints import load_checkpoint
+
+    adapters, config = load_checkpoint(ckpt)
+    lora = config.get("lora")
+    if not lora:
+        raise ParamError(f"--format diffusers-lora: {ckpt} is not a LoRA student (its distill section had lora_rank: 0); "
+                         "export the whole UNet with --format diffusers")
+    _, model, spec, sigmas, timesteps = _distilled_diffusers(ckpt, "diffusers-lora")
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    metadata = {"r": int(lora["rank"]), "lora_alpha": float(lora["alpha"]), "target_modules": list(lora["targets"])}
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=adapters, unet_lora_adapter_metadata=metadata,
+                                              safe_serialization=True)
+    write_sampler_file(out, ckpt, model, spec, sigmas, timesteps)
+    return {"out": str(out), "nfe": spec.nfe, "num_steps": len(sigmas), "unet_class": model.unet_class,
+            "adapters": len(adapters), "rank": metadata["r"]}
 
 
 def export_command(ckpt: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
     if fmt not in EXPORT_FORMATS:
         raise ParamError(f"--format: got {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
-    return export_diffusers(ckpt, out)
+    return export_diffusers_lora(ckpt, out) if fmt == "diffusers-lora" else export_diffusers(ckpt, out)

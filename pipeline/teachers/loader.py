@@ -326,6 +326,12 @@ def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     path = Path(path)
     check_checkpoint_dir(path)
     tensors, config = load_checkpoint(path, device=device)
+    if "lora" in config:  # a LoRA student: the base network with its adapters merged (pipeline.networks.lora)
+        from pipeline.networks.lora import load_lora_student, resolve_base
+
+        base = resolve_base(str(config["lora"].get("base")), path)
+        base_model, _ = load_network(base, device)
+        return load_lora_student(path, config, tensors, base_model, network_weights_hash(base_model)).to(device), config
     if is_diffusers_config(config):  # with its VAE, text encoder and prompt set (pipeline.teachers.diffusers_folder)
         return load_converted_diffusers(path, config, tensors, device), config
     model = build_denoiser(config, tensors, where=f"{path}/model.safetensors")

@@ -9,7 +9,7 @@ EMA with a half-life in images: beta = 0.5^(batch / (ema_halflife_kimg * 1000)).
 from __future__ import annotations
 
 import copy
-
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from pipeline.config.teacher import TeacherParams
 from pipeline.config.validation import described
 from pipeline.training.loop import TrainingLoop, optimizer_step
 from pipeline.training.optim import adam
+from pipeline.training.parallel import enable_activation_checkpointing, micro_batches, prepare
 from pipeline.training.state import TrainingState
 
 
@@ -38,6 +39,7 @@ def edm_loss(
     generator: torch.Generator,
     rows: tuple[int, int] | None = None,  # this process's rows of the global batch (torchrun); None: all
     precision: str = "fp32",  # the forward under bf16/fp16 autocast
+    forward: Any = None,  # the callable run as the network (DDP, pipeline.training.parallel); None: ``model``
 ) -> torch.Tensor:
     """EDM training loss lambda(sigma) ||D(y + n, sigma) - y||^2 with log-normal sigma (module docstring).
 
@@ -53,11 +55,12 @@ def edm_loss(
         lo, hi = rows
         images, n, sigma, weight = images[lo:hi], n[lo:hi], sigma[lo:hi], weight[lo:hi]
         labels = None if labels is None else labels[lo:hi]
+    net = model if forward is None else forward
     if precision == "fp32":
-        d = model(images + n, sigma, labels)
+        d = net(images + n, sigma, labels)
     else:
         with autocast_context(precision, images.device):
-            d = model(images + n, sigma, labels).float()
+            d = net(images + n, sigma, labels).float()
     return (weight[:, None, None, None] * (d - images) ** 2).mean()
 
 
@@ -102,6 +105,9 @@ def train_teacher(
     net = build_network(**arch).to(device)
     model = EDMPrecond(net, sigma_data=params.sigma_data).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
+    if params.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    trainable = prepare(model, sharding="ddp", device=device)  # DDP under torchrun; the model itself with one process
     optimizer = adam(net, params.lr)
     generator = torch.Generator().manual_seed(params.seed)
     cost = cost or CostMeter("teacher", device)
@@ -115,6 +121,8 @@ def train_teacher(
     beta = 0.5 ** (params.batch_size / (params.ema_halflife_kimg * 1000))
     n = len(images)
     rows = share(params.batch_size, "teacher.batch_size") if world_size() > 1 else None  # torchrun: this rank's rows
+    lo, hi = rows if rows is not None else (0, params.batch_size)
+    parts = micro_batches(hi - lo, params.batch_gpu, "teacher.batch_gpu")
     scaler = grad_scaler(params.precision, device)
 
     def step(_: int) -> list[tuple[str, float]]:
@@ -123,9 +131,19 @@ def train_teacher(
         lab = None
         if conditional:
             lab = drop_labels(labels_dev[idx], label_dim, params.label_dropout, generator=generator)
-        loss = edm_loss(model, y, lab, P_mean=params.P_mean, P_std=params.P_std, generator=generator, rows=rows,
-                        precision=params.precision)
-        value = optimizer_step(optimizer, loss, scaler=scaler)
+        kwargs = dict(P_mean=params.P_mean, P_std=params.P_std, generator=generator, precision=params.precision,
+                      forward=trainable.forward)
+        if len(parts) == 1:
+            loss = edm_loss(model, y, lab, rows=rows, **kwargs)
+        else:  # batch_gpu: every micro-batch replays the global batch's noise draws and keeps its rows
+            start = generator.get_state()
+
+            def micro(a: int, b: int) -> torch.Tensor:
+                generator.set_state(start)
+                return edm_loss(model, y, lab, rows=(lo + a, lo + b), **kwargs) * ((b - a) / (hi - lo))
+
+            loss = [functools.partial(micro, a, b) for a, b in parts]
+        value = optimizer_step(optimizer, loss, scaler=scaler, model=trainable)
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), net.parameters()):
                 p_ema.lerp_(p, 1 - beta)

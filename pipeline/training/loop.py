@@ -16,14 +16,17 @@ optimizer step (:class:`NonFiniteLossError`, naming the batch and the last verif
 
 Several processes (torchrun, pipeline.core.distributed): every rank runs this loop over the same
 batches; ``step_fn`` computes the rank's share of each global batch (pipeline.core.distributed.share)
-and :func:`optimizer_step` averages the gradients (and the loss value) over the ranks before the
-step, so every rank takes the same step and holds the same weights, equal to one process's to float
-tolerance. Only rank 0 writes the training state, the ``on_save`` checkpoint, the DVCLive log and
-the progress bar; every rank resumes from the same saved state. With one process none of this runs.
+through the DDP / FSDP2 model of pipeline.training.parallel, which averages the gradients during the
+backward pass; :func:`optimizer_step` averages the loss value, so every rank takes the same step and
+holds the same weights (or shards), equal to one process's to float tolerance. Only rank 0 writes the
+training state, the ``on_save`` checkpoint, the DVCLive log and the progress bar (under FSDP2 every rank
+takes part in gathering the whole tensors first); every rank resumes from the same saved state. With
+one process none of this runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -32,13 +35,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
-from pipeline.core.distributed import average_gradients, broadcast_parameters, is_distributed, is_main
+from pipeline.core.distributed import is_distributed, is_main, mean_over_ranks
 from pipeline.core.param_checks import PipelineError
 from pipeline.training.optim import set_lr
 from pipeline.training.state import TrainingState
 
 if TYPE_CHECKING:
     from pipeline.core.cost import CostMeter
+    from pipeline.training.parallel import Trainable
     from pipeline.training.live import LiveLog
 
 StepLosses = Sequence[tuple[str, float]]
@@ -48,42 +52,38 @@ class NonFiniteLossError(PipelineError, FloatingPointError):
     """A loss was NaN or inf; the run stopped before the optimizer step."""
 
 
+MicroLoss = Callable[[], torch.Tensor]  # one micro-batch's forward: its loss, weighted by its share of the process's rows
+
+
 def optimizer_step(
     optimizer: torch.optim.Optimizer,
-    loss: torch.Tensor,
+    loss: torch.Tensor | Sequence[MicroLoss],  # the loss, or one thunk per micro-batch (pipeline.training.parallel)
     *,
     what: str = "the loss",
     clip: tuple[Any, float] | None = None,  # (parameters, max gradient norm)
     scaler: "torch.amp.GradScaler | None" = None,  # fp16 training (pipeline.core.distributed.grad_scaler)
     nan_to_num: bool = False,  # sfd-main's recipe: never stop, sanitise the gradients instead (below)
+    model: "Trainable | None" = None,  # the DDP / FSDP2 model: only the last micro-batch synchronises
 ) -> float:
     """Check the loss is finite, then zero_grad, backward, (clip,) step; returns the loss value.
 
-    With several processes the gradients and the loss are averaged over the ranks after the backward
-    pass (the finiteness check then uses the averaged loss, so every rank stops or steps together).
+    ``loss`` is one tensor, or a sequence of micro-batch thunks (``batch_gpu``): each runs its forward and
+    backward in turn (its graph freed before the next), the gradients accumulate, and under DDP / FSDP2 only
+    the last micro-batch synchronises them (``model.sync``); the value is the sum of the weighted micro-batch
+    losses, i.e. the process's mean. Under torchrun the gradients are averaged by DDP / FSDP2 during the backward
+    pass and the loss value is averaged over the ranks (one all-reduce of a scalar), so every rank stops or
+    steps together; the finiteness check then follows the backward pass.
     With a GradScaler (fp16) the loss is scaled before the backward pass and the gradients unscaled
     before clipping; a step whose gradients overflow is skipped by the scaler.
     With ``nan_to_num`` (sfd-main's fp16 recipe, precision ``fp16_authors``) a non-finite loss does not
-    stop anything: after the backward pass (and the average over ranks) every gradient goes through
+    stop anything: after the backward pass every gradient goes through
     ``torch.nan_to_num(nan=0, posinf=1e5, neginf=-1e5)`` and the step is taken; the caller sees the
     non-finite value returned.
     """
-    if nan_to_num:
-        if scaler is not None:
-            raise ValueError("optimizer_step: nan_to_num replaces the gradient scaler; pass one or the other")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        value = average_gradients(params, loss)
-        assert value is not None
-        for p in params:
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(clip[0], clip[1])
-        optimizer.step()
-        return value
-    if scaler is None and not is_distributed():  # one process, fp32/bf16: the original path
+    if nan_to_num and scaler is not None:
+        raise ValueError("optimizer_step: nan_to_num replaces the gradient scaler; pass one or the other")
+    single = isinstance(loss, torch.Tensor)
+    if single and scaler is None and not nan_to_num and not is_distributed():  # one process, fp32/bf16: the original path
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLossError(f"{what} is {value}")
@@ -94,10 +94,25 @@ def optimizer_step(
         optimizer.step()
         return value
     optimizer.zero_grad(set_to_none=True)
-    (loss if scaler is None else scaler.scale(loss)).backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    value = average_gradients(params, loss)
-    assert value is not None
+    micro = [lambda: loss] if single else list(loss)
+    total = None
+    for j, thunk in enumerate(micro):
+        with (model.sync(j == len(micro) - 1) if model is not None else contextlib.nullcontext()):
+            part = thunk()
+            (part if scaler is None else scaler.scale(part)).backward()
+        total = part.detach().float() if total is None else total + part.detach().float()
+    assert total is not None
+    value = mean_over_ranks(total)
+    if nan_to_num:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                    torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5, out=g)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip[0], clip[1])
+        optimizer.step()
+        return value
     if not math.isfinite(value):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"{what} is {value}")
@@ -244,12 +259,13 @@ class TrainingLoop:
         if self.state is None:
             return
         self.saved_at = self.batch
-        if not self.writer:
+        if not self.writer and not self.state.collective:
             return
-        self.state.save({"batch": self.batch, **self.counters}, self._metadata())
+        self.state.save({"batch": self.batch, **self.counters}, self._metadata())  # rank 0 writes (all gather: FSDP2)
         if self.on_save is not None:
             self.on_save(self)
-        self._flush_live()
+        if self.writer:
+            self._flush_live()
 
     def _flush_live(self) -> None:
         if self.live is not None:
@@ -269,9 +285,7 @@ class TrainingLoop:
 
     def run(self, step_fn: Callable[[int], StepLosses], *, stop_after: int | None = None) -> bool:
         """Resume, then train to ``total`` batches; False when stopped at ``stop_after`` batches (tests)."""
-        self.resume()
-        if is_distributed():  # same seeds give the same weights; rank 0's make it certain
-            broadcast_parameters(p for o in self.optimizers for g in o.param_groups for p in g["params"])
+        self.resume()  # every rank reads the same state: the replicas (or shards) stay equal
         if self.live is not None:
             for row in self.log:  # a resumed run rewrites the rows logged before the interruption
                 self.live.log_row(row, step=row["step"], prefix=self.live_prefix)

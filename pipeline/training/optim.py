@@ -11,9 +11,10 @@ from torch import nn
 M = TypeVar("M", bound=nn.Module)
 
 
-def adam(model: nn.Module, lr: float) -> torch.optim.Adam:
-    """Adam with betas (0.9, 0.999), eps 1e-8, no weight decay (the teacher, SFD and every baseline)."""
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+def adam(model: nn.Module, lr: float, parameters: list[nn.Parameter] | None = None) -> torch.optim.Adam:
+    """Adam with betas (0.9, 0.999), eps 1e-8, no weight decay (the teacher, SFD and every baseline);
+    ``parameters``: a subset to train (a LoRA student's adapters), default every parameter of ``model``."""
+    return torch.optim.Adam(model.parameters() if parameters is None else parameters, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

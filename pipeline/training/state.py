@@ -129,8 +129,10 @@ class TrainingState:
         optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
         generators: Mapping[str, torch.Generator] | None = None,
         global_rng: bool = True,  # the global torch RNG (CPU, and CUDA when initialised): dropout draws from it
+        collective: bool = False,  # every rank takes part in a save (FSDP2 shards are gathered); rank 0 writes
     ) -> None:
         self.directory = Path(directory)
+        self.collective = collective
         self.training_key = training_key
         self.modules = dict(modules)
         self.optimizers = dict(optimizers or {})
@@ -156,11 +158,12 @@ class TrainingState:
     def save(self, counters: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> None:
         """Write a new verified state; the current one (when verified) becomes the previous one.
 
-        Under torchrun only rank 0 writes. An OS error (no space, file too large, read-only) is a one-line
+        Under torchrun only rank 0 writes (with ``collective``, every rank first takes part in gathering FSDP2
+        shards into whole tensors). An OS error (no space, file too large, read-only) is a one-line
         FileWriteError naming the file; the states already on disk are left as they were."""
         from pipeline.core.distributed import is_main
 
-        if not is_main():
+        if not is_main() and not self.collective:
             return
         tensors: dict[str, torch.Tensor] = {}
         optimizer_meta: dict[str, Any] = {}
@@ -176,6 +179,8 @@ class TrainingState:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 for i, s in enumerate(torch.cuda.get_rng_state_all()):
                     tensors[f"rng.cuda.{i}"] = s.clone()
+        if not is_main():  # a collective save: this rank gave its shards to rank 0
+            return
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {
             "protocol": PROTOCOL,

@@ -12,6 +12,7 @@ are pipeline.training's.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from pipeline.teachers.loader import load_teacher
 from pipeline.training.live import LiveLog
 from pipeline.training.loop import TrainingLoop, optimizer_step
 from pipeline.training.optim import adam
+from pipeline.training.parallel import enable_activation_checkpointing, micro_batches, prepare
 from pipeline.training.state import TrainingState
 
 
@@ -73,7 +75,7 @@ def baseline_training_key(kind: str, params: Any, data: TrainingData, teacher: A
     labels = {} if data.labels is None else {"labels": data.labels}
     return hash_description({
         "kind": kind,
-        "params": described(params, leave_out=("device",)),
+        "params": described(params, leave_out=("device", "batch_gpu", "activation_checkpointing")),
         "data": hash_state_dict({"images": data.images, **labels}),
         "teacher": weights(teacher),
         "student_init": weights(student),
@@ -87,9 +89,10 @@ def checkpoint_every(updates: int) -> int:
     return max(1, updates // 10)
 
 
-BaselineLoss = Callable[[torch.Tensor, "torch.Tensor | None", "tuple[int, int] | None"], tuple[torch.Tensor, int]]
-# (y, labels, rows) -> (loss, teacher images): draws its randomness for the whole global batch y, then computes
-# only ``rows`` (this process's share under torchrun; None: every row)
+BaselineLoss = Callable[[Any, torch.Tensor, "torch.Tensor | None", "tuple[int, int] | None"], tuple[torch.Tensor, int]]
+# (net, y, labels, rows) -> (loss, teacher images): draws its randomness for the whole global batch y, then computes
+# only ``rows`` (this process's share under torchrun, or a micro-batch of it; None: every row) through ``net``, the
+# student as the loop runs it (DDP under torchrun: pipeline.training.parallel)
 
 
 def fit_student(
@@ -117,15 +120,20 @@ def fit_student(
     """The baselines' training: per update, a batch of clean data, the method's loss, one Adam step.
 
     Under torchrun every rank draws the same global batch and noise and computes its rows
-    (pipeline.core.distributed.share); the loop averages the gradients. ``params.precision`` bf16/fp16
+    (pipeline.core.distributed.share); DDP averages the gradients (pipeline.training.parallel). ``params.precision`` bf16/fp16
     runs the loss (teacher and student forwards) under autocast, fp16 with a gradient scaler.
 
     Returns {updates, loss_first, loss_last, teacher_images}."""
-    optimizer = adam(student, params.lr)
     precision = getattr(params, "precision", "fp32")
     scaler = grad_scaler(precision, device)
     rows = share(params.batch_size, f"{kind}.batch_size") if world_size() > 1 else None
+    lo, hi = rows if rows is not None else (0, params.batch_size)
+    parts = micro_batches(hi - lo, getattr(params, "batch_gpu", None), f"{kind}.batch_gpu")
     student.train()
+    if getattr(params, "activation_checkpointing", False):
+        enable_activation_checkpointing(student)
+    trainable = prepare(student, sharding="ddp", device=device)  # DDP under torchrun; the student itself with one process
+    optimizer = adam(student, params.lr)
     state = None
     if state_dir is not None:
         key = baseline_training_key(kind, params, data, teacher, student, generator, **identity)
@@ -134,10 +142,25 @@ def fit_student(
 
     def step(u: int) -> list[tuple[str, float]]:
         y, labels = data.draw(params.batch_size, generator, device)
-        with autocast_context(precision, device):
-            loss, teacher_images = loss_fn(y, labels, rows)
-        value = optimizer_step(optimizer, loss.float(), what=f"the loss of update {u}",
-                               clip=None if clip is None else (student.parameters(), clip), scaler=scaler)
+        teacher_images = 0
+        if len(parts) == 1:
+            with autocast_context(precision, device):
+                loss, teacher_images = loss_fn(trainable.forward, y, labels, rows)
+            loss = loss.float()
+        else:  # batch_gpu: every micro-batch replays the global batch's draws (same noise) and computes its rows
+            start = generator.get_state()
+
+            def micro(a: int, b: int) -> torch.Tensor:
+                nonlocal teacher_images
+                generator.set_state(start)
+                with autocast_context(precision, device):
+                    part, images = loss_fn(trainable.forward, y, labels, (lo + a, lo + b))
+                teacher_images += images
+                return part.float() * ((b - a) / (hi - lo))
+
+            loss = [functools.partial(micro, a, b) for a, b in parts]
+        value = optimizer_step(optimizer, loss, what=f"the loss of update {u}",
+                               clip=None if clip is None else (student.parameters(), clip), scaler=scaler, model=trainable)
         if rows is not None:
             teacher_images = int(all_reduce_sum(teacher_images))  # the whole global batch's
         loop.counters["teacher_images"] += teacher_images

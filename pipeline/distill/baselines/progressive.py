@@ -129,9 +129,9 @@ def pd_round(
     """One round: train ``student`` (in place) to do in N Euler steps what ``teacher`` does in 2N."""
     grid = teacher_grid(student_steps, params.t_min, params.t_max, params.rho)
 
-    def loss_fn(y: torch.Tensor, labels: torch.Tensor | None, rows: tuple[int, int] | None) -> tuple[torch.Tensor, int]:
+    def loss_fn(net: Any, y: torch.Tensor, labels: torch.Tensor | None, rows: tuple[int, int] | None) -> tuple[torch.Tensor, int]:
         computed = len(y) if rows is None else rows[1] - rows[0]
-        return pd_loss(student, teacher, y, labels, grid, generator, params.weighting, rows), 2 * computed
+        return pd_loss(net, teacher, y, labels, grid, generator, params.weighting, rows), 2 * computed
 
     summary = fit_student(
         f"pd N={student_steps}", "progressive_distillation", student, teacher, data, params, loss_fn,

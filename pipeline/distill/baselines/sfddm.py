@@ -221,9 +221,9 @@ def train_sfddm_student(
     c = params.teacher_steps // student_steps
     updates = params.updates if updates is None else updates
 
-    def loss_fn(y: torch.Tensor, labels: torch.Tensor | None, rows: tuple[int, int] | None) -> tuple[torch.Tensor, int]:
+    def loss_fn(net: Any, y: torch.Tensor, labels: torch.Tensor | None, rows: tuple[int, int] | None) -> tuple[torch.Tensor, int]:
         computed = len(y) if rows is None else rows[1] - rows[0]
-        loss = sfddm_loss(student, teacher, y, labels, sigmas, student_steps, generator, params.feature_weight, rows)
+        loss = sfddm_loss(net, teacher, y, labels, sigmas, student_steps, generator, params.feature_weight, rows)
         return loss, c * computed
 
     summary = fit_student(

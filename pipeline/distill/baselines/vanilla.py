@@ -111,9 +111,9 @@ def train_vanilla(
     counter = CountingDenoiser(teacher)
     fine = params.student_schedule().fine(params.M)
 
-    def loss_fn(y: torch.Tensor, labels: torch.Tensor | None, rows: tuple[int, int] | None) -> tuple[torch.Tensor, int]:
+    def loss_fn(net: Any, y: torch.Tensor, labels: torch.Tensor | None, rows: tuple[int, int] | None) -> tuple[torch.Tensor, int]:
         before = counter.images
-        loss = vanilla_loss(student, counter, y, labels, params, generator, fine, rows)
+        loss = vanilla_loss(net, counter, y, labels, params, generator, fine, rows)
         return loss, counter.images - before
 
     return fit_student(
