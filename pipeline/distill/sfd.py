@@ -1,6 +1,7 @@
 """SFD distillation (sfd-method.md sections 6-8): cached teacher targets, the student rolled out on the fly.
 
-For each batch of B cached trajectories (x_0 = t_max z, teacher states y_1..y_{N-1}, labels):
+For each batch of B cached trajectories (x_0 = t_max z, or z for a flow schedule from t_max = inf; teacher
+states y_1..y_{N-1}, labels):
 
     x <- x_0
     for n = 0 .. N-2:
@@ -56,7 +57,7 @@ from pipeline.config.validation import described
 from pipeline.distill.losses import Loss, check_loss_name, make_loss, perceptual_term, resolve_perceptual_weight
 from pipeline.core.param_checks import ParamError
 from pipeline.diffusion.schedules import Schedule
-from pipeline.diffusion.solvers import afs_epsilon
+from pipeline.diffusion.solvers import afs_step, euler_step
 from pipeline.trajectories.reader import TrajectoryBatch, TrajectoryDataset
 from pipeline.trajectories.spec import trajectory_specs
 from pipeline.training.live import LiveLog
@@ -163,16 +164,15 @@ def sfd_batch(
     out = []
     for n in range(num_steps - 1):
         if afs and n == 0:
-            x = x + (t[1] - t[0]) * afs_epsilon(x, t[0])
+            x = afs_step(x, t[0], t[1])
             continue
         sigma = torch.full((x.shape[0],), t[n], dtype=x.dtype, device=device)
         if precision == "fp32":
-            eps = (x - net(x, sigma, labels, **net_kwargs)) / t[n]
+            denoised = net(x, sigma, labels, **net_kwargs)
         else:
             with autocast_context(precision, device):
-                denoised = net(x, sigma, labels, **net_kwargs)
-            eps = (x - denoised.float()) / t[n]
-        x_hat = x + (t[n + 1] - t[n]) * eps
+                denoised = net(x, sigma, labels, **net_kwargs).float()
+        x_hat = euler_step(x, t[n], t[n + 1], denoised)  # x + (t_{n+1} - t_n) eps; from t_0 = inf its limit
         loss = loss_fn(x_hat, y[:, n])
         if last_step_extra is not None and n == num_steps - 2:
             loss = loss + last_step_extra(x_hat, y[:, n])

@@ -316,6 +316,16 @@ class DiffusersVP(nn.Module):
     def step_condition(self) -> bool:
         return self.map_steps is not None
 
+    def with_step_condition(self) -> "DiffusersVP":
+        """The same UNet (shared) with new SFD-v step layers (last layer zero: starts as this model), its
+        components and prompt table carried along."""
+        stepped = DiffusersVP(self.unet, self.unet_class, self.scheduler_config, step_condition=True)
+        stepped.diffusers_section = getattr(self, "diffusers_section", None)
+        stepped.components.update(self.components)
+        stepped.prompts, stepped.cond_table, stepped.null_cond = self.prompts, self.cond_table, self.null_cond
+        stepped.source_dir = getattr(self, "source_dir", None)
+        return stepped
+
     def checkpoint_module(self) -> nn.Module:
         return self
 
