@@ -119,10 +119,11 @@ class EvalParams(Section):
         discrete teacher's table ``alphas_cumprod``, or a flow teacher's time shift ``flow_shift``, when given)."""
         out = {}
         schedule = fit_to_teacher(dict(self.schedule), alphas_cumprod, where="evaluate.schedule", flow_shift=flow_shift)
+        ends_at_zero = schedule.get("kind") == "flow" and not schedule.get("t_min")  # heun / dpm2: the last step is Euler
         for name in self.solvers:
             solver, order = resolve_solver(name)
             for k in self.nfes:
-                n = num_steps_for_nfe(solver, k)
+                n = num_steps_for_nfe(solver, k, ends_at_zero=ends_at_zero)
                 sched = Schedule.from_dict({**schedule, "num_steps": n}, section="evaluate.schedule")
                 out[f"{name}/nfe{k}"] = SamplerSpec(solver, order, sched, guidance=self.guidance)
         return out

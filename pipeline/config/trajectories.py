@@ -88,14 +88,19 @@ class TrajectoryParams(Section):
         a discrete teacher's abar table (t_min / t_max default to its sigma range, the discrete kind uses it);
         ``flow_shift``: a flow-matching teacher's time shift (the flow kind, from sigma = inf;
         pipeline.diffusion.schedules.fit_to_teacher)."""
+        values = self.num_steps_values()
+        fitted = fit_to_teacher(dict(self.schedule), alphas_cumprod, where=f"{self.SECTION}.schedule", flow_shift=flow_shift)
+        return [Schedule.from_dict({**fitted, "num_steps": v}) for v in values]
+
+    def num_steps_values(self) -> list[int]:
+        """The student's N of each key (one, or the list of SFD-v)."""
         n = self.schedule.get("num_steps", 4)
         values = n if isinstance(n, list) else [n]
         if not values:
             raise ParamError("schedule.num_steps: empty list")
         for v in values:
             check_int("schedule.num_steps", v, minimum=2)
-        fitted = fit_to_teacher(dict(self.schedule), alphas_cumprod, where=f"{self.SECTION}.schedule", flow_shift=flow_shift)
-        return [Schedule.from_dict({**fitted, "num_steps": v}) for v in values]
+        return values
 
     def resolve_label_policy(self, num_classes: int) -> str:
         if self.label_policy == "auto":

@@ -57,7 +57,8 @@ class SamplerSpec:
     @property
     def nfe(self) -> int:
         n = self.schedule.num_steps + int(self.append_zero)
-        return solver_nfe(self.solver, n, afs=self.afs, ends_at_zero=self.append_zero)
+        ends_at_zero = self.append_zero or self.schedule.t_min == 0  # a flow schedule may end at the data
+        return solver_nfe(self.solver, n, afs=self.afs, ends_at_zero=ends_at_zero)
 
     @property
     def bound_num_steps(self) -> int | None:

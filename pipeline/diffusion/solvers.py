@@ -124,11 +124,11 @@ def solver_nfe(solver: str, num_steps: int, *, afs: bool = False, ends_at_zero: 
     return nfe - int(afs)
 
 
-def num_steps_for_nfe(solver: str, nfe: int, *, afs: bool = False) -> int:
+def num_steps_for_nfe(solver: str, nfe: int, *, afs: bool = False, ends_at_zero: bool = False) -> int:
     """Smallest number of timestamps whose NFE equals ``nfe``; error if no grid gives exactly that."""
     check_int("nfe", nfe, minimum=0)
     for n in range(2, 2 * nfe + 4):
-        if solver_nfe(solver, n, afs=afs) == nfe:
+        if solver_nfe(solver, n, afs=afs, ends_at_zero=ends_at_zero) == nfe:
             return n
     raise ParamError(f"nfe: {solver} cannot spend exactly {nfe} denoiser calls (afs={afs})")
 
