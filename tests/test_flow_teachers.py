@@ -263,12 +263,12 @@ def test_flux_dynamic_shift_follows_the_latent_size(folders, tmp_path):
     assert big.flow_shift == pytest.approx(math.exp(0.5 + 0.65 * (64 - 256) / 3840), rel=1e-12)
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux-dev"])
-def test_exported_student_samples_through_the_stock_pipeline(folders, name, tmp_path):
+@pytest.mark.parametrize("name,afs", [("sd3", True), ("flux-dev", True), ("sd3", False)])
+def test_exported_student_samples_through_the_stock_pipeline(folders, name, afs, tmp_path):
     """A flow student (the teacher's transformer with the student's sampler; SFD itself: test_sfd_on_a_flow_teacher)
     exported as a diffusers folder: the declared pipeline with the SFD scheduler (AFS), and the stock
     FlowMatchEulerDiscreteScheduler given sfd_sampler.json's sigmas and latent scale, both equal `sfd sample`
-    (latents to 1e-5, decoded images too), at guidance 1 and at w."""
+    (latents to 1e-5, decoded images to 1e-4, the PNGs of `sfd sample` to one 8-bit level), at guidance 1 and at w."""
     import pipeline.teachers.diffusers_scheduler  # noqa: F401  (the SFD scheduler's module, as a user imports it)
     from pipeline.distill.student import sampler_section, save_student, student_config, student_from_checkpoint
     from pipeline.evaluation.samples import sample_teacher
@@ -279,12 +279,13 @@ def test_exported_student_samples_through_the_stock_pipeline(folders, name, tmp_
     convert_diffusers_folder(path, tmp_path / "teacher", prompts_file=path.parent / "prompts.txt")
     init = student_from_checkpoint(tmp_path / "teacher")
     schedule = Schedule.flow(4, 0.0, load_teacher(tmp_path / "teacher").flow_shift)
-    save_student(tmp_path / "student", init.model, student_config(init.config, sampler_section(schedule, afs=True), {}))
+    save_student(tmp_path / "student", init.model, student_config(init.config, sampler_section(schedule, afs=afs), {}))
     student = load_student(tmp_path / "student")
     info = export_diffusers(tmp_path / "student", tmp_path / "export")
-    assert info["scheduler"] == "SFDScheduler" and info["nfe"] == 2
+    # AFS: the SFD scheduler (the stock one needs the scaled latents); else the stock scheduler, declared
+    assert info["scheduler"] == ("SFDScheduler" if afs else "FlowMatchEulerDiscreteScheduler") and info["nfe"] == 3 - afs
     s = json.loads((tmp_path / "export" / "sfd_sampler.json").read_text())
-    assert s["stock"]["latents_scale"] == s["flow_times"][1] and s["stock"]["num_inference_steps"] == 2
+    assert s["stock"]["latents_scale"] == (s["flow_times"][1] if afs else 1.0) and s["stock"]["num_inference_steps"] == 3 - afs
     z = seed_noise([0, 1], s["sample_shape"]).float()
     packed = (lambda t: t) if name.startswith("sd3") else pack_latents
     unpacked = (lambda t: t) if name.startswith("sd3") else (lambda t: unpack_latents(t, 8, 8))
@@ -292,11 +293,12 @@ def test_exported_student_samples_through_the_stock_pipeline(folders, name, tmp_
         ours, _, _ = sample_teacher(student, [0, 1], labels="1,2", guidance=w, decode=False)
         images, _, _ = sample_teacher(student, [0, 1], labels="1,2", guidance=w)
         pipe = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "export")
-        assert type(pipe).__name__ == s["pipeline"] and type(pipe.scheduler).__name__ == "SFDScheduler"
+        assert type(pipe).__name__ == s["pipeline"] and type(pipe.scheduler).__name__ == info["scheduler"]
         call = dict(height=16, width=16, guidance_scale=w)
         with torch.no_grad():
-            out = pipe([PROMPTS[1], PROMPTS[2]], num_inference_steps=s["nfe"], latents=packed(z), output_type="latent", **call)
-            assert float((unpacked(out.images) - ours).abs().max()) < 1e-5
+            if afs:  # as declared: the student's own points, no sigmas to pass
+                out = pipe([PROMPTS[1], PROMPTS[2]], num_inference_steps=s["nfe"], latents=packed(z), output_type="latent", **call)
+                assert float((unpacked(out.images) - ours).abs().max()) < 1e-5
             stock = type(pipe).from_pretrained(tmp_path / "export", scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0))
             out = stock([PROMPTS[1], PROMPTS[2]], sigmas=s["stock"]["sigmas"], latents=packed(z * s["stock"]["latents_scale"]),
                         output_type="latent", **call)
@@ -304,3 +306,47 @@ def test_exported_student_samples_through_the_stock_pipeline(folders, name, tmp_
             decoded = stock([PROMPTS[1], PROMPTS[2]], sigmas=s["stock"]["sigmas"], output_type="pt",
                             latents=packed(z * s["stock"]["latents_scale"]), **call).images
         assert float((decoded * 2 - 1 - images).abs().max()) < 1e-4  # the pipeline's [0, 1] images, ours in [-1, 1]
+        if w == 1.0:  # `sfd sample`'s PNGs and the stock pipeline's PIL images: the same 8-bit pixels (rounding: +-1)
+            import numpy as np
+            from PIL import Image
+
+            from pipeline.evaluation.samples import sample_command
+
+            sample_command(ckpt=str(tmp_path / "student"), teacher=None, seeds="0-1", out=tmp_path / "png", labels="1,2",
+                           device="cpu")
+            with torch.no_grad():
+                pil = stock([PROMPTS[1], PROMPTS[2]], sigmas=s["stock"]["sigmas"], output_type="pil",
+                            latents=packed(z * s["stock"]["latents_scale"]), **call).images
+            for seed, img in zip((0, 1), pil):
+                ours_png = np.asarray(Image.open(tmp_path / "png" / f"{seed:06d}.png"), dtype=np.int16)
+                assert np.abs(ours_png - np.asarray(img, dtype=np.int16)).max() <= 1
+
+
+def test_sfd_v_student_of_a_flow_transformer(folders, tmp_path):
+    """SFD-v on a flow transformer: step layers added to the transformer's time embedding, zero-initialised (the
+    student starts equal to its teacher at every N), stored as sfd_map_steps.* and loaded back with the N bound."""
+    from pipeline.distill.student import sampler_section, save_student, student_config, student_from_checkpoint
+    from pipeline.teachers.loader import load_student
+
+    path, _ = folders["sd3"]
+    convert_diffusers_folder(path, tmp_path / "teacher", prompts_file=path.parent / "prompts.txt")
+    teacher = load_teacher(tmp_path / "teacher")
+    init = student_from_checkpoint(tmp_path / "teacher", step_condition=True)
+    model = init.model
+    assert model.step_condition and any(k.startswith("sfd_map_steps.") for k in model.checkpoint_state_dict())
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    sigma = torch.full((2,), 1.5)
+    with torch.no_grad():
+        for n in (4, 7):
+            torch.testing.assert_close(model(x, sigma, LABELS, num_steps=torch.full((2,), n)), teacher.denoiser(x, sigma, LABELS))
+        model.map_steps[2].weight.normal_(0, 0.1)
+        d4, d5 = (model(x, sigma, LABELS, num_steps=torch.full((2,), n)) for n in (4, 5))
+    assert (d4 - d5).abs().max() > 1e-3
+    with pytest.raises(PipelineError, match="step-conditioned"):
+        model(x, sigma, LABELS)
+    schedule = Schedule.flow(5, 0.0, teacher.flow_shift)
+    save_student(tmp_path / "v", model, student_config(init.config, sampler_section(schedule, afs=True, step_condition=[4, 5]), {}))
+    loaded = load_student(tmp_path / "v")
+    assert loaded.num_steps == 5 and loaded.prompts == PROMPTS
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.denoiser(x, sigma, LABELS), d5, rtol=1e-5, atol=1e-5)

@@ -208,7 +208,7 @@ class Schedule:
         _check_range(self.num_steps, self.t_min, self.t_max, self.rho, flow=self.kind == FLOW)
         if self.shift is not None:
             if self.kind != FLOW:
-                raise ParamError(f"schedule.shift: only the 'flow' kind takes a time shift, got kind {self.kind!r}")
+                raise ParamError(f"shift: only the 'flow' kind takes a time shift, got kind {self.kind!r}")
             object.__setattr__(self, "shift", check_positive_shift(self.shift))
         if self.alphas_cumprod is not None:
             if self.kind != "discrete":
