@@ -227,10 +227,18 @@ def test_store_key_covers_the_scheduler_shift_t5_and_latent_size(folders, tmp_pa
     a, desc = key(load_teacher(path, prompts=PROMPTS))
     assert desc["storage_dtype"] == "bfloat16" and desc["schedule"] == {"kind": "flow", "num_steps": 4, "t_min": 0.0, "shift": 3.0}
     assert key(load_teacher(path, prompts=PROMPTS))[0] == a
-    convert_diffusers_folder(path, tmp_path / "imported", prompts_file=folders["sd3"][0].parent / "prompts.txt",
-                             data_description={"sample_shape": [3, 16, 16]})
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["teacher", "import", str(path), "--out", str(tmp_path / "imported"),
+                                      "--prompts", str(path.parent / "prompts.txt")])  # `sfd teacher import`
+    assert result.exit_code == 0 and "SD3Transformer2DModel" in result.output, result.output
     imported = load_teacher(tmp_path / "imported")
     assert key(imported)[0] == a and imported.prompts == PROMPTS
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # the import gives identical outputs
+        assert torch.equal(imported.denoiser(x, 2.0, LABELS), load_teacher(path, prompts=PROMPTS).denoiser(x, 2.0, LABELS))
     assert key(load_teacher(folders["sd3-no-t5"][0], prompts=PROMPTS))[0] != a
     convert_diffusers_folder(path, tmp_path / "at32", prompts_file=folders["sd3"][0].parent / "prompts.txt",
                              data_description={"sample_shape": [3, 32, 32]})

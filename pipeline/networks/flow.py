@@ -54,7 +54,7 @@ from torch import nn
 from pipeline.core.hashing import hash_bytes, hash_state_dict
 from pipeline.diffusion.denoisers import EDMPrecond
 from pipeline.networks.diffusers_vp import (
-    DIFFUSERS_ARCHITECTURE, STEP_FREQS, STEP_PREFIX, DiffusersError, _plain, require_diffusers,
+    DIFFUSERS_ARCHITECTURE, DiffusersError, DiffusersNetwork, _plain, require_diffusers,
 )  # fmt: skip
 
 FLOW_TRANSFORMERS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
@@ -101,16 +101,16 @@ class FlowDenoiser(nn.Module):
 # ---- this project's U-Net as a pixel-space rectified flow ---------------------------------------------------
 
 
-class PixelFlow(FlowDenoiser):
+class PixelFlow(FlowDenoiser, EDMPrecond):
     """This project's U-Net F as the velocity network of a pixel-space rectified flow: v = F(x_tau, tau T, labels).
 
-    The distillation interface is EDMPrecond's (``step_condition``, ``checkpoint_*``); model.json keeps the
-    U-Net's ``"network"`` section with ``"precond": "flow"``. Training: pipeline.teachers.training
-    (``teacher.objective: flow``, the velocity loss, i.e. D's squared error weighted by :meth:`loss_weight`)."""
+    EDMPrecond with the flow's D in place of EDM's preconditioning: its distillation interface (``step_condition``,
+    ``checkpoint_module``, ``checkpoint_state_dict``) is EDMPrecond's; model.json keeps the U-Net's ``"network"``
+    section with ``"precond": "flow"``. Training: pipeline.teachers.training (``teacher.objective: flow``, the
+    velocity loss, i.e. D's squared error weighted by :meth:`loss_weight`)."""
 
     def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
+        EDMPrecond.__init__(self, net)  # sigma_data is not used
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None,
                 **net_kwargs: Any) -> torch.Tensor:
@@ -126,16 +126,6 @@ class PixelFlow(FlowDenoiser):
     def loss_weight(sigma: torch.Tensor) -> torch.Tensor:
         """||v_theta - v||^2 = ||D_theta - x0||^2 / tau^2: the weight of D's squared error is ((1 + sigma) / sigma)^2."""
         return ((1 + sigma) / sigma) ** 2
-
-    @property
-    def step_condition(self) -> bool:
-        return bool(getattr(self.net, "step_condition", False))
-
-    def checkpoint_module(self) -> nn.Module:
-        return self.net
-
-    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.net.state_dict()
 
     def checkpoint_architecture(self) -> dict[str, Any]:
         return {"network": copy.deepcopy(self.net.network_kwargs), "precond": FLOW_PRECOND}
@@ -189,7 +179,7 @@ def calculate_shift(seq_len: int, base_seq_len: int, max_seq_len: int, base_shif
     return seq_len * m + (base_shift - m * base_seq_len)
 
 
-class DiffusersFlow(FlowDenoiser):
+class DiffusersFlow(DiffusersNetwork, FlowDenoiser):
     """D(x, sigma, labels) of a diffusers flow transformer + FlowMatch scheduler config (module docstring).
 
     ``labels``: None (the empty prompt), int64 prompt indices into the bound prompt set, or an encoded
@@ -224,12 +214,13 @@ class DiffusersFlow(FlowDenoiser):
         self.diffusers_section: dict[str, Any] = {"vae": None, "text_encoders": {}, "tokenizers": {}}
         self.map_steps: nn.Module | None = None
         self._step_emb: torch.Tensor | None = None
-        if step_condition:
-            dim = int(self.transformer.time_text_embed.timestep_embedder.linear_2.out_features)
-            self.map_steps = nn.Sequential(nn.Linear(STEP_FREQS * 2, dim), nn.SiLU(), nn.Linear(dim, dim))
-            nn.init.zeros_(self.map_steps[2].weight)
-            nn.init.zeros_(self.map_steps[2].bias)
-            self.transformer.time_text_embed.register_forward_hook(self._add_step_embedding)
+        if step_condition:  # SFD-v: added to the combined time (and text/guidance) embedding
+            embed = self.transformer.time_text_embed
+            self._add_step_layers(embed, int(embed.timestep_embedder.linear_2.out_features))
+
+    @property
+    def network_body(self) -> nn.Module:
+        return self.transformer
 
     # -- geometry and schedule -------------------------------------------------------------------------------
     @property
@@ -351,7 +342,7 @@ class DiffusersFlow(FlowDenoiser):
         if guidance is not None and not self.guidance_embedded:
             raise DiffusersError("guidance: this transformer has no guidance embedding; use with_guidance(w) (CFG)")
         cond = self._cond(labels, x.shape[0])
-        with self._steps(num_steps, x):
+        with self.step_embedding(num_steps, x.shape[0], x.device):
             return self._flow_denoise(x, sigma, cond, guidance=guidance)
 
     def with_guidance(self, scale: float) -> "nn.Module":
@@ -371,7 +362,7 @@ class DiffusersFlow(FlowDenoiser):
         sigma2 = torch.as_tensor(sigma, device=x.device).reshape(-1)
         sigma2 = torch.cat([sigma2.expand(b), sigma2.expand(b)])
         steps2 = None if num_steps is None else torch.as_tensor(num_steps, device=x.device).reshape(-1).expand(b).repeat(2)
-        with self._steps(steps2, torch.cat([x, x])):
+        with self.step_embedding(steps2, 2 * b, x.device):
             return self._flow_denoise(x, sigma2, cond, cfg_scale=scale)
 
     def _flow_denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Any, **kwargs: Any) -> torch.Tensor:
@@ -406,39 +397,7 @@ class DiffusersFlow(FlowDenoiser):
                                img_ids=latent_image_ids(h // 2, w // 2, x_tau.device, dtype), return_dict=False)[0]
         return unpack_latents(out, h, w)
 
-    # -- SFD-v ---------------------------------------------------------------------------------------------------
-    def _add_step_embedding(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        if self._step_emb is None:
-            raise DiffusersError("num_steps: this transformer is step-conditioned (SFD-v); pass num_steps=[B] (the sampler's N)")
-        return output + self._step_emb.to(output.dtype)
-
-    class _StepContext:
-        def __init__(self, model: "DiffusersFlow", emb: torch.Tensor | None) -> None:
-            self.model, self.emb = model, emb
-
-        def __enter__(self) -> None:
-            self.model._step_emb = self.emb
-
-        def __exit__(self, *exc: Any) -> None:
-            self.model._step_emb = None
-
-    def _steps(self, num_steps: torch.Tensor | None, x: torch.Tensor) -> "_StepContext":
-        if self.map_steps is None:
-            if num_steps is not None:
-                raise DiffusersError("num_steps: this transformer is not step-conditioned (SFD-v)")
-            return self._StepContext(self, None)
-        if num_steps is None:
-            raise DiffusersError("num_steps: this transformer is step-conditioned (SFD-v); pass num_steps=[B] (the sampler's N)")
-        n = torch.as_tensor(num_steps, device=x.device).reshape(-1).expand(x.shape[0]).to(torch.float32)
-        freqs = torch.arange(STEP_FREQS, device=x.device, dtype=torch.float32)
-        angles = n[:, None] * (0.5 ** freqs)[None, :]
-        features = torch.cat([angles.sin(), angles.cos()], dim=1).to(next(self.map_steps.parameters()).dtype)
-        return self._StepContext(self, self.map_steps(features))
-
-    @property
-    def step_condition(self) -> bool:
-        return self.map_steps is not None
-
+    # -- SFD-v, checkpoints, decode (DiffusersNetwork: step_condition, checkpoint_*, latent, decode) -----------
     def with_step_condition(self) -> "DiffusersFlow":
         """The same transformer (shared) with new SFD-v step layers (last layer zero: starts as this model)."""
         stepped = DiffusersFlow(self.transformer, self.transformer_class, self.scheduler_config, sample_size=self.sample_size,
@@ -448,29 +407,6 @@ class DiffusersFlow(FlowDenoiser):
         stepped.bind_prompts(self.prompts)
         stepped.source_dir = getattr(self, "source_dir", None)
         return stepped
-
-    # -- checkpoints and content ---------------------------------------------------------------------------------
-    def checkpoint_module(self) -> nn.Module:
-        return self
-
-    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """model.safetensors: the transformer's state dict (diffusers' names), plus ``sfd_map_steps.*`` for SFD-v."""
-        state = dict(self.transformer.state_dict())
-        if self.map_steps is not None:
-            state.update({f"{STEP_PREFIX}{k}": v for k, v in self.map_steps.state_dict().items()})
-        return state
-
-    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], where: str, *, allow_missing_steps: bool = False) -> None:
-        body = {k: v for k, v in tensors.items() if not k.startswith(STEP_PREFIX)}
-        steps = {k[len(STEP_PREFIX):]: v for k, v in tensors.items() if k.startswith(STEP_PREFIX)}
-        missing, unexpected = self.transformer.load_state_dict(body, strict=False)
-        if self.map_steps is not None and (steps or not allow_missing_steps):
-            m2, u2 = self.map_steps.load_state_dict(steps, strict=False)
-            missing, unexpected = missing + [STEP_PREFIX + k for k in m2], unexpected + [STEP_PREFIX + k for k in u2]
-        elif self.map_steps is None and steps:
-            unexpected = unexpected + [STEP_PREFIX + k for k in steps]
-        if missing or unexpected:
-            raise DiffusersError(f"{where} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
     def checkpoint_architecture(self) -> dict[str, Any]:
         """model.json's architecture part: ``{"architecture": "diffusers", "diffusers": {"transformer_class",
@@ -502,23 +438,6 @@ class DiffusersFlow(FlowDenoiser):
     def tokenizer_dirs(self) -> dict[str, Path]:
         return {k.removesuffix("_dir"): Path(v) for k, v in self.components.items() if k.startswith("tokenizer") and k.endswith("_dir")}
 
-    # -- latents -------------------------------------------------------------------------------------------------
-    @property
-    def latent(self) -> bool:
-        return "vae" in self.components
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-        """Images in [-1, 1]: vae.decode(x / scaling_factor + shift_factor) (the pipelines' decode)."""
-        vae = self.components.get("vae")
-        if vae is None:
-            return latents
-        scale = float(vae.config.get("scaling_factor") or 1.0)
-        shift = float(vae.config.get("shift_factor") or 0.0)
-        device = next(vae.parameters()).device
-        outs = [vae.decode((latents[i : i + batch_size] / scale + shift).to(device), return_dict=False)[0].float().cpu()
-                for i in range(0, latents.shape[0], batch_size)]
-        return torch.cat(outs).clamp(-1, 1)
 
 
 class GuidedFlow(nn.Module):

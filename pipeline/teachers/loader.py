@@ -47,7 +47,7 @@ from torch import nn
 from pipeline.core.checkpoints import CheckpointError, load_checkpoint
 from pipeline.core.hashing import hash_description, hash_file, hash_state_dict
 from pipeline.core.param_checks import ParamError, check_keys
-from pipeline.diffusion.denoisers import Denoiser, EDMPrecond, bind_num_steps
+from pipeline.diffusion.denoisers import Denoiser, bind_num_steps
 from pipeline.diffusion.gmm import GaussianMixture
 from pipeline.diffusion.preconditioners import EDM_ARCHITECTURE
 from pipeline.diffusion.sampling import SamplerSpec, make_denoiser, resolve_sampler
