@@ -75,7 +75,7 @@ def euler_step(x: torch.Tensor, t_cur: float, t_next: float, denoised: torch.Ten
     """x + (t_next - t_cur) (x - D) / t_cur; from t_cur = inf (x = z) its limit t_next z + D."""
     if math.isinf(t_cur):
         return t_next * x + denoised
-    return x + (t_next - t_cur) * (x - denoised) / t_cur
+    return x + (t_next - t_cur) * ((x - denoised) / t_cur)  # eps first: SFD's arithmetic, bit for bit
 
 
 def afs_step(x: torch.Tensor, t_cur: float, t_next: float) -> torch.Tensor:
