@@ -20,7 +20,11 @@
   :class:`pipeline.networks.diffusers_vp.DiffusersVP` (VE view, k-diffusion timestep interpolation);
   option ``prompts`` (a prompt file or list) binds a text-to-image teacher's prompt set. Its converted
   checkpoint has ``"architecture": "diffusers"`` in model.json (with side files for the VAE, text
-  encoder, tokenizer and prompts) and loads with identical outputs.
+  encoder, tokenizer and prompts) and loads with identical outputs. A flow-matching transformer folder
+  (Stable Diffusion 3 / 3.5, Flux.1) is read the same way as a
+  :class:`pipeline.networks.flow.DiffusersFlow` (D = x_tau - tau v in the VE view; its schedules start at
+  sigma = inf, :attr:`Teacher.flow_shift`), and this project's U-Net trained as a rectified flow
+  (model.json ``"precond": "flow"``) as a :class:`pipeline.networks.flow.PixelFlow`.
 
 Checkpoint formats (model.json): this project's U-Net has a ``"network"`` section (no
 ``"architecture"`` key); an EDM network has ``"architecture": "edm"`` and an ``"edm"`` section
