@@ -158,6 +158,17 @@ def write_t2i_folder(path: Path) -> Path:
     return path
 
 
+def write_flow_folder(path: Path, family: str, seed: int = 0) -> Path:
+    """A tiny flow-matching pipeline folder: StableDiffusion3Pipeline (``sd3``) or FluxPipeline (``flux``, Flux-dev's
+    guidance embedding), 16 px images (tests/diffusers_fixtures.py)."""
+    from diffusers_fixtures import save_tiny_flux_folder, save_tiny_sd3_folder
+
+    if path.exists():
+        shutil.rmtree(path)
+    (save_tiny_sd3_folder if family == "sd3" else save_tiny_flux_folder)(path, seed=seed)
+    return path
+
+
 def write_captions(path: Path, n: int = 6) -> Path:
     """A CSV of captions (MS-COCO's caption file has a caption column)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,6 +260,8 @@ def scale_down(raw: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
                 _set(raw, f"{name}.{k}", v)
             if raw[name].get("lpips_weights"):
                 _set(raw, f"{name}.lpips_weights", None)  # no 500 MB VGG in a test: the last step keeps L1
+    if raw.get("teacher", {}).get("pretrained") is None:  # the teacher stage trains it: a few steps
+        _set_present(raw, "teacher", dict(steps=4, batch_size=16, checkpoint_every=2, lr_rampup_steps=1))
     _set_present(raw, "baseline_pd", dict(start_steps=2, updates_per_round=2, batch_size=4))
     _set_present(raw, "baseline_sfddm", dict(teacher_steps=8, student_steps=[2], budget="updates", updates=2,
                                              batch_size=4))

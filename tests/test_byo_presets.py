@@ -28,7 +28,7 @@ pytest.importorskip("transformers")
 
 from byo import (  # noqa: E402
     ADM, ROOT, SONG, edm_model, example_files, load_preset, localise, make_repo, preset_targets, run, scale_down,
-    walkthrough, write_captions, write_dataset, write_edm_pickle, write_inception, write_pixel_folder,
+    walkthrough, write_captions, write_dataset, write_edm_pickle, write_flow_folder, write_inception, write_pixel_folder,
     write_reference_npz, write_t2i_folder,
 )  # fmt: skip
 from pipeline.core.inputs import describe_path, HashCache  # noqa: E402
@@ -47,7 +47,7 @@ DOWNSTREAM_OF_DATA = {"inputs", "data", "feature_net", "teacher", "baseline_pd",
 
 @dataclass
 class Case:
-    teacher: str  # edm | diffusers | t2i
+    teacher: str  # edm | diffusers | t2i | sd3 | flux | trained (teacher.pretrained null: the teacher stage trains it)
     resolution: int
     data_classes: int | None
     precond: str = "VPPrecond"
@@ -62,6 +62,9 @@ CASES = {
     "imagenet64": Case("edm", 8, 10, precond="EDMPrecond", arch=ADM, label_dim=1000),
     "ddpm-cifar10": Case("diffusers", 8, 10),
     "sd15": Case("t2i", 16, None),
+    "sd3-medium": Case("sd3", 16, None),
+    "flux1": Case("flux", 16, None),
+    "flow-digits": Case("trained", 8, 10),
 }
 
 
@@ -80,6 +83,8 @@ def write_teacher(case: Case, path: Path, seed: int = 0) -> Path:
         return write_edm_pickle(path, model)
     if case.teacher == "diffusers":
         return write_pixel_folder(path, seed=seed)
+    if case.teacher in ("sd3", "flux"):
+        return write_flow_folder(path, case.teacher, seed=seed)
     return write_t2i_folder(path)
 
 
@@ -88,8 +93,10 @@ def write_user_files(name: str, raw: dict, root: Path, inception: Path) -> dict[
     the preset there (key -> local path)."""
     case = CASES[name]
     local = {key: localise(value, root) for key, value in example_files(raw).items()}
-    write_teacher(case, Path(local["teacher.pretrained"]))
-    write_dataset(Path(local["data.path"]), n=40, channels=3, resolution=case.resolution, num_classes=case.data_classes)
+    if "teacher.pretrained" in local:  # else the teacher stage trains it
+        write_teacher(case, Path(local["teacher.pretrained"]))
+    if "data.path" in local:  # else the bundled digits
+        write_dataset(Path(local["data.path"]), n=40, channels=3, resolution=case.resolution, num_classes=case.data_classes)
     if "teacher.prompts" in local:
         write_captions(Path(local["teacher.prompts"]))
     if "evaluate.reference_stats" in local:
@@ -166,13 +173,16 @@ def test_preset_runs_through_dvc_repro(runs, name):
 
     # the teacher is known by its file: the manifest's hash is the file's (or folder's) content hash
     params = yaml.safe_load((repo / "params.yaml").read_text())
+    summary = json.loads((repo / "metrics" / "teacher.json").read_text())
+    if params["teacher"]["pretrained"] is None:  # trained by the teacher stage (flow-digits)
+        assert summary["steps"] == params["teacher"]["steps"]
+        return  # the stages of its Use: line; the flow path's checks: tests/test_flow_teachers.py
     source = Path(params["teacher"]["pretrained"])
     manifest = json.loads((repo / "data" / "inputs" / "teacher.pretrained.json").read_text())
     assert manifest["hash"] == describe_path(source, HashCache(None))["hash"]
-    summary = json.loads((repo / "metrics" / "teacher.json").read_text())
     assert summary["source_file_hash"] == manifest["hash"] and summary["steps"] == 0
-    if name == "sd15":
-        return  # teacher, trajectories and distill only (its Use: line); sampling and export: below
+    if targets:
+        return  # the stages of its Use: line only (sd15, sd3-medium, flux1); sampling and export: below
 
     # the report says which teacher and data it is about, and nothing about runs it did not make
     report = (repo / "reports" / "report.md").read_text()

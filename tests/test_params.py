@@ -94,16 +94,20 @@ def test_every_preset_validates(preset):
     assert result.exit_code == 0, result.output
     assert "keys tracked by dvc.yaml" in result.output  # the keys DVC will ask for are there (precision, ...)
     p = load_params(preset)
-    if preset.stem in DIFFUSERS_PRESETS:  # a diffusers folder; SD 1.5 evaluates FID-30k as the authors
+    if preset.stem in TRAINED_TEACHER_PRESETS:  # the embedded digits, a teacher the teacher stage trains
+        assert p.teacher.pretrained is None and p.evaluate.features == "classifier"
+        return
+    if preset.stem in DIFFUSERS_PRESETS:  # a diffusers folder; text-to-image evaluates FID-30k as the authors (SD)
         assert p.teacher.pretrained and not p.teacher.pretrained.endswith(".pkl")
-        assert p.evaluate.seeds == ("0-29999" if preset.stem == "sd15" else "0-49999")
+        assert p.evaluate.seeds == ("0-29999" if p.teacher.prompts else "0-49999")
     else:
         assert p.teacher.pretrained and p.teacher.pretrained.endswith(".pkl")
         assert p.evaluate.seeds == "0-49999"
     assert p.evaluate.features == "inception" and p.evaluate.reference_stats
 
 
-DIFFUSERS_PRESETS = ("ddpm-cifar10", "sd15")
+DIFFUSERS_PRESETS = ("ddpm-cifar10", "sd15", "sd3-medium", "flux1")
+TRAINED_TEACHER_PRESETS = ("flow-digits",)
 
 
 def test_diffusers_presets():

@@ -191,3 +191,73 @@ def test_bad_input_names_the_argument(problem, kwargs, match):
         solver_nfe("rk4", 4)
     with pytest.raises(ParamError, match="num_steps"):
         solver_nfe("euler", 1)
+
+
+# ---- the start at sigma = inf (a flow-matching teacher's t = 1) ---------------------------------------------------
+
+BIG = 1e9  # the exact mixture denoiser at sigma = inf: its limit, D(z, inf) = lim D(sigma z, sigma)
+
+
+def _with_infinity(denoiser):
+    """The mixture denoiser with the solvers' convention at sigma = inf: x is the direction z = lim x / sigma."""
+
+    def d(x, sigma, labels=None):
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+        inf = torch.isinf(s)
+        scale = torch.where(inf, torch.full_like(s, BIG), torch.ones_like(s)).reshape(-1, 1, 1, 1).to(x.dtype)
+        return denoiser(x * scale, torch.where(inf, torch.full_like(s, BIG), s), labels)
+
+    return d
+
+
+@pytest.mark.parametrize("solver,max_order", [("euler", 1), ("dpmpp", 1), ("dpmpp", 2), ("dpmpp", 3), ("ipndm", 3), ("ipndm", 4)])
+@pytest.mark.parametrize("afs", [False, True])
+def test_a_start_at_infinity_is_the_limit_of_finite_starts(problem, solver, max_order, afs):
+    """solve from t_0 = inf (state z) is the limit of solve from t_0 = s (state s z) as s -> inf (float64, a flow grid
+    to t = 0.006 with shift 3). One-step rules converge like 1/s; DPM-Solver++'s 2M / 3M corrections from a history
+    point at lambda_0 = -ln s are weighted by 1/r ~ 1/ln s, so they converge like 1/ln s (error x ln s constant)."""
+    from pipeline.diffusion.schedules import Schedule
+
+    denoiser, _, _ = problem
+    d = _with_infinity(denoiser)
+    z = torch.randn(16, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grid = Schedule.flow(7, 0.006, 3.0).t_steps()
+    limit = solve(d, z, grid, solver, max_order=max_order, afs=afs)
+
+    def error(s0: float) -> float:
+        finite = grid.clone()
+        finite[0] = s0
+        return rms(solve(d, s0 * z, finite, solver, max_order=max_order, afs=afs), limit)
+
+    if solver == "dpmpp" and max_order > 1:
+        e12, e24 = error(1e12), error(1e24)
+        assert e12 * math.log(1e12) == pytest.approx(e24 * math.log(1e24), rel=0.1) and e24 < 2e-4
+    else:
+        e6, e7 = error(1e6), error(1e7)
+        assert e7 < 3e-6 and e7 < e6 / 5
+
+
+def test_first_step_from_infinity_in_closed_form(problem):
+    """x_1 = t_1 z + D(z, inf) (DDIM / Euler / DPM-Solver++ order 1), t_1 z with AFS; Heun and DPM-Solver-2 take
+    their rule in flow time tau = t / (1 + t) from tau = 1 (trapezoid; midpoint tau_mid = (1 + tau_1) / 2)."""
+    denoiser, _, _ = problem
+    d = _with_infinity(denoiser)
+    z = torch.randn(8, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    t1 = 2.5
+    grid = torch.tensor([math.inf, t1], dtype=torch.float64)
+    d0 = d(z, math.inf)
+    for solver in ("euler", "dpmpp", "ipndm"):
+        torch.testing.assert_close(solve(d, z, grid, solver), t1 * z + d0, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(solve(d, z, grid, solver, afs=True), t1 * z, rtol=0, atol=0)
+    tau1 = t1 / (1 + t1)
+    v0 = z - d0
+    x_pred = z + (tau1 - 1) * v0
+    v1 = (x_pred - d(x_pred * (1 + t1), t1)) / tau1
+    torch.testing.assert_close(solve(d, z, grid, "heun"), (z + (tau1 - 1) * (v0 + v1) / 2) * (1 + t1))
+    tau_mid = (1 + tau1) / 2
+    t_mid = tau_mid / (1 - tau_mid)
+    x_mid = z + (tau_mid - 1) * v0
+    v_mid = (x_mid - d(x_mid * (1 + t_mid), t_mid)) / tau_mid
+    torch.testing.assert_close(solve(d, z, grid, "dpm2"), (z + (tau1 - 1) * v_mid) * (1 + t1))
+    with pytest.raises(ParamError, match="only the first may be inf"):
+        solve(d, z, torch.tensor([80.0, math.inf, 1.0], dtype=torch.float64), "euler")

@@ -239,6 +239,28 @@ def test_float16_storage_and_key(tmp_path):
     np.testing.assert_allclose(a16["states"].astype(np.float32), a32["states"], rtol=2**-11, atol=1e-4)
 
 
+def test_bfloat16_storage_bits_checksums_and_key(tmp_path):
+    """bfloat16: its own key; stored as the upper 16 bits of each float32 (a uint16 Zarr array), rounded to nearest
+    even exactly as torch's bfloat16; read back as float32; checksums over the stored bits still catch a flip."""
+    import torch
+
+    t = small_teacher()
+    s32, sbf = small_spec(t), small_spec(t, storage_dtype="bfloat16")
+    assert diff(s32.description(), sbf.description()) == ["storage_dtype: expected 'float32', found 'bfloat16'"]
+    generate_trajectories(t, s32, range(8), tmp_path / "s", chunk_size=CHUNK, progress=False)
+    generate_trajectories(t, sbf, range(8), tmp_path / "s", chunk_size=CHUNK, progress=False)
+    st = open_store(tmp_path / "s")
+    a32, abf = st.key(s32.key).read_chunk(0), st.key(sbf.key).read_chunk(0)
+    assert abf["states"].dtype == np.float32 and st.key(sbf.key).array("states").dtype == np.uint16
+    expected = torch.from_numpy(a32["states"]).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(abf["states"], expected)  # bit for bit torch's rounding
+    np.testing.assert_allclose(abf["states"], a32["states"], rtol=2**-8, atol=0)  # 8 mantissa bits
+    arr = open_store(tmp_path / "s", mode="a").key(sbf.key).array("states")
+    arr[0, 0, 0, 0, 0] = arr[0, 0, 0, 0, 0] ^ 1  # flip one stored bit
+    with pytest.raises(ChunkCorruptError, match="does not match its checksum"):
+        open_store(tmp_path / "s").key(sbf.key).read_chunk(0)
+
+
 def test_ls_and_gc(reference_store, tmp_path):
     t = small_teacher()
     store = tmp_path / "gc.zarr"

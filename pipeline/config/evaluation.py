@@ -40,10 +40,11 @@ class ReferenceDict(TypedDict, total=False):
 
     solver: EvalSolverName
     num_steps: Annotated[int, Field(ge=2)]
-    kind: Literal["polynomial", "logsnr", "time_uniform"]
+    kind: Literal["polynomial", "logsnr", "time_uniform", "flow"]
     t_min: PositiveFloat
     t_max: PositiveFloat
     rho: PositiveFloat
+    shift: PositiveFloat  # flow only (default: the flow teacher's own)
     append_zero: bool
 
 
@@ -106,24 +107,26 @@ class EvalParams(Section):
             raise ValueError(f".reference: {e}") from None
         return self
 
-    def reference_spec(self, alphas_cumprod: Any = None) -> SamplerSpec:
-        """The teacher's reference sampler; ``alphas_cumprod``: a discrete teacher's table (fit_to_teacher)."""
+    def reference_spec(self, alphas_cumprod: Any = None, flow_shift: float | None = None) -> SamplerSpec:
+        """The teacher's reference sampler; ``alphas_cumprod``: a discrete teacher's table, ``flow_shift`` a flow
+        teacher's time shift (fit_to_teacher)."""
         ref: dict[str, Any] = dict(self.reference)
         solver, order = resolve_solver(ref.pop("solver"))
         append_zero = bool(ref.pop("append_zero", False))
-        ref = fit_to_teacher({"kind": "polynomial", **ref}, alphas_cumprod, where="evaluate.reference")
+        ref = fit_to_teacher({"kind": "polynomial", **ref}, alphas_cumprod, where="evaluate.reference", flow_shift=flow_shift)
         sched = Schedule.from_dict(ref, section="evaluate.reference")
         return SamplerSpec(solver, order, sched, guidance=self.guidance, append_zero=append_zero)
 
-    def solver_specs(self, alphas_cumprod: Any = None) -> dict[str, SamplerSpec]:
+    def solver_specs(self, alphas_cumprod: Any = None, flow_shift: float | None = None) -> dict[str, SamplerSpec]:
         """{"<solver>/nfe<k>": spec} for the training-free solvers on the student schedule (fitted to a
-        discrete teacher's table ``alphas_cumprod`` when given)."""
+        discrete teacher's table ``alphas_cumprod``, or a flow teacher's time shift ``flow_shift``, when given)."""
         out = {}
-        schedule = fit_to_teacher(dict(self.schedule), alphas_cumprod, where="evaluate.schedule")
+        schedule = fit_to_teacher(dict(self.schedule), alphas_cumprod, where="evaluate.schedule", flow_shift=flow_shift)
+        ends_at_zero = schedule.get("kind") == "flow" and not schedule.get("t_min")  # heun / dpm2: the last step is Euler
         for name in self.solvers:
             solver, order = resolve_solver(name)
             for k in self.nfes:
-                n = num_steps_for_nfe(solver, k)
+                n = num_steps_for_nfe(solver, k, ends_at_zero=ends_at_zero)
                 sched = Schedule.from_dict({**schedule, "num_steps": n}, section="evaluate.schedule")
                 out[f"{name}/nfe{k}"] = SamplerSpec(solver, order, sched, guidance=self.guidance)
         return out

@@ -74,21 +74,23 @@ def resolve_max_order(solver: str, max_order: int | None) -> int:
 class ScheduleDict(TypedDict, total=False):
     """A student schedule (diffusion.schedules.Schedule); num_steps is an int, or a list for SFD-v."""
 
-    kind: Literal["polynomial", "logsnr", "time_uniform", "discrete"]  # discrete: a discrete (diffusers) teacher's table
+    kind: Literal["polynomial", "logsnr", "time_uniform", "discrete", "flow"]  # discrete: a discrete (diffusers) teacher's table; flow: a flow-matching teacher's grid from sigma = inf
     num_steps: Any  # checked by num_steps_list: an int >= 2, or (trajectories only) a non-empty list of them
     t_min: PositiveFloat
     t_max: PositiveFloat
     rho: PositiveFloat
+    shift: PositiveFloat  # flow only: the time shift (default: the flow teacher's own)
 
 
 @with_config(NESTED)
 class RangeDict(TypedDict, total=False):
     """A schedule without num_steps (the evaluation sets N per NFE)."""
 
-    kind: Literal["polynomial", "logsnr", "time_uniform", "discrete"]  # discrete: a discrete (diffusers) teacher's table
+    kind: Literal["polynomial", "logsnr", "time_uniform", "discrete", "flow"]  # discrete: a discrete (diffusers) teacher's table; flow: a flow-matching teacher's grid from sigma = inf
     t_min: PositiveFloat
     t_max: PositiveFloat
     rho: PositiveFloat
+    shift: PositiveFloat  # flow only: the time shift (default: the flow teacher's own)
 
 
 def num_steps_list(schedule: dict[str, Any], *, allow_list: bool, minimum: int = 2) -> list[int]:

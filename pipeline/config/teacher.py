@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -17,6 +17,7 @@ class TeacherParams(Section):
     network: Network = field(
         default_factory=lambda: {"model_channels": 32, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4]}
     )  # architecture; resolution, channels and label_dim come from the data
+    objective: Literal["edm", "flow"] = "edm"  # edm: EDM's denoiser (VE sigma); flow: a pixel-space rectified flow (velocity loss; trajectories then start at flow time 1)
     conditional: bool = True  # class-conditional when the data has labels
     label_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1  # probability of the null class in training (CFG)
     sigma_data: PositiveFloat = 0.5
@@ -41,5 +42,6 @@ class TeacherParams(Section):
 
         ``steps`` is left out so that a longer run continues a shorter one.
         """
-        d = described(self, leave_out=("checkpoint_every", "device", "steps", "batch_gpu", "activation_checkpointing"))
+        d = described(self, leave_out=("checkpoint_every", "device", "steps", "batch_gpu", "activation_checkpointing")
+                      + (("objective",) if self.objective == "edm" else ()))
         return hash_description({"params": d, "data": data_description})

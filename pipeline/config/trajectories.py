@@ -19,7 +19,7 @@ from pipeline.core.param_checks import ParamError, check_int
 from pipeline.diffusion.schedules import Schedule, fit_to_teacher
 
 COMPUTE_DTYPES = ("float32", "float64")
-STORAGE_DTYPES = ("float32", "float16")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # bfloat16: stored as its 16 bits (uint16 in Zarr)
 LABEL_POLICIES = ("none", "uniform_per_seed")
 COMPRESSORS = ("blosc-zstd", "blosc-lz4", "zstd", "none")
 
@@ -44,7 +44,7 @@ class TrajectoryParams(Section):
     batch_size: PositiveInt = 256
     compute_dtype: Literal["float32", "float64"] = "float32"  # the solver's arithmetic and x_T
     precision: Precision = "fp32"  # the teacher's forwards: fp32, or bf16/fp16 autocast (float32 compute_dtype only)
-    storage_dtype: Literal["float32", "float16"] = "float32"
+    storage_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # the stored states (the key says which); bfloat16 keeps float32's range
     compressor: Literal["blosc-zstd", "blosc-lz4", "zstd", "none"] = "blosc-zstd"
     label_policy: Literal["auto", "none", "uniform_per_seed"] = "auto"  # auto: uniform_per_seed for a conditional teacher
     guidance: PositiveFloat = 1.0
@@ -83,18 +83,24 @@ class TrajectoryParams(Section):
                 "the store commits whole chunks, the rest of a chunk is reused by a later range); a range aligned "
                 "to chunk_size, or a chunk_size that divides it, computes none")
 
-    def schedules(self, alphas_cumprod: Any = None) -> list[Schedule]:
+    def schedules(self, alphas_cumprod: Any = None, flow_shift: float | None = None) -> list[Schedule]:
         """One student schedule per N (a list of num_steps gives one key per N, for SFD-v). ``alphas_cumprod``:
-        a discrete teacher's abar table (t_min / t_max default to its sigma range, the discrete kind uses it;
+        a discrete teacher's abar table (t_min / t_max default to its sigma range, the discrete kind uses it);
+        ``flow_shift``: a flow-matching teacher's time shift (the flow kind, from sigma = inf;
         pipeline.diffusion.schedules.fit_to_teacher)."""
+        values = self.num_steps_values()
+        fitted = fit_to_teacher(dict(self.schedule), alphas_cumprod, where=f"{self.SECTION}.schedule", flow_shift=flow_shift)
+        return [Schedule.from_dict({**fitted, "num_steps": v}) for v in values]
+
+    def num_steps_values(self) -> list[int]:
+        """The student's N of each key (one, or the list of SFD-v)."""
         n = self.schedule.get("num_steps", 4)
         values = n if isinstance(n, list) else [n]
         if not values:
             raise ParamError("schedule.num_steps: empty list")
         for v in values:
             check_int("schedule.num_steps", v, minimum=2)
-        fitted = fit_to_teacher(dict(self.schedule), alphas_cumprod, where=f"{self.SECTION}.schedule")
-        return [Schedule.from_dict({**fitted, "num_steps": v}) for v in values]
+        return values
 
     def resolve_label_policy(self, num_classes: int) -> str:
         if self.label_policy == "auto":

@@ -45,6 +45,11 @@ class EDMPrecond(nn.Module):
         d = c_skip * x + c_out * out.to(x.dtype)
         return d if features is None else (d, features)
 
+    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """EDM's training weight lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 of ||D - y||^2."""
+        sd = self.sigma_data
+        return (sigma**2 + sd**2) / (sigma * sd) ** 2
+
     # -- the distillation interface (shared with the EDM preconditioners of
     #    pipeline.diffusion.preconditioners), so pipeline.distill does not care which it holds -----
     @property
@@ -101,7 +106,12 @@ def guided(denoiser: Denoiser, scale: float) -> Denoiser:
 
     w = 1 is the conditional branch alone (one call). labels=None asks the unconditional branch.
     Since eps = (x - D) / sigma is affine in D, this equals eps_u + w (eps_c - eps_u).
+    A model with its own ``with_guidance(w)`` applies it itself (a flow transformer: both branches in one batched
+    forward, or a guidance-distilled Flux's embedded scale; pipeline.networks.flow).
     """
+    own = getattr(denoiser, "with_guidance", None)
+    if own is not None:
+        return own(scale)
     if scale == 1.0:
         return denoiser
 

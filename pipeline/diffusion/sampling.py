@@ -1,6 +1,6 @@
 """Sampling: any denoiser with any solver / schedule / NFE, per-seed noise, PNGs and image grids.
 
-Sample i starts from x_0 = t_max · z_i with z_i drawn from seed i's own generator
+Sample i starts from x_0 = t_max · z_i (z_i itself when t_max = inf: a flow schedule) with z_i drawn from seed i's own generator
 (pipeline.diffusion.seeds), so it is the same whatever the batch size. A distilled checkpoint carries
 its sampler (``"sampler"`` section: solver, max_order, schedule, afs, step_condition,
 guidance); a teacher checkpoint has none and gets DPM-Solver++(3M) on the student schedule
@@ -20,7 +20,7 @@ from pipeline.diffusion.denoisers import Denoiser, bind_num_steps, guided
 from pipeline.core.param_checks import ParamError, check_choice, check_int
 from pipeline.diffusion.schedules import Schedule
 from pipeline.diffusion.seeds import seed_labels, seed_noise
-from pipeline.diffusion.solvers import SOLVERS, solve, solver_nfe
+from pipeline.diffusion.solvers import SOLVERS, initial_state, solve, solver_nfe
 
 # evaluation / CLI names -> (solver, max_order)
 SOLVER_NAMES: dict[str, tuple[str, int]] = {
@@ -57,7 +57,8 @@ class SamplerSpec:
     @property
     def nfe(self) -> int:
         n = self.schedule.num_steps + int(self.append_zero)
-        return solver_nfe(self.solver, n, afs=self.afs, ends_at_zero=self.append_zero)
+        ends_at_zero = self.append_zero or self.schedule.t_min == 0  # a flow schedule may end at the data
+        return solver_nfe(self.solver, n, afs=self.afs, ends_at_zero=ends_at_zero)
 
     @property
     def bound_num_steps(self) -> int | None:
@@ -158,7 +159,7 @@ def generate(
     starts = range(0, len(seeds), batch_size)
     for i in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
         chunk = list(seeds[i : i + batch_size])
-        x = float(t_steps[0]) * seed_noise(chunk, sample_shape, device=device)
+        x = initial_state(seed_noise(chunk, sample_shape, device=device), float(t_steps[0]))
         lab = None if labels is None else labels[i : i + batch_size].to(device)
         x = solve(denoiser, x, t_steps, spec.solver, max_order=spec.max_order, afs=spec.afs, labels=lab)
         outs.append(x.float().cpu())

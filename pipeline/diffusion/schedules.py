@@ -3,6 +3,9 @@
 In the EDM view sigma(t) = t, so a schedule is a decreasing list of noise levels. The teacher's
 fine grid uses the same formula with (M+1)(N-1)+1 timestamps, so every (M+1)-th fine timestamp
 equals a student timestamp exactly (section 4).
+
+The ``flow`` kind is the grid of a flow-matching (rectified-flow) teacher (docs/teachers.md): it starts
+where the teacher's own sampler starts, at flow time 1, which is t_0 = sigma = inf in this view.
 """
 
 from __future__ import annotations
@@ -16,13 +19,21 @@ import torch
 
 from pipeline.core.param_checks import ParamError, check_choice, check_int, check_keys
 
-ScheduleKind = Literal["polynomial", "logsnr", "time_uniform", "discrete"]
-SCHEDULE_KINDS = ("polynomial", "logsnr", "time_uniform", "discrete")
+ScheduleKind = Literal["polynomial", "logsnr", "time_uniform", "discrete", "flow"]
+SCHEDULE_KINDS = ("polynomial", "logsnr", "time_uniform", "discrete", "flow")
+FLOW = "flow"
 TIME_UNIFORM_EPS = 1e-3  # epsilon_s of the VP time of the time_uniform schedule
 
 
-def _check_range(num_steps: int, t_min: float, t_max: float, rho: float) -> None:
+def _check_range(num_steps: int, t_min: float, t_max: float, rho: float, *, flow: bool = False) -> None:
     check_int("num_steps", num_steps, minimum=2)
+    if flow:  # starts at sigma = inf, may end at the data (t_min = 0)
+        if isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not math.isfinite(t_min) or t_min < 0:
+            raise ParamError(f"t_min: expected a finite number >= 0 (the flow schedule's last sigma), got {t_min!r}")
+        if t_max != math.inf:
+            raise ParamError(f"t_max: the flow schedule starts at flow time 1 (sigma = inf), where the teacher's own "
+                             f"sampler starts; leave t_max out (got {t_max!r})")
+        return
     for name, value in (("t_min", t_min), ("t_max", t_max), ("rho", rho)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ParamError(f"{name}: expected a finite number, got {value!r}")
@@ -42,6 +53,45 @@ def discrete_sigmas(alphas_cumprod: Sequence[float] | torch.Tensor) -> torch.Ten
     return ((1 - abar) / abar).sqrt()
 
 
+def flow_shift_time(u: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """diffusers' FlowMatchEulerDiscreteScheduler shift of the flow time: u -> s u / (1 + (s - 1) u).
+
+    Its resolution-dependent (dynamic) shift e^mu / (e^mu + 1/u - 1) is the same map with s = e^mu (and its
+    ``linear`` time_shift_type mu / (mu + 1/u - 1) the same with s = mu)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_unshift_time(t: float, shift: float) -> float:
+    """Inverse of :func:`flow_shift_time`: u = t / (s - (s - 1) t)."""
+    return t / (shift - (shift - 1) * t)
+
+
+def flow_time_steps(num_steps: int, t_min: float, shift: float) -> torch.Tensor:
+    """The ``flow`` kind: sigma_0 = inf > sigma_1 > ... > sigma_{N-1} = t_min (float64).
+
+    Flow time u runs uniformly from 1 to u_end (diffusers' FlowMatchEuler grid), is shifted by the teacher's
+    ``shift`` s, t_i = s u_i / (1 + (s - 1) u_i), and becomes the VE noise level sigma_i = t_i / (1 - t_i).
+    u_end = t_end / (s - (s - 1) t_end) with t_end = t_min / (1 + t_min), so the last sigma is t_min exactly
+    (t_min = 0: the schedule ends at the data, as the teacher's sampler does with its appended sigma = 0)."""
+    _check_range(num_steps, t_min, math.inf, 1.0, flow=True)
+    check_positive_shift(shift)
+    u_end = flow_unshift_time(t_min / (1 + t_min), shift)
+    frac = torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1)
+    t = flow_shift_time(1 - frac * (1 - u_end), shift)
+    sigma = t / (1 - t)
+    sigma[0], sigma[-1] = math.inf, t_min
+    if not (sigma[1:] < sigma[:-1]).all():
+        raise ParamError(f"num_steps: {num_steps} flow timestamps with shift {shift} and t_min {t_min} are not strictly "
+                         "decreasing (float64 rounding); use fewer steps or a larger t_min")
+    return sigma
+
+
+def check_positive_shift(shift: Any) -> float:
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+        raise ParamError(f"shift: expected a finite number > 0 (the flow teacher's time shift), got {shift!r}")
+    return float(shift)
+
+
 def time_steps(
     kind: str,
     num_steps: int,
@@ -50,6 +100,7 @@ def time_steps(
     rho: float = 7.0,
     *,
     alphas_cumprod: Sequence[float] | torch.Tensor | None = None,  # discrete only: abar_tau, tau = 1..T
+    shift: float | None = None,  # flow only: the teacher's time shift s
 ) -> torch.Tensor:
     """Timestamps t_0 = t_max ... t_{N-1} = t_min (float64) for the given schedule kind.
 
@@ -62,8 +113,16 @@ def time_steps(
       polynomial formula between the discrete steps whose sigma(tau) = sqrt((1 - abar)/abar)
       lies nearest t_max and t_min, rounded to integers, and t_i = sigma(tau_i). The endpoints are
       therefore sigma values of the table, not exactly t_max and t_min.
+    - flow: a flow-matching teacher's grid from sigma = inf (:func:`flow_time_steps`; t_max must be inf).
     """
     check_choice("kind", kind, SCHEDULE_KINDS)
+    if kind == FLOW:
+        if t_max != math.inf:
+            _check_range(num_steps, t_min, t_max, rho, flow=True)
+        if shift is None:
+            raise ParamError("shift: the 'flow' schedule needs the flow teacher's time shift (a flow-matching teacher "
+                             "fills it in)")
+        return flow_time_steps(num_steps, t_min, shift)
     _check_range(num_steps, t_min, t_max, rho)
     i = torch.arange(num_steps, dtype=torch.float64)
     frac = i / (num_steps - 1)
@@ -117,9 +176,11 @@ def fine_time_steps(
     rho: float = 7.0,
     *,
     alphas_cumprod: Sequence[float] | torch.Tensor | None = None,
+    shift: float | None = None,
 ) -> torch.Tensor:
     """The teacher's fine grid: the same schedule formula with (M+1)(N-1)+1 timestamps."""
-    return time_steps(kind, fine_num_steps(num_steps, M), t_min, t_max, rho, alphas_cumprod=alphas_cumprod)
+    return time_steps(kind, fine_num_steps(num_steps, M), t_min, t_max, rho, alphas_cumprod=alphas_cumprod,
+                      shift=shift)
 
 
 def student_indices(num_steps: int, M: int) -> list[int]:
@@ -131,7 +192,8 @@ def student_indices(num_steps: int, M: int) -> list[int]:
 @dataclass(frozen=True)
 class Schedule:
     """A student schedule: kind, number of timestamps N, t_min, t_max, rho; for the ``discrete`` kind
-    also the teacher's abar table (filled in from the teacher by :func:`fit_to_teacher`)."""
+    also the teacher's abar table, for the ``flow`` kind the teacher's time shift (both filled in from
+    the teacher by :func:`fit_to_teacher`). A flow schedule has t_max = inf and no rho."""
 
     kind: ScheduleKind = "polynomial"
     num_steps: int = 4
@@ -139,15 +201,30 @@ class Schedule:
     t_max: float = 80.0
     rho: float = 7.0
     alphas_cumprod: tuple[float, ...] | None = None  # discrete only: abar_tau of the teacher's T steps
+    shift: float | None = None  # flow only: the teacher's time shift s (diffusers' shift, or e^mu)
 
     def __post_init__(self) -> None:
         check_choice("schedule.kind", self.kind, SCHEDULE_KINDS)
-        _check_range(self.num_steps, self.t_min, self.t_max, self.rho)
+        _check_range(self.num_steps, self.t_min, self.t_max, self.rho, flow=self.kind == FLOW)
+        if self.shift is not None:
+            if self.kind != FLOW:
+                raise ParamError(f"shift: only the 'flow' kind takes a time shift, got kind {self.kind!r}")
+            object.__setattr__(self, "shift", check_positive_shift(self.shift))
         if self.alphas_cumprod is not None:
             if self.kind != "discrete":
                 raise ParamError(f"schedule.alphas_cumprod: only the 'discrete' kind takes an abar table, got kind {self.kind!r}")
             object.__setattr__(self, "alphas_cumprod", tuple(float(a) for a in self.alphas_cumprod))
             discrete_sigmas(self.alphas_cumprod)  # validates
+
+    @classmethod
+    def flow(cls, num_steps: int, t_min: float = 0.0, shift: float | None = None) -> "Schedule":
+        """A flow-matching teacher's schedule: sigma_0 = inf ... sigma_{N-1} = t_min (:func:`flow_time_steps`)."""
+        return cls(FLOW, num_steps, float(t_min), math.inf, 1.0, None, shift)
+
+    @property
+    def starts_at_infinity(self) -> bool:
+        """Whether t_0 = sigma = inf (a flow schedule): the state there is the noise itself (pipeline.diffusion.solvers)."""
+        return self.t_max == math.inf
 
     def _table(self) -> tuple[float, ...] | None:
         if self.kind == "discrete" and self.alphas_cumprod is None:
@@ -158,17 +235,21 @@ class Schedule:
         return self.alphas_cumprod
 
     def t_steps(self) -> torch.Tensor:
-        return time_steps(self.kind, self.num_steps, self.t_min, self.t_max, self.rho, alphas_cumprod=self._table())
+        return time_steps(self.kind, self.num_steps, self.t_min, self.t_max, self.rho, alphas_cumprod=self._table(),
+                          shift=self.shift)
 
     def fine(self, M: int) -> torch.Tensor:
         return fine_time_steps(self.kind, self.num_steps, M, self.t_min, self.t_max, self.rho,
-                               alphas_cumprod=self._table())
+                               alphas_cumprod=self._table(), shift=self.shift)
 
     def with_num_steps(self, num_steps: int) -> "Schedule":
-        return Schedule(self.kind, num_steps, self.t_min, self.t_max, self.rho, self.alphas_cumprod)
+        return Schedule(self.kind, num_steps, self.t_min, self.t_max, self.rho, self.alphas_cumprod, self.shift)
 
     def to_dict(self) -> dict[str, Any]:
+        if self.kind == FLOW:  # no t_max (inf, not JSON) and no rho: keys of other kinds stay as they were
+            return {"kind": FLOW, "num_steps": self.num_steps, "t_min": self.t_min, "shift": self.shift}
         d = asdict(self)
+        del d["shift"]
         if self.alphas_cumprod is None:
             del d["alphas_cumprod"]  # absent unless discrete with a table: existing keys stay as they were
         else:
@@ -177,12 +258,19 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, section: str = "schedule") -> "Schedule":
-        check_keys(section, d, ("kind", "num_steps", "t_min", "t_max", "rho", "alphas_cumprod"))
+        check_keys(section, d, ("kind", "num_steps", "t_min", "t_max", "rho", "alphas_cumprod", "shift"))
         d = dict(d)
-        for key in ("t_min", "t_max", "rho"):
+        for key in ("t_min", "t_max", "rho", "shift"):
             if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
                 d[key] = float(d[key])
         try:
+            if d.get("kind") == FLOW:
+                for key, why in (("t_max", "it starts at flow time 1, sigma = inf, where the teacher's own sampler starts"),
+                                 ("rho", "its grid is uniform in the (shifted) flow time"), ("alphas_cumprod", "")):
+                    if d.get(key) is not None:
+                        raise ParamError(f"{key}: the 'flow' schedule has none ({why or 'a flow teacher has no abar table'}); "
+                                         "leave it out")
+                return cls.flow(d.get("num_steps", 4), d.get("t_min", 0.0), d.get("shift"))
             return cls(**d)
         except ParamError as e:
             raise ParamError(f"{section}: {e}") from None
@@ -197,14 +285,33 @@ def fit_to_teacher(
     *,
     where: str = "schedule",
     given: Sequence[str] | None = None,
+    flow_shift: float | None = None,
 ) -> dict[str, Any]:
-    """A schedule dict fitted to a discrete teacher with the table ``alphas_cumprod`` (None: unchanged).
+    """A schedule dict fitted to its teacher: a discrete one with the table ``alphas_cumprod``, a flow-matching one
+    with the time shift ``flow_shift`` (neither: unchanged, but the ``flow`` kind is refused).
 
     - t_min / t_max default to the teacher's sigma range [sigma_0, sigma_{T-1}] when absent (or not in
       ``given``, the keys the user wrote);
     - a t_min below sigma_0 or a t_max above sigma_{T-1} is an error naming the key and the range;
     - the ``discrete`` kind gets the table (``alphas_cumprod``).
+    - a flow teacher: the kind must be ``flow`` (its sampler starts at sigma = inf; any other kind would start at
+      a finite t_max and silently change its trajectories), and gets the teacher's shift unless one is given.
     """
+    kind = schedule.get("kind", "polynomial")
+    if flow_shift is not None:
+        if kind != FLOW:
+            raise ParamError(
+                f"{where}.kind: {kind!r} starts at a finite t_max, but this flow-matching teacher's sampler starts at "
+                "flow time 1 (sigma = inf): use kind 'flow' (t_max and rho left out; t_min is the last sigma, default 0, "
+                "the data; the teacher's shift is filled in)"
+            )
+        d = dict(schedule)
+        d.setdefault("shift", float(flow_shift))
+        return d
+    if kind == FLOW:
+        raise ParamError(f"{where}.kind: 'flow' starts at sigma = inf, which only a flow-matching teacher can take "
+                         "(its denoiser is bounded there); this teacher is not one: use polynomial, logsnr, "
+                         "time_uniform or discrete")
     if alphas_cumprod is None:
         return dict(schedule)
     sig = discrete_sigmas(alphas_cumprod)

@@ -1,6 +1,7 @@
 """SFD distillation (sfd-method.md sections 6-8): cached teacher targets, the student rolled out on the fly.
 
-For each batch of B cached trajectories (x_0 = t_max z, teacher states y_1..y_{N-1}, labels):
+For each batch of B cached trajectories (x_0 = t_max z, or z for a flow schedule from t_max = inf; teacher
+states y_1..y_{N-1}, labels):
 
     x <- x_0
     for n = 0 .. N-2:
@@ -57,7 +58,7 @@ from pipeline.config.validation import described
 from pipeline.distill.losses import Loss, check_loss_name, make_loss, perceptual_term, resolve_perceptual_weight
 from pipeline.core.param_checks import ParamError
 from pipeline.diffusion.schedules import Schedule
-from pipeline.diffusion.solvers import afs_epsilon
+from pipeline.diffusion.solvers import afs_step, euler_step
 from pipeline.trajectories.reader import TrajectoryBatch, TrajectoryDataset
 from pipeline.trajectories.spec import trajectory_specs
 from pipeline.training.live import LiveLog
@@ -175,12 +176,11 @@ def sfd_batch(
         lab = None if labels is None else labels[lo:hi]
         kw = {k: v[lo:hi] for k, v in net_kwargs.items()}
         if precision == "fp32":
-            eps = (xs - net(xs, sigma, lab, **kw)) / t[n]
+            denoised = net(xs, sigma, lab, **kw)
         else:
             with autocast_context(precision, device):
-                denoised = net(xs, sigma, lab, **kw)
-            eps = (xs - denoised.float()) / t[n]
-        x_hat = xs + (t[n + 1] - t[n]) * eps
+                denoised = net(xs, sigma, lab, **kw).float()
+        x_hat = euler_step(xs, t[n], t[n + 1], denoised)  # x + (t_{n+1} - t_n) eps; from t_0 = inf its limit
         loss = loss_fn(x_hat, y[lo:hi, n])
         if last_step_extra is not None and n == num_steps - 2:
             loss = loss + last_step_extra(x_hat, y[lo:hi, n])
@@ -189,7 +189,7 @@ def sfd_batch(
     out = []
     for n in range(num_steps - 1):
         if afs and n == 0:
-            x = x + (t[1] - t[0]) * afs_epsilon(x, t[0])
+            x = afs_step(x, t[0], t[1])
             continue
         what = f"the loss of student step {n + 1} (N={num_steps})"
         if len(parts) == 1:

@@ -37,6 +37,7 @@ from pipeline.networks.unet import build_network, network_config
 from pipeline.core.param_checks import ParamError
 from pipeline.diffusion.schedules import Schedule
 from pipeline.networks.edm import build_edm_model
+from pipeline.networks.flow import precondition
 from pipeline.teachers.diffusers_folder import is_diffusers_config
 from pipeline.teachers.loader import is_edm_config, load_teacher
 
@@ -124,15 +125,8 @@ def student_from_checkpoint(
     if is_diffusers_config(config):  # the same diffusers UNet, fine-tuned (its VAE / text encoder ride along)
         model = teacher.model
         if step_condition and not model.step_condition:  # SFD-v: new zero-initialised step layers
-            from pipeline.networks.diffusers_vp import DiffusersVP
-
             torch.manual_seed(seed)
-            stepped = DiffusersVP(model.unet, model.unet_class, model.scheduler_config, step_condition=True)
-            stepped.diffusers_section = model.diffusers_section
-            stepped.components.update(model.components)
-            stepped.prompts, stepped.cond_table, stepped.null_cond = model.prompts, model.cond_table, model.null_cond
-            stepped.source_dir = model.source_dir
-            model = stepped
+            model = model.with_step_condition()
             if step_condition_init == "random":
                 randomize_step_condition(model, seed)
         model = model.to(device).train().requires_grad_(True)
@@ -151,7 +145,7 @@ def student_from_checkpoint(
         if step_condition and not arch["step_condition"]:
             arch = {**arch, "step_condition": True}
         torch.manual_seed(seed)
-        model = EDMPrecond(build_network(**arch), sigma_data=float(config.get("sigma_data", 0.5)))
+        model = precondition(build_network(**arch), config)  # EDMPrecond, or PixelFlow ("precond": "flow")
         prefixes = STEP_CONDITION_PREFIXES
     missing, unexpected = model.checkpoint_module().load_state_dict(tensors, strict=False)
     bad_missing = [k for k in missing if not k.startswith(prefixes) and ".affine_step." not in k]
@@ -182,7 +176,7 @@ def model_from_architecture(config: dict[str, Any], *, seed: int, device: torch.
     elif is_edm_config(config):
         model = build_edm_model(config["edm"]["precond"], dict(config["edm"]["init_kwargs"]))
     else:
-        model = EDMPrecond(build_network(**config["network"]), sigma_data=float(config.get("sigma_data", 0.5)))
+        model = precondition(build_network(**config["network"]), config)
     return model.to(device)
 
 
@@ -251,6 +245,8 @@ def student_config(base: dict[str, Any], sampler: dict[str, Any], provenance: di
         arch = {"architecture": base["architecture"], "edm": copy.deepcopy(base["edm"])}
     else:
         arch = {"network": copy.deepcopy(base["network"]), "sigma_data": float(base.get("sigma_data", 0.5))}
+        if "precond" in base:  # this project's U-Net as a rectified flow (pipeline.networks.flow.PixelFlow)
+            arch["precond"] = base["precond"]
     return {**arch, "data": copy.deepcopy(base.get("data", {})), "sampler": sampler, "provenance": provenance}
 
 

@@ -269,12 +269,13 @@ def run_evaluation(
     loaded = load_teacher(Path(teacher_dir), device)
     teacher, shape, k = loaded.model, loaded.sample_shape, loaded.num_classes
     abar = loaded.alphas_cumprod  # a discrete teacher: its sigma range bounds the schedules
-    ref_spec = params.reference_spec(abar)
+    flow_shift = loaded.flow_shift  # a flow-matching teacher: its schedules start at sigma = inf
+    ref_spec = params.reference_spec(abar, flow_shift)
     extra = latent_options(loaded)
     entries = []
     if reference_and_solvers:
         entries += [Entry(f"teacher/nfe{ref_spec.nfe}", teacher, ref_spec, shape, k, **extra)]
-        entries += [Entry(key, teacher, spec, shape, k, **extra) for key, spec in params.solver_specs(abar).items()]
+        entries += [Entry(key, teacher, spec, shape, k, **extra) for key, spec in params.solver_specs(abar, flow_shift).items()]
     for name, path in students:
         entries += student_entries(name, path, device, params.student_guidance)
     clip = None

@@ -325,9 +325,12 @@ def about_this_run(*, teacher_dir: Path | None, data_dir: Path | None, inputs_di
     if arch == "edm":
         kind = f"EDM {config['edm']['precond']} ({config['edm']['init_kwargs'].get('model_type', '?')})"
     elif arch == "diffusers":
-        kind = f"diffusers {config['diffusers'].get('unet_class', 'UNet')}"
+        section = config["diffusers"]
+        kind = f"diffusers {section.get('unet_class') or section.get('transformer_class') or 'UNet'}"
     else:
         kind = "this project's U-Net with EDM preconditioning" if config else "unknown (no model.json)"
+        if config.get("precond") == "flow":
+            kind = "this project's U-Net as a rectified flow (velocity network)"
     shape = config.get("data", {}).get("sample_shape")
     teacher_from = source("teacher.pretrained") or "trained by this run's teacher stage (`teacher.pretrained: null`)"
     lines.append(f"- **Teacher:** {teacher_from}; {kind}, samples {shape}.")

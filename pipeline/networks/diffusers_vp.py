@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -127,7 +129,99 @@ def build_unet(unet_class: str, config: dict[str, Any], where: str = "unet/confi
     return getattr(diffusers, unet_class).from_config(copy.deepcopy(config))
 
 
-class DiffusersVP(nn.Module):
+class DiffusersNetwork:
+    """What the diffusers teachers share (DiffusersVP's UNet, pipeline.networks.flow.DiffusersFlow's transformer):
+
+    - SFD-v's step condition: an embedding of N (sin/cos features of N -> Linear -> SiLU -> Linear, the last layer
+      zero so the student starts as its teacher) added to the output of the network's time embedding by a forward
+      hook;
+    - the checkpoint of network + step layers (``sfd_map_steps.*`` beside the network's own names);
+    - the VAE of a latent model (``components["vae"]``) and its decode.
+
+    A subclass sets ``self.map_steps = None`` and ``self._step_emb = None``, calls :meth:`_add_step_layers` and names
+    its network in :attr:`network_body`."""
+
+    map_steps: nn.Module | None
+    _step_emb: torch.Tensor | None
+    components: dict[str, Any]
+
+    @property
+    def network_body(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _add_step_layers(self, time_embedding: nn.Module, dim: int) -> None:
+        self.map_steps = nn.Sequential(nn.Linear(STEP_FREQS * 2, dim), nn.SiLU(), nn.Linear(dim, dim))
+        nn.init.zeros_(self.map_steps[2].weight)
+        nn.init.zeros_(self.map_steps[2].bias)
+        time_embedding.register_forward_hook(self._add_step_embedding)
+
+    def _add_step_embedding(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if self._step_emb is None:
+            raise DiffusersError("num_steps: this network is step-conditioned (SFD-v); pass num_steps=[B] (the sampler's N)")
+        return output + self._step_emb.to(output.dtype)
+
+    @contextmanager
+    def step_embedding(self, num_steps: torch.Tensor | None, batch: int, device: torch.device) -> Iterator[None]:
+        """Within the block, the network's time embedding gets the embedding of ``num_steps`` ([B] or one N)."""
+        if self.map_steps is None:
+            if num_steps is not None:
+                raise DiffusersError("num_steps: this network is not step-conditioned (SFD-v)")
+            yield
+            return
+        if num_steps is None:
+            raise DiffusersError("num_steps: this network is step-conditioned (SFD-v); pass num_steps=[B] (the sampler's N)")
+        n = torch.as_tensor(num_steps, device=device).reshape(-1).expand(batch).to(torch.float32)
+        freqs = torch.arange(STEP_FREQS, device=device, dtype=torch.float32)
+        angles = n[:, None] * (0.5 ** freqs)[None, :]  # N = 1..~100 resolved by the low frequencies
+        features = torch.cat([angles.sin(), angles.cos()], dim=1).to(next(self.map_steps.parameters()).dtype)
+        self._step_emb = self.map_steps(features)
+        try:
+            yield
+        finally:
+            self._step_emb = None
+
+    # -- the distillation interface (as EDMPrecond's) ----------------------------------------------
+    @property
+    def step_condition(self) -> bool:
+        return self.map_steps is not None
+
+    def checkpoint_module(self) -> nn.Module:
+        return self  # type: ignore[return-value]
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """model.safetensors: the network's state dict (diffusers' names), plus ``sfd_map_steps.*`` for SFD-v."""
+        state = dict(self.network_body.state_dict())
+        if self.map_steps is not None:
+            state.update({f"{STEP_PREFIX}{k}": v for k, v in self.map_steps.state_dict().items()})
+        return state
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], where: str, *, allow_missing_steps: bool = False) -> None:
+        """Load :meth:`checkpoint_state_dict`'s tensors strictly (``allow_missing_steps``: new SFD-v layers stay)."""
+        body = {k: v for k, v in tensors.items() if not k.startswith(STEP_PREFIX)}
+        steps = {k[len(STEP_PREFIX):]: v for k, v in tensors.items() if k.startswith(STEP_PREFIX)}
+        missing, unexpected = self.network_body.load_state_dict(body, strict=False)
+        if self.map_steps is not None and (steps or not allow_missing_steps):
+            m2, u2 = self.map_steps.load_state_dict(steps, strict=False)
+            missing, unexpected = missing + [STEP_PREFIX + k for k in m2], unexpected + [STEP_PREFIX + k for k in u2]
+        elif self.map_steps is None and steps:
+            unexpected = unexpected + [STEP_PREFIX + k for k in steps]
+        if missing or unexpected:
+            raise DiffusersError(f"{where} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    # -- latent models ------------------------------------------------------------------------------
+    @property
+    def latent(self) -> bool:
+        return "vae" in self.components
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Images in [-1, 1] from latents: vae.decode(latents / scaling_factor + shift_factor) (:func:`decode_latents`);
+        identity without a VAE."""
+        vae = self.components.get("vae")
+        return latents if vae is None else decode_latents(vae, latents, batch_size)
+
+
+class DiffusersVP(DiffusersNetwork, nn.Module):
     """D(x, sigma, labels) of a diffusers UNet + scheduler config (see the module docstring)."""
 
     def __init__(self, unet: nn.Module, unet_class: str, scheduler_config: dict[str, Any], *,
@@ -149,11 +243,11 @@ class DiffusersVP(nn.Module):
         self.map_steps: nn.Module | None = None
         self._step_emb: torch.Tensor | None = None
         if step_condition:
-            dim = int(unet.time_embedding.linear_2.out_features)
-            self.map_steps = nn.Sequential(nn.Linear(STEP_FREQS * 2, dim), nn.SiLU(), nn.Linear(dim, dim))
-            nn.init.zeros_(self.map_steps[2].weight)
-            nn.init.zeros_(self.map_steps[2].bias)
-            unet.time_embedding.register_forward_hook(self._add_step_embedding)
+            self._add_step_layers(unet.time_embedding, int(unet.time_embedding.linear_2.out_features))
+
+    @property
+    def network_body(self) -> nn.Module:
+        return self.unet
 
     # -- the schedule ------------------------------------------------------------------------------
     @property
@@ -226,11 +320,6 @@ class DiffusersVP(nn.Module):
         }
 
     # -- the denoiser ------------------------------------------------------------------------------
-    def _add_step_embedding(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        if self._step_emb is None:
-            raise DiffusersError("num_steps: this UNet is step-conditioned (SFD-v); pass num_steps=[B] (the sampler's N)")
-        return output + self._step_emb.to(output.dtype)
-
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None,
                 **net_kwargs: Any) -> torch.Tensor:
         num_steps = net_kwargs.pop("num_steps", None)
@@ -238,21 +327,8 @@ class DiffusersVP(nn.Module):
             return self._with_features(x, sigma, labels, num_steps=num_steps, **net_kwargs)
         if net_kwargs:
             raise TypeError(f"a diffusers UNet takes no extra inputs but num_steps and return_features, got {sorted(net_kwargs)}")
-        if self.map_steps is None:
-            if num_steps is not None:
-                raise DiffusersError("num_steps: this UNet is not step-conditioned (SFD-v)")
+        with self.step_embedding(num_steps, x.shape[0], x.device):
             return self._forward(x, sigma, labels)
-        if num_steps is None:
-            raise DiffusersError("num_steps: this UNet is step-conditioned (SFD-v); pass num_steps=[B] (the sampler's N)")
-        n = torch.as_tensor(num_steps, device=x.device).reshape(-1).expand(x.shape[0]).to(torch.float32)
-        freqs = torch.arange(STEP_FREQS, device=x.device, dtype=torch.float32)
-        angles = n[:, None] * (0.5 ** freqs)[None, :]  # N = 1..~100 resolved by the low frequencies
-        features = torch.cat([angles.sin(), angles.cos()], dim=1).to(next(self.map_steps.parameters()).dtype)
-        self._step_emb = self.map_steps(features)
-        try:
-            return self._forward(x, sigma, labels)
-        finally:
-            self._step_emb = None
 
     def _with_features(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None,
                        **net_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,33 +387,16 @@ class DiffusersVP(nn.Module):
             return c_in**2 * x - s * c_in * out
         return out
 
-    # -- the distillation interface (as EDMPrecond's) ----------------------------------------------
-    @property
-    def step_condition(self) -> bool:
-        return self.map_steps is not None
-
-    def checkpoint_module(self) -> nn.Module:
-        return self
-
-    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """model.safetensors: the UNet's state dict (diffusers' names), plus ``sfd_map_steps.*`` for SFD-v."""
-        state = dict(self.unet.state_dict())
-        if self.map_steps is not None:
-            state.update({f"{STEP_PREFIX}{k}": v for k, v in self.map_steps.state_dict().items()})
-        return state
-
-    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], where: str, *, allow_missing_steps: bool = False) -> None:
-        """Load :meth:`checkpoint_state_dict`'s tensors strictly (``allow_missing_steps``: new SFD-v layers stay)."""
-        unet = {k: v for k, v in tensors.items() if not k.startswith(STEP_PREFIX)}
-        steps = {k[len(STEP_PREFIX):]: v for k, v in tensors.items() if k.startswith(STEP_PREFIX)}
-        missing, unexpected = self.unet.load_state_dict(unet, strict=False)
-        if self.map_steps is not None and (steps or not allow_missing_steps):
-            m2, u2 = self.map_steps.load_state_dict(steps, strict=False)
-            missing, unexpected = missing + [STEP_PREFIX + k for k in m2], unexpected + [STEP_PREFIX + k for k in u2]
-        elif self.map_steps is None and steps:
-            unexpected = unexpected + [STEP_PREFIX + k for k in steps]
-        if missing or unexpected:
-            raise DiffusersError(f"{where} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    # -- the distillation interface (as EDMPrecond's; DiffusersNetwork) ---------------------------
+    def with_step_condition(self) -> "DiffusersVP":
+        """The same UNet (shared) with new SFD-v step layers (last layer zero: starts as this model), its
+        components and prompt table carried along."""
+        stepped = DiffusersVP(self.unet, self.unet_class, self.scheduler_config, step_condition=True)
+        stepped.diffusers_section = getattr(self, "diffusers_section", None)
+        stepped.components.update(self.components)
+        stepped.prompts, stepped.cond_table, stepped.null_cond = self.prompts, self.cond_table, self.null_cond
+        stepped.source_dir = getattr(self, "source_dir", None)
+        return stepped
 
     def checkpoint_architecture(self) -> dict[str, Any]:
         """model.json's architecture part: ``{"architecture": "diffusers", "diffusers": {...}}`` (see
@@ -347,23 +406,7 @@ class DiffusersVP(nn.Module):
                        step_condition=self.step_condition)
         return {"architecture": DIFFUSERS_ARCHITECTURE, "diffusers": _plain(section)}
 
-    # -- latent models -----------------------------------------------------------------------------
-    @property
-    def latent(self) -> bool:
-        return "vae" in self.components
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-        """Images in [-1, 1] from latents (VAE decoder; latents / scaling_factor first); identity without a VAE."""
-        vae = self.components.get("vae")
-        if vae is None:
-            return latents
-        scale = float(vae.config.get("scaling_factor", DEFAULT_VAE_SCALING) or DEFAULT_VAE_SCALING)
-        device = next(vae.parameters()).device
-        outs = [vae.decode((latents[i : i + batch_size] / scale).to(device), return_dict=False)[0].float().cpu()
-                for i in range(0, latents.shape[0], batch_size)]
-        return torch.cat(outs).clamp(-1, 1)
-
+    # -- latent models (DiffusersNetwork: latent, decode) -------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
         """Text-encoder hidden states [P, L, D] (the text encoder runs once per prompt)."""
@@ -377,6 +420,19 @@ class DiffusersVP(nn.Module):
                                max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
             outs.append(encoder(tokens.input_ids.to(device), return_dict=False)[0].float().cpu())
         return torch.cat(outs)
+
+
+@torch.no_grad()
+def decode_latents(vae: nn.Module, latents: torch.Tensor, batch_size: int = 16,
+                   default_scale: float = DEFAULT_VAE_SCALING) -> torch.Tensor:
+    """Images in [-1, 1]: vae.decode(latents / scaling_factor + shift_factor), batch by batch, as the diffusers
+    pipelines decode (shift_factor 0 when the VAE has none, as SD 1.x's; SD3 and Flux have one)."""
+    scale = float(vae.config.get("scaling_factor", default_scale) or default_scale)
+    shift = float(vae.config.get("shift_factor") or 0.0)
+    device = next(vae.parameters()).device
+    outs = [vae.decode((latents[i : i + batch_size] / scale + shift).to(device), return_dict=False)[0].float().cpu()
+            for i in range(0, latents.shape[0], batch_size)]
+    return torch.cat(outs).clamp(-1, 1)
 
 
 def _plain(value: Any) -> Any:

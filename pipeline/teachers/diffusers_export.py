@@ -13,6 +13,13 @@ and ``tokenizer/``, and ``sfd_sampler.json``, the sampler the student was distil
   ``guidance`` (the w it was distilled at; any w works: eps = eps_u + w (eps_c - eps_u)), ``nfe``;
 - ``prediction_type``, ``sample_shape``, ``latent`` and ``vae_scaling_factor``.
 
+A flow-matching transformer (SD3 / SD3.5, Flux.1) exports as ``StableDiffusion3Pipeline`` / ``FluxPipeline``
+with ``transformer/``, ``vae/``, ``text_encoder*/`` and ``tokenizer*/`` (:func:`export_flow`): with the stock
+``FlowMatchEulerDiscreteScheduler`` (shift 1, no dynamic shift, so ``sigmas=`` pass unchanged) when the stock
+loop expresses the student (no AFS, last point sigma = 0: ``pipe(prompt, sigmas=s["stock"]["sigmas"])``), else
+with the SFD scheduler in its ``flow`` sample space. An AFS student ending at 0 also samples with the stock
+scheduler from the latents tau_1 z (``latents_scale``): ``sfd_sampler.json``'s ``stock`` section says how.
+
 ``model_index.json`` declares ``DDPMPipeline`` (pixel) or ``StableDiffusionPipeline`` (text-to-image) with the
 SFD scheduler, so ``DiffusionPipeline.from_pretrained(DIR)`` samples the student with its own steps once
 ``pipeline.teachers.diffusers_scheduler`` is imported (diffusers does not import a module a folder names). The
@@ -28,8 +35,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.core.param_checks import ParamError
 from pipeline.networks.diffusers_vp import DEFAULT_VAE_SCALING, DiffusersVP, require_diffusers
+from pipeline.networks.flow import DiffusersFlow
 from pipeline.teachers.loader import load_student
 
 EXPORT_FORMATS = ("diffusers", "diffusers-lora")
@@ -39,7 +49,10 @@ SAMPLER_FILE = "sfd_sampler.json"
 def export_diffusers(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the distilled checkpoint ``ckpt`` (of a diffusers teacher) as a diffusers folder ``out``."""
     diffusers = require_diffusers()
-    _, model, spec, sigmas, timesteps = _distilled_diffusers(ckpt, "diffusers")
+    student = load_student(ckpt)
+    if isinstance(student.model, DiffusersFlow):
+        return export_flow(student, ckpt, out)
+    _, model, spec, sigmas, timesteps = _distilled_diffusers(ckpt, "diffusers", student)
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -94,9 +107,10 @@ def write_sampler_file(out: Path, ckpt: str | Path, model: DiffusersVP, spec: An
     return sampler
 
 
-def _distilled_diffusers(ckpt: str | Path, fmt: str) -> tuple[Any, DiffusersVP, Any, Any, Any]:
-    """(student, its DiffusersVP, sampler spec, sigmas, UNet timesteps) of a single-N Euler student of a diffusers teacher."""
-    student = load_student(ckpt)
+def _distilled_diffusers(ckpt: str | Path, fmt: str, student: Any = None) -> tuple[Any, DiffusersVP, Any, Any, Any]:
+    """(student, its DiffusersVP, sampler spec, sigmas, UNet timesteps) of a single-N Euler student of a diffusers teacher
+    (``student``: the checkpoint already loaded)."""
+    student = load_student(ckpt) if student is None else student
     model = student.model
     if not isinstance(model, DiffusersVP):
         raise ParamError(f"--format {fmt}: {ckpt} is not a distilled diffusers UNet (its teacher was not a diffusers folder)")
@@ -137,6 +151,82 @@ def export_diffusers_lora(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     write_sampler_file(out, ckpt, model, spec, sigmas, timesteps)
     return {"out": str(out), "nfe": spec.nfe, "num_steps": len(sigmas), "unet_class": model.unet_class,
             "adapters": len(adapters), "rank": metadata["r"]}
+
+
+FLOW_PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+FLOW_OPTIONAL = {"sd3": ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"),
+                 "flux": ("image_encoder", "feature_extractor")}
+
+
+def export_flow(student: Any, ckpt: str | Path, out: str | Path) -> dict[str, Any]:
+    """A distilled flow transformer as a StableDiffusion3Pipeline / FluxPipeline folder (module docstring).
+
+    ``sfd_sampler.json``: ``flow_times`` tau_0 = 1 > ... > tau_{N-1} (tau = sigma / (1 + sigma)), ``timesteps``
+    tau_i T, ``afs``, ``guidance`` (the pipeline's ``guidance_scale``: CFG for SD3, Flux-dev's embedded scale),
+    ``nfe``, ``sample_shape``, the VAE's scaling and shift factors, and ``stock``: how the stock scheduler samples
+    it (``sigmas`` for ``pipe(..., sigmas=...)``, ``latents_scale`` to multiply the noise by: tau_1 with AFS), or
+    null when it cannot (a last point sigma > 0)."""
+    import diffusers
+
+    from pipeline.teachers.diffusers_scheduler import SFDScheduler
+
+    model: DiffusersFlow = student.model
+    spec = student.sampler_spec()
+    if model.step_condition:
+        raise ParamError(f"--format diffusers: {ckpt} is step-conditioned (SFD-v); its step layers have no diffusers "
+                         "equivalent, export a single-N student (distill, distill_stage2)")
+    if spec.solver != "euler" or not spec.schedule.starts_at_infinity:
+        raise ParamError(f"--format diffusers: the checkpoint's sampler is {spec.solver!r} on a {spec.schedule.kind!r} "
+                         "schedule; a flow export describes Euler from flow time 1 (the 'flow' schedule) only")
+    sigmas = spec.t_steps().tolist()
+    taus = [1.0] + [s / (1 + s) for s in sigmas[1:]]
+    T = model.num_train_timesteps
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model.transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    stock_possible = taus[-1] == 0.0
+    stock = None
+    if stock_possible:
+        first = 1 if spec.afs else 0
+        stock = {"scheduler": "FlowMatchEulerDiscreteScheduler (shift 1.0, use_dynamic_shifting false)",
+                 "sigmas": taus[first:-1], "num_inference_steps": len(taus) - 1 - first,
+                 "latents_scale": taus[1] if spec.afs else 1.0}
+    if stock_possible and not spec.afs:
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=1.0, use_dynamic_shifting=False)
+        sched_entry = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    else:
+        scheduler = SFDScheduler(sigmas=taus, timesteps=[tau * T for tau in taus], afs=bool(spec.afs),
+                                 prediction_type="flow", sample_space="flow", num_train_timesteps=T)
+        sched_entry = [SFDScheduler.__module__, SFDScheduler.__name__]
+    scheduler.save_pretrained(out / "scheduler")
+    index: dict[str, Any] = {"_class_name": FLOW_PIPELINES[model.family], "_diffusers_version": diffusers.__version__,
+                             "transformer": ["diffusers", model.transformer_class], "scheduler": sched_entry}
+    index.update({name: [None, None] for name in FLOW_OPTIONAL[model.family]})
+    for name, comp in sorted(model.components.items()):
+        if isinstance(comp, torch.nn.Module):  # vae, text encoders
+            comp.save_pretrained(out / name, safe_serialization=True)
+            index[name] = ["diffusers" if name == "vae" else "transformers", type(comp).__name__]
+    for name, folder in sorted(model.tokenizer_dirs().items()):
+        (out / name).mkdir()
+        for f in sorted(Path(folder).iterdir()):
+            if f.is_file():
+                shutil.copyfile(f, out / name / f.name)
+        index[name] = ["transformers", type(model.components[name]).__name__]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    vae = model.components.get("vae")
+    sampler = {
+        "solver": "euler", "flow": True, "flow_times": taus, "sigmas_ve": sigmas[1:], "timesteps": [tau * T for tau in taus],
+        "afs": bool(spec.afs), "guidance": float(spec.guidance), "nfe": spec.nfe, "sample_shape": list(model.sample_shape),
+        "latent": model.latent, "pipeline": FLOW_PIPELINES[model.family], "stock": stock,
+        "vae_scaling_factor": None if vae is None else float(vae.config.get("scaling_factor") or 1.0),
+        "vae_shift_factor": None if vae is None else float(vae.config.get("shift_factor") or 0.0),
+        "source_checkpoint": str(ckpt),
+    }
+    (out / SAMPLER_FILE).write_text(json.dumps(sampler, indent=2) + "\n")
+    return {"out": str(out), "nfe": spec.nfe, "num_steps": len(taus), "unet_class": model.transformer_class,
+            "scheduler": sched_entry[1]}
 
 
 def export_command(ckpt: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:

@@ -14,6 +14,12 @@ Two pipeline conventions, set by ``sample_space`` in the config:
   x / sqrt(1 + sigma^2) between steps (the UNet's input) and the final state x itself (the image).
 - ``"ve"`` (``StableDiffusionPipeline``): the pipeline multiplies its noise by ``init_noise_sigma`` =
   sigma_0 and calls ``scale_model_input`` (x / sqrt(1 + sigma^2)) before the UNet; samples stay in the VE view.
+- ``"flow"`` (``StableDiffusion3Pipeline``, ``FluxPipeline``: a flow-matching transformer predicting the velocity
+  v): samples are the flow states x_tau and ``sigmas`` are the flow times tau_0 = 1 > ... > tau_{N-1} (diffusers'
+  FlowMatch convention), ``timesteps`` tau_i T. Euler in tau, x_{tau_{i+1}} = x_{tau_i} + (tau_{i+1} - tau_i) v,
+  is the VE Euler step exactly; AFS at tau_0 = 1 takes v = x_tau (the data mean 0), so x_{tau_1} = tau_1 z. The
+  pipelines' own ``sigmas`` and ``mu`` (FluxPipeline always passes them) are ignored: the student samples on its
+  own points.
 
 diffusers imports a component's module only when the caller has imported it: ``import
 pipeline.teachers.diffusers_scheduler`` (this project installed) before ``DiffusionPipeline.from_pretrained``.
@@ -31,8 +37,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-SAMPLE_SPACES = ("vp", "ve")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SAMPLE_SPACES = ("vp", "ve", "flow")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 
 @dataclass
@@ -49,10 +55,10 @@ class SFDScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        sigmas: list[float] | None = None,  # the VE noise levels t_0 = t_max > ... > t_{N-1} = t_min
+        sigmas: list[float] | None = None,  # the VE noise levels t_0 = t_max > ... > t_{N-1} = t_min (flow: the flow times)
         timesteps: list[float] | None = None,  # the UNet timestep of each sigma (fractional between grid points)
         afs: bool = True,  # analytical first step: no network output used at sigma_0
-        prediction_type: str = "epsilon",  # the UNet's output: epsilon | v_prediction | sample
+        prediction_type: str = "epsilon",  # the UNet's output: epsilon | v_prediction | sample (flow: the velocity)
         sample_space: str = "vp",  # how the pipeline hands samples over (module docstring)
         num_train_timesteps: int = 1000,  # the teacher's (kept for pipelines that read it)
     ) -> None:
@@ -60,6 +66,8 @@ class SFDScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("SFDScheduler needs sigmas and timesteps of one length >= 2 (sfd export writes them)")
         if sample_space not in SAMPLE_SPACES or prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"SFDScheduler: sample_space in {SAMPLE_SPACES}, prediction_type in {PREDICTION_TYPES}")
+        if (sample_space == "flow") != (prediction_type == "flow"):
+            raise ValueError("SFDScheduler: sample_space 'flow' goes with prediction_type 'flow' (a velocity model)")
         self.timesteps = torch.tensor(timesteps[:-1], dtype=torch.float32)
         self._index = 0
 
@@ -77,10 +85,16 @@ class SFDScheduler(SchedulerMixin, ConfigMixin):
     def init_noise_sigma(self) -> float:
         return float(self.config.sigmas[0]) if self.config.sample_space == "ve" else 1.0
 
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """FluxPipeline calls it; the student always starts at its first point."""
+        self._index = 0
+
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      sigmas: list[float] | None = None, mu: float | None = None, timesteps: list[float] | None = None,
                       **kwargs: Any) -> None:
-        """The student's own steps; another count is not a choice a distilled sampler has (a warning says so)."""
-        if kwargs.get("timesteps") is not None or kwargs.get("sigmas") is not None:
+        """The student's own steps; another count is not a choice a distilled sampler has (a warning says so). A flow
+        pipeline's ``sigmas`` / ``mu`` are ignored (FluxPipeline passes its default grid every time)."""
+        if timesteps is not None or (sigmas is not None and self.config.sample_space != "flow"):
             raise ValueError("SFDScheduler: the student samples on its own time points; pass no timesteps or sigmas")
         if num_inference_steps is not None and num_inference_steps not in (self.num_steps, self.nfe):
             warnings.warn(f"SFDScheduler: this student was distilled for NFE {self.nfe} ({self.num_steps} pipeline "
@@ -89,7 +103,7 @@ class SFDScheduler(SchedulerMixin, ConfigMixin):
         self._index = 0
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
-        if self.config.sample_space == "vp":
+        if self.config.sample_space in ("vp", "flow"):
             return sample
         return sample / math.sqrt(1.0 + float(self.config.sigmas[self._index]) ** 2)
 
@@ -112,6 +126,12 @@ class SFDScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"SFDScheduler: all {self.num_steps} step(s) are done; call set_timesteps again")
         sigmas = self.config.sigmas
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        if self.config.sample_space == "flow":  # Euler in the flow time (FlowMatchEuler's arithmetic, float32)
+            x_tau = sample.to(torch.float32)
+            v = x_tau if (i == 0 and self.config.afs) else model_output.to(torch.float32)
+            prev = (x_tau + (sigma_next - sigma) * v).to(model_output.dtype)
+            self._index = i + 1
+            return SFDSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
         if self.config.sample_space == "ve":
             x = sample
         else:

@@ -20,7 +20,11 @@
   :class:`pipeline.networks.diffusers_vp.DiffusersVP` (VE view, k-diffusion timestep interpolation);
   option ``prompts`` (a prompt file or list) binds a text-to-image teacher's prompt set. Its converted
   checkpoint has ``"architecture": "diffusers"`` in model.json (with side files for the VAE, text
-  encoder, tokenizer and prompts) and loads with identical outputs.
+  encoder, tokenizer and prompts) and loads with identical outputs. A flow-matching transformer folder
+  (Stable Diffusion 3 / 3.5, Flux.1) is read the same way as a
+  :class:`pipeline.networks.flow.DiffusersFlow` (D = x_tau - tau v in the VE view; its schedules start at
+  sigma = inf, :attr:`Teacher.flow_shift`), and this project's U-Net trained as a rectified flow
+  (model.json ``"precond": "flow"``) as a :class:`pipeline.networks.flow.PixelFlow`.
 
 Checkpoint formats (model.json): this project's U-Net has a ``"network"`` section (no
 ``"architecture"`` key); an EDM network has ``"architecture": "edm"`` and an ``"edm"`` section
@@ -37,7 +41,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +51,11 @@ from torch import nn
 from pipeline.core.checkpoints import CheckpointError, load_checkpoint
 from pipeline.core.hashing import hash_description, hash_file, hash_state_dict
 from pipeline.core.param_checks import ParamError, check_keys
-from pipeline.diffusion.denoisers import Denoiser, EDMPrecond, bind_num_steps
+from pipeline.diffusion.denoisers import Denoiser, bind_num_steps
 from pipeline.diffusion.gmm import GaussianMixture
 from pipeline.diffusion.preconditioners import EDM_ARCHITECTURE
 from pipeline.diffusion.sampling import SamplerSpec, make_denoiser, resolve_sampler
+from pipeline.diffusion.schedules import Schedule
 from pipeline.networks.edm import build_edm_model
 from pipeline.teachers.diffusers_folder import (
     build_diffusers_model, is_diffusers_config, is_diffusers_folder, load_converted_diffusers,
@@ -59,6 +64,7 @@ from pipeline.teachers.diffusers_folder import (
 from pipeline.teachers.diffusers_folder import checkpoint_config as diffusers_checkpoint_config
 from pipeline.teachers.content import network_weights_hash, teacher_content_hash
 from pipeline.networks.unet import build_network
+from pipeline.networks.flow import precondition
 
 TEACHER_SOURCES = ("gmm", "checkpoint")  # "checkpoint": the old form load_teacher("checkpoint", path=...)
 GMM_OPTIONS = ("num_components", "sample_shape", "std", "seed", "conditional")
@@ -106,10 +112,14 @@ class Teacher:
 
     def sampler_spec(self, **overrides: Any) -> SamplerSpec:
         """The checkpoint's sampler section (the teacher default for a teacher) with ``overrides``
-        (resolve_sampler's; None values keep the checkpoint's). Without overrides: ``self.sampler`` if any."""
+        (resolve_sampler's; None values keep the checkpoint's). Without overrides: ``self.sampler`` if any.
+        A flow-matching teacher's default sampler runs on the ``flow`` schedule (from sigma = inf, its shift)."""
         if self.sampler is not None and all(v is None for v in overrides.values()):
             return self.sampler
-        return resolve_sampler(sampler_section(self.config), **overrides)
+        spec = resolve_sampler(sampler_section(self.config), **overrides)
+        if self.sampler is None and self.flow_shift is not None and overrides.get("schedule") is None:
+            spec = replace(spec, schedule=Schedule.flow(spec.schedule.num_steps, shift=self.flow_shift))
+        return spec
 
     # -- diffusers teachers (pipeline.networks.diffusers_vp): text-to-image and latent models ------------
     @property
@@ -153,10 +163,17 @@ class Teacher:
 
         return prompt_set_hash(self.prompts) if self.prompts else None
 
+    @property
+    def flow_shift(self) -> float | None:
+        """The time shift of a flow-matching teacher (its schedules are the ``flow`` kind, from sigma = inf);
+        None for any other teacher."""
+        shift = getattr(self.model, "flow_shift", None)
+        return None if shift is None else float(shift)
+
     def spec_options(self) -> dict[str, Any]:
         """What :func:`pipeline.trajectories.spec.trajectory_specs` needs beyond hash, classes and shape:
-        the abar table (schedule range and the discrete kind) and the prompt-set hash."""
-        return {"alphas_cumprod": self.alphas_cumprod, "prompt_set": self.prompt_set_hash}
+        the abar table (schedule range and the discrete kind), a flow teacher's time shift and the prompt-set hash."""
+        return {"alphas_cumprod": self.alphas_cumprod, "prompt_set": self.prompt_set_hash, "flow_shift": self.flow_shift}
 
     def sampling_denoiser(self, spec: SamplerSpec | None = None) -> Denoiser:
         """D(x, sigma, labels) for sampling with ``spec`` (default: its own sampler): the step condition
@@ -316,7 +333,7 @@ def build_denoiser(config: dict[str, Any], tensors: dict[str, torch.Tensor], whe
             f"{where} does not match its network config: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
-    return EDMPrecond(net, sigma_data=float(config.get("sigma_data", 0.5)))
+    return precondition(net, config)  # EDMPrecond, or PixelFlow for "precond": "flow" (pipeline.networks.flow)
 
 
 def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -369,8 +386,9 @@ def _teacher_from(model: nn.Module, config: dict[str, Any], path: Path, *, sampl
     network_hash = network_weights_hash(model)
     data = config.get("data", {})
     content_hash = teacher_content_hash(model, network_hash)
-    if is_diffusers_config(config):
-        default_shape, arch = list(model.sample_shape), {"diffusers": {"unet_class": model.unet_class}}
+    if is_diffusers_config(config):  # a UNet or a flow transformer: its class names
+        classes = {k: v for k, v in model.checkpoint_architecture()["diffusers"].items() if k.endswith("_class")}
+        default_shape, arch = list(model.sample_shape), {"diffusers": classes}
         default_classes = model.num_classes
         data = {**data, "num_classes": model.num_classes}  # the bound prompt set decides, not model.json
     elif is_edm_config(config):

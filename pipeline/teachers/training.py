@@ -4,6 +4,11 @@ Loss (EDM, Karras et al. 2022, eq. 2 and Table 1 "training"):
     ln sigma ~ N(P_mean, P_std^2),  lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2,
     L = E_{y, n ~ N(0, sigma^2 I)} [ lambda(sigma) ||D(y + n, sigma, label) - y||^2 ]   (mean over pixels).
 EMA with a half-life in images: beta = 0.5^(batch / (ema_halflife_kimg * 1000)).
+
+``objective: flow`` trains the same U-Net as a rectified flow (pipeline.networks.flow.PixelFlow): the velocity
+loss ||v_theta(x_tau, tau) - (eps - y)||^2 with x_tau = (1 - tau) y + tau eps is the same expectation with
+lambda(sigma) = ((1 + sigma) / sigma)^2 = 1 / tau^2 (x = x_tau / (1 - tau) = y + sigma eps), and ln sigma =
+logit(tau) ~ N(P_mean, P_std^2) is SD3's logit-normal sampling of tau (its default: P_mean 0, P_std 1).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pipeline.core.cost import CostMeter
 from pipeline.core.distributed import autocast_context, enable_tf32, grad_scaler, rank_device, share, world_size
 from pipeline.diffusion.denoisers import EDMPrecond
 from pipeline.core.hashing import hash_state_dict
+from pipeline.networks.flow import FLOW_PRECOND, PixelFlow
 from pipeline.networks.unet import build_network, drop_labels, network_config
 from pipeline.config.teacher import TeacherParams
 from pipeline.config.validation import described
@@ -41,15 +47,15 @@ def edm_loss(
     precision: str = "fp32",  # the forward under bf16/fp16 autocast
     forward: Any = None,  # the callable run as the network (DDP, pipeline.training.parallel); None: ``model``
 ) -> torch.Tensor:
-    """EDM training loss lambda(sigma) ||D(y + n, sigma) - y||^2 with log-normal sigma (module docstring).
+    """EDM training loss lambda(sigma) ||D(y + n, sigma) - y||^2 with log-normal sigma and the model's own lambda
+    (``loss_weight``: EDM's, or the velocity loss's for a flow teacher; module docstring).
 
     The noise is drawn for the whole global batch (the same draws with any number of processes); with
     ``rows`` only those rows go through the network and into the mean."""
     b = images.shape[0]
     rnd = torch.randn((b,), generator=generator).to(images.device)
     sigma = (rnd * P_std + P_mean).exp()
-    sd = model.sigma_data
-    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+    weight = model.loss_weight(sigma)  # EDM's lambda(sigma), or a flow teacher's 1 / tau^2
     n = torch.randn(images.shape, generator=generator).to(images.device) * sigma[:, None, None, None]
     if rows is not None:
         lo, hi = rows
@@ -103,7 +109,8 @@ def train_teacher(
 
     torch.manual_seed(params.seed)
     net = build_network(**arch).to(device)
-    model = EDMPrecond(net, sigma_data=params.sigma_data).train()
+    flow = params.objective == "flow"
+    model = (PixelFlow(net) if flow else EDMPrecond(net, sigma_data=params.sigma_data)).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     if params.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -163,11 +170,12 @@ def train_teacher(
     config = {
         "network": arch,
         "sigma_data": params.sigma_data,
+        **({"precond": FLOW_PRECOND} if flow else {}),
         "data": {"sample_shape": sample_shape, "num_classes": label_dim},
         "sampler": None,
         "provenance": {
             "kind": "teacher",
-            "trainer": "pipeline.teachers.training (EDM loss, Adam, EMA)",
+            "trainer": f"pipeline.teachers.training ({'rectified-flow velocity' if flow else 'EDM'} loss, Adam, EMA)",
             "training": described(params, leave_out=("device",)),
             "training_key": key,
             "data": data_description,

@@ -1,6 +1,6 @@
 """Generate teacher trajectories into the store, chunk by chunk, skipping committed chunks.
 
-For each seed s: x_T = t_max * z(s) (pipeline.diffusion.seeds), the teacher solver runs over the fine grid
+For each seed s: x_T = t_max * z(s) (pipeline.diffusion.seeds; z(s) itself for a flow schedule from t_max = inf), the teacher solver runs over the fine grid
 spec.schedule.fine(M) (sfd-method.md section 4) and the states at the student timestamps
 t_1..t_{N-1} (fine indices (M+1), 2(M+1), ...) are stored. Whole chunks are generated: a seed
 range that covers part of a chunk generates the whole chunk.
@@ -34,7 +34,7 @@ from pipeline.core.distributed import (
 from pipeline.core.param_checks import ParamError, check_int
 from pipeline.diffusion.schedules import student_indices
 from pipeline.diffusion.seeds import seed_labels, seed_noise
-from pipeline.diffusion.solvers import CountingDenoiser, solve
+from pipeline.diffusion.solvers import CountingDenoiser, initial_state, solve
 from pipeline.teachers.loader import TEACHER_SOURCES, Teacher, load_teacher
 from pipeline.config.trajectories import TrajectoryParams
 from pipeline.trajectories.spec import TrajectorySpec, trajectory_specs
@@ -81,7 +81,7 @@ def teacher_trajectories(
     t_fine = spec.schedule.fine(spec.M)
     record = student_indices(spec.schedule.num_steps, spec.M)[1:]
     z = seed_noise(seeds, spec.sample_shape, device=device, dtype=torch.float64)
-    x_T = (float(t_fine[0]) * z).to(dtype)
+    x_T = initial_state(z, float(t_fine[0])).to(dtype)  # t_max z (z itself from t_max = inf)
     labels = seed_labels(seeds, spec.num_classes, device=device) if spec.labelled else None
     with torch.inference_mode():
         _, states = solve(

@@ -151,11 +151,12 @@ class TrajectorySpec:
 
 def trajectory_specs(
     params: TrajectoryParams, *, teacher_hash: str, num_classes: int, sample_shape: tuple[int, ...],
-    alphas_cumprod: Any = None, prompt_set: str | None = None,
+    alphas_cumprod: Any = None, prompt_set: str | None = None, flow_shift: float | None = None,
 ) -> list[TrajectorySpec]:
     """The trajectory specs (one per schedule) of a trajectories section for a teacher; readers build the same
     to find their key. A discrete teacher passes its abar table ``alphas_cumprod`` (its sigma range bounds the
-    schedule), a text-to-image teacher its ``prompt_set`` hash (labels are then prompt indices)."""
+    schedule), a flow-matching teacher its time shift ``flow_shift`` (the flow kind from sigma = inf), a
+    text-to-image teacher its ``prompt_set`` hash (labels are then prompt indices)."""
     policy = params.resolve_label_policy(num_classes)
     return [
         TrajectorySpec(
@@ -176,7 +177,7 @@ def trajectory_specs(
             guidance=params.guidance,
             prompt_set=prompt_set,
         )
-        for s in params.schedules(alphas_cumprod)
+        for s in params.schedules(alphas_cumprod, flow_shift)
     ]
 
 

@@ -7,6 +7,8 @@ Layout::
     STORE/<key>/x_T/                     [capacity, *S]         start noise x_T = t_max * z(seed)
     STORE/<key>/states/                  [capacity, N-1, *S]    teacher states at t_1..t_{N-1}
     STORE/<key>/labels/                  [capacity] int64       only when the label policy is not "none"
+    (storage_dtype bfloat16: x_T and states hold the upper 16 bits of each float32, a uint16 array; read back
+    as float32. Zarr v3 and numpy have no bfloat16 of their own.)
     STORE/<key>/commits/<c>.json         commit record of chunk c: seeds, xxh3 checksums and what the chunk cost
 
 Row s holds seed s; chunk c holds seeds [c*chunk_size, (c+1)*chunk_size). A chunk is committed
@@ -55,6 +57,26 @@ KEY_ATTR = "sfd_trajectory_key"
 CAPACITY_SEEDS = 2**31  # rows are addressed by seed; unwritten chunks cost nothing
 CHECKSUM = "xxh3_64 of the decoded array bytes (C order, little-endian)"
 _RECORD_NAME = re.compile(r"^(\d+)\.json$")
+
+
+ZARR_DTYPES = {"bfloat16": "uint16"}  # storage dtypes Zarr has no type for: their bit patterns
+
+
+def to_storage(a: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """The array as stored: cast to the storage dtype; bfloat16 as the uint16 bits of torch's round-to-nearest-even."""
+    if storage_dtype != "bfloat16":
+        return np.asarray(a).astype(storage_dtype, copy=False)
+    import torch
+
+    bits = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16).view(torch.int16)
+    return bits.numpy().view(np.uint16)
+
+
+def from_storage(a: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """The stored array as floats: bfloat16 bits back to float32 (exact), others unchanged."""
+    if storage_dtype != "bfloat16":
+        return a
+    return (np.asarray(a, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 class StoreError(PipelineError, RuntimeError):
@@ -277,8 +299,9 @@ class TrajectoryStore:
         compressors = make_compressors(compressor)
         s = spec.sample_shape
         shapes = {
-            "x_T": ((CAPACITY_SEEDS, *s), (chunk_size, *s), spec.storage_dtype, compressors),
-            "states": ((CAPACITY_SEEDS, spec.num_targets, *s), (chunk_size, spec.num_targets, *s), spec.storage_dtype, compressors),
+            "x_T": ((CAPACITY_SEEDS, *s), (chunk_size, *s), ZARR_DTYPES.get(spec.storage_dtype, spec.storage_dtype), compressors),
+            "states": ((CAPACITY_SEEDS, spec.num_targets, *s), (chunk_size, spec.num_targets, *s),
+                       ZARR_DTYPES.get(spec.storage_dtype, spec.storage_dtype), compressors),
         }
         if spec.labelled:
             shapes["labels"] = ((CAPACITY_SEEDS,), (chunk_size,), "int64", [])
@@ -342,6 +365,7 @@ class TrajectoryKey:
         self.description: dict[str, Any] = info["description"]
         self.chunk_size: int = int(info["chunk_size"])
         self.array_names: list[str] = list(info["arrays"])
+        self.storage_dtype: str = str(self.description.get("storage_dtype", "float32"))
         self._arrays: dict[str, zarr.Array] = {}
 
     @property
@@ -442,11 +466,12 @@ class TrajectoryKey:
         expected = {}
         for name in self.array_names:
             arr = self.array(name)
-            a = np.asarray(data[name]).astype(arr.dtype, copy=False)
+            a = np.asarray(data[name]).astype(arr.dtype, copy=False) if name == "labels" else to_storage(data[name], self.storage_dtype)
             if a.shape != (self.chunk_size, *arr.shape[1:]):
                 raise StoreError(f"{self.name}/{name}: chunk shape {a.shape}, expected {(self.chunk_size, *arr.shape[1:])}")
             if name != "labels" and a.dtype != np.asarray(data[name]).dtype:  # float16 storage can overflow to inf
-                self.check_finite(chunk, {name: a}, why=f"{name} overflows the storage dtype {arr.dtype}")
+                self.check_finite(chunk, {name: from_storage(a, self.storage_dtype)},
+                                  why=f"{name} overflows the storage dtype {self.storage_dtype}")
             with self.owner.writing(f"{self.name}/{name} (chunk {chunk})"):
                 arr[rows] = a
             expected[name] = checksum(a)
@@ -488,7 +513,7 @@ class TrajectoryKey:
             sync(self.owner.store.set(self._record_path(chunk), cpu.Buffer.from_bytes(payload)))
 
     def read_chunk(self, chunk: int, *, verify: bool = True) -> dict[str, np.ndarray]:
-        """The committed chunk's arrays (decoded, storage dtype).
+        """The committed chunk's arrays (decoded, storage dtype; bfloat16 as float32).
 
         With ``verify``, raises :class:`ChunkCorruptError` when a checksum does not match or a value is NaN/inf
         (a store written before commits checked finiteness)."""
@@ -511,6 +536,8 @@ class TrajectoryKey:
             if verify and checksum(out[name]) != record["checksums"].get(name):
                 problem = f"{name} does not match its checksum (seeds {rows.start}-{rows.stop - 1})"
                 raise ChunkCorruptError(f"{self.owner.location}/{self.name} chunk {chunk}: {problem}; {advice}", problem)
+            if name != "labels":
+                out[name] = from_storage(out[name], self.storage_dtype)  # checksums are of the stored bits
         if verify:
             bad = nonfinite_rows(out)
             if bad:

@@ -49,7 +49,7 @@ def ls(
         typer.echo(
             f"    teacher {d['teacher_hash'][:12]}  {d['solver']['name']}(order {d['solver']['max_order']}"
             f"{', afs' if d['solver']['afs'] else ''})  M={d['M']}  {sched['kind']} N={sched['num_steps']} "
-            f"t=[{sched['t_min']}, {sched['t_max']}] rho={sched['rho']}  compute {d['compute_dtype']}  "
+            f"t=[{sched['t_min']}, {sched.get('t_max', 'inf')}] {_shape_of(sched)}  compute {d['compute_dtype']}  "
             f"store {d['storage_dtype']}  labels {d['labels']['policy']}  chunk {e['chunk_size']}"
         )
         c = e["cost"]
@@ -95,3 +95,8 @@ def gc(
         typer.echo(f"{'would delete' if dry_run else 'deleted'} {k}")
     if not doomed:
         typer.echo("nothing to delete")
+
+
+def _shape_of(schedule: dict) -> str:
+    """rho of a VE schedule, the time shift of a flow schedule (which starts at sigma = inf)."""
+    return f"shift={schedule['shift']}" if schedule.get("kind") == "flow" else f"rho={schedule.get('rho')}"

@@ -173,10 +173,9 @@ def sfd_stage1_budget(distill: Any, trajectories: Any) -> dict[str, float]:
     student: every trajectory the distill loop reads (ceil(kimg 1000 / B) batches of B) x network steps
     (N - 1 - afs) x (1 forward + 1 backward = 3 forward equivalents, pipeline.core.cost)."""
     seeds = len(parse_seeds(trajectories.seeds))
-    schedules = trajectories.schedules()
-    teacher_nfe = sum(solver_nfe(trajectories.solver, fine_num_steps(s.num_steps, trajectories.M), afs=trajectories.afs)
-                      for s in schedules)
-    net_steps = max(s.num_steps - 1 - int(distill.afs) for s in schedules)
+    steps = trajectories.num_steps_values()  # the N of each key (no teacher needed to count)
+    teacher_nfe = sum(solver_nfe(trajectories.solver, fine_num_steps(n, trajectories.M), afs=trajectories.afs) for n in steps)
+    net_steps = max(n - 1 - int(distill.afs) for n in steps)
     seen = distill.total_batches() * distill.batch_size
     teacher_images = seeds * teacher_nfe
     student_images = seen * net_steps
