@@ -52,6 +52,58 @@ def stage_seconds(clone: Path) -> dict[str, float]:
     return out
 
 
+ORDER = ("teacher", "sfd", "sfd-v", "sfd-stage2", "vanilla", "pd", "sfddm", "sfddm_control", "dpmpp3m", "ipndm", "euler")
+
+
+def sampler_rows(clone: Path) -> list[str]:
+    """One markdown row per evaluated sampler: paired pixel distance to the teacher (± se), FID (± bootstrap sd),
+    KID (± subset sd), label accuracy, in the order of ORDER then NFE."""
+    entries: dict[str, dict] = {}
+    for name in ("eval_solvers", "eval_baselines", "eval"):
+        path = clone / "metrics" / f"{name}.json"
+        if path.is_file():
+            entries.update(json.loads(path.read_text()))
+
+    def key(k: str) -> tuple[int, int]:
+        sampler, nfe = k.split("/nfe")
+        return (ORDER.index(sampler) if sampler in ORDER else len(ORDER), int(nfe))
+
+    rows = ["| sampler | NFE | paired pixel RMS to the teacher (± se) | FID (± sd) | KID × 1000 (± sd) | label acc. |",
+            "|---|---|---|---|---|---|"]
+    for k in sorted(entries, key=key):
+        m, (sampler, nfe) = entries[k], k.split("/nfe")
+        pix = "reference" if sampler == "teacher" else f"{m['paired_pixel_rms']:.4f} ± {m['paired_pixel_rms_se']:.4f}"
+        rows.append(f"| {sampler} | {nfe} | {pix} | {m['fid']:.3f} ± {m.get('fid_sd') or 0:.3f} | "
+                    f"{1000 * m['kid']:.1f} ± {1000 * m['kid_std']:.1f} | {m.get('label_accuracy') or float('nan'):.3f} |")
+    return rows
+
+
+def markdown(result: dict, clone: Path) -> str:
+    """bench/repro_time.md: the machine, the times, the stages, the headline and every sampler's numbers."""
+    comparison = json.loads((clone / "metrics" / "comparison.json").read_text())
+    heads = comparison.get("paired", {}).get("headline", [])
+    floor = comparison.get("noise_floor") or {}
+    lines = [
+        f"# `make repro` on a fresh clone ({result['date']}, commit {result['commit'][:10]})", "",
+        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch {result['machine']['torch']}, "
+        f"Python {result['machine']['python']}. Load average before / after: {result['load_average_before']} / "
+        f"{result['load_average_after']}. {result['note']}", "",
+        f"Command: `python bench/repro_time.py` = `{result['command']}`", "",
+        f"**install {result['install_seconds']:.0f} s + repro {result['repro_seconds']:.0f} s = "
+        f"{result['total_seconds']:.0f} s** (CPU seconds: install {result['install_cpu_seconds']:.0f}, repro "
+        f"{result['repro_cpu_seconds']:.0f}); inside the stages {result['stages_sum_seconds']:.0f} s, DVC, process "
+        f"start-up and the stages without a cost record (inputs, data, feature_net, report) "
+        f"{result['dvc_and_startup_seconds']:.0f} s.", "",
+        "| stage | wall s |", "|---|---|",
+        *[f"| {k} | {v:.1f} |" for k, v in sorted(result["stage_seconds"].items(), key=lambda kv: -kv[1])], "",
+        "## Headline (paired bootstrap, what the run resolves)", "",
+        *[f"- {h['label']}: {h['statement']}" for h in heads], "",
+        f"FID noise floor (two independent teacher sample sets of this size): {floor.get('floor', float('nan')):.3f}.", "",
+        *sampler_rows(clone), "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/sfd-fresh"))
@@ -99,6 +151,7 @@ def main() -> None:
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
+    a.out.with_suffix(".md").write_text(markdown(result, a.work))
     print(f"install {install:.0f} s + repro {repro:.0f} s = {install + repro:.0f} s on {result['machine']['cpu']} "
           f"(CPU seconds: install {install_cpu:.0f}, repro {repro_cpu:.0f})")
     for name, seconds in sorted(stages.items(), key=lambda kv: -kv[1]):
