@@ -193,7 +193,7 @@ def train_teacher(
     }
     if live is not None:
         live.log_final({k: v for k, v in summary.items() if k != "wall_seconds"})
-        live.flush()
+        live.end()
     return summary
 
 
