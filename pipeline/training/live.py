@@ -27,6 +27,7 @@ the files equal those of an uninterrupted run. DVCLive's messages follow its ``D
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -57,6 +58,9 @@ class LiveLog:
         except SCMError as e:  # DVCLive reads the repository's revision; an empty Git repository has none
             raise PipelineError(f"{directory}: DVCLive cannot log in this Git repository ({e}): commit once "
                                 "(git add -A && git commit), then run again") from None
+        except (OSError, sqlite3.Error) as e:  # it opens the enclosing DVC repository (config, state database)
+            raise PipelineError(f"{directory}: DVCLive could not open the DVC repository around {Path.cwd()}: "
+                                f"{type(e).__name__}: {e}") from None
 
     def log_row(self, row: Mapping[str, Any], *, step: int, prefix: str = "") -> None:
         """Per-step metrics of one log row: lr, kimg and one loss per key (None: not drawn in this window); then
