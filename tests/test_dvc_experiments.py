@@ -187,7 +187,9 @@ def test_dvclive_reports_live_from_queued_experiments(producer, queued):
             steps = [e["step"] for e in posts]
             assert len(posts) >= 2 and steps == sorted(steps) and steps[0] < steps[-1], (name, stage, steps)
             last = posts[-1]["metrics"][f"metrics/live/{stage}/metrics.json"]["data"]
-            assert last["lr"] > 0 and "kimg" in last, last
+            assert last["lr"] > 0 and "kimg" in last and "final" in last, last
+            # the last update is the file the experiment committed (DVCLive's end() posts after the final write)
+            assert last == read_at(producer["repo"], queued["exps"][name]["rev"], f"metrics/live/{stage}/metrics.json")
             plots = {k for e in data for k in e.get("plots", {})}  # posted after the metrics, in their own request
             assert f"metrics/live/{stage}/plots/metrics/lr.tsv" in plots, sorted(plots)
 
