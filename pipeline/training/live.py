@@ -10,7 +10,7 @@ writes ``metrics.json``, signals the step to the VS Code extension and, when a S
 and waits for it. Without a token nothing is sent. (``next_step()`` re-reads every plot file, so calling it
 on each of a teacher's 2,500 rows cost 26 s; at most one per 10 s keeps it negligible.)
 Outside a Git repository (library calls in a temporary directory) only the files are written; inside a Git
-repository without DVC, DVCLive runs `dvc init` (its documented behaviour), and in one without a commit it
+repository without DVC, DVCLive runs `dvc init` itself (checked with dvclive 3.49), and in one without a commit it
 cannot start (a one-line error says to commit first). Files:
 
     plots/metrics/<prefix>loss/<key>.tsv   one row per logged step (columns step, <key>); a single loss
