@@ -33,9 +33,9 @@ ADM = dict(model_type="DhariwalUNet", model_channels=8, channel_mult=[1, 2], num
            dropout=0.1, augment_dim=0, use_fp16=False)
 
 
-def env() -> dict[str, str]:
+def env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {
-        **os.environ,
+        **os.environ, **(extra or {}),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `python`, `sfd` = this env
         "DVC_NO_ANALYTICS": "1", "COLUMNS": "200",
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
@@ -43,11 +43,12 @@ def env() -> dict[str, str]:
     }  # fmt: skip
 
 
-def run(args: list[str], cwd: Path, *, check: bool = True) -> subprocess.CompletedProcess:
+def run(args: list[str], cwd: Path, *, check: bool = True, extra_env: dict[str, str] | None = None,
+        timeout: float | None = None) -> subprocess.CompletedProcess:
     """A command as a user types it (dvc through this interpreter, so the test's environment is used)."""
     cmd = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else args
     cmd = [sys.executable, "-m", "pipeline.cli", *cmd[1:]] if cmd[0] == "sfd" else cmd
-    r = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=cwd, env=env(extra_env), capture_output=True, text=True, timeout=timeout)
     if check:
         assert r.returncode == 0, f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout[-6000:]}\n{r.stderr[-6000:]}"
     return r
@@ -275,9 +276,10 @@ def scale_down(raw: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
 
 
 def make_repo(root: Path, params: dict[str, Any]) -> Path:
-    """A fresh git + DVC repository of this pipeline (code, dvc.yaml, presets) with ``params`` as params.yaml."""
+    """A fresh git + DVC repository of this pipeline (code, dvc.yaml, presets, the shipped teacher) with ``params`` as
+    params.yaml."""
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("pipeline", "stages", "presets"):
+    for name in ("pipeline", "stages", "presets", "teachers"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     (root / "bench").mkdir(exist_ok=True)

@@ -140,3 +140,30 @@ def test_no_file_under_git_lies_inside_a_dvc_output():
     inside = [(name, f) for name, stage in DVC.items() for out in _out_paths(stage)
               for f in tracked if f == out or f.startswith(out.rstrip("/") + "/")]
     assert not inside, f"Git tracks files inside DVC outputs (remove them with `git rm --cached`): {inside}"
+
+
+NOT_ARTIFACTS = {"models/feature_net", "models/sfddm_control"}  # the FID classifier; the teacher with SFDDM's steps
+
+
+def test_every_model_is_an_artifact_at_a_stage_output():
+    """dvc.yaml's `artifacts:` (what `dvc artifacts get` and Studio's registry read): every model directory a stage
+    writes, but the evaluation classifier and SFDDM's training-free control, is one artifact at that output, with
+    a valid name, type model, a description, labels and meta naming its evaluation keys, metrics and cost files."""
+    from gto.constants import assert_name_is_valid
+
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    outs = {}
+    for stage, s in spec["stages"].items():
+        for out in s.get("outs", []):
+            outs[out if isinstance(out, str) else next(iter(out))] = stage
+    artifacts = spec["artifacts"]
+    assert sorted(a["path"] for a in artifacts.values()) == sorted(p for p in outs if p.startswith("models/")
+                                                                   and p not in NOT_ARTIFACTS)
+    produced = {o for s in spec["stages"].values() for o in s.get("outs", []) if isinstance(o, str)}
+    for name, a in artifacts.items():
+        assert_name_is_valid(name)
+        assert a["type"] == "model" and a["desc"] and a["labels"], name
+        meta = a["meta"]
+        assert meta["stage"] == outs[a["path"]], name
+        assert meta["metrics"] in produced and meta["cost"] in produced, name
+        assert re.fullmatch(r"[\w-]+/nfe\*", meta["keys"]), name

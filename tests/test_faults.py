@@ -26,6 +26,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from contextlib import nullcontext
 from pathlib import Path
@@ -107,7 +108,10 @@ def subprocess_stage(stage: str, args: list[str], *, faults: str | None = None, 
         env["SFD_FAULTS"] = faults
         cmd = [sys.executable, str(ROOT / "tests" / "fault_injection.py"), f"stages.{stage}", *args]
     limit = None if fsize is None else (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize)))
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    # run outside the project's checkout, as in a temporary folder: inside it DVCLive would open the checkout as its
+    # DVC repository, whose state database the file-size limit can hit before the write under test
+    return subprocess.run(cmd, cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True, preexec_fn=limit,
+                          timeout=300)
 
 
 def sfd(args: list[str]):

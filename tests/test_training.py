@@ -275,15 +275,54 @@ def test_baseline_weights_unchanged(tmp_path):
 
 
 def test_live_log_writes_only_files_and_prints_nothing(tmp_path, capfd, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no Git or DVC repository is opened, nothing is written outside the directory
+    monkeypatch.chdir(tmp_path)  # outside a Git repository: DVCLive finds none, nothing is written outside the directory
+    for name in ("DVC_STUDIO_TOKEN", "STUDIO_TOKEN", "DVC_ROOT", "DVC_EXP_BASELINE_REV", "DVC_EXP_NAME"):
+        monkeypatch.delenv(name, raising=False)
     live = LiveLog(tmp_path / "live")
     live.log_row({"step": 1, "kimg": 0.5, "lr": 1e-3, "step2": 0.25, "N4/step3": None}, step=1)
     live.log_table([{"step": 1, "kimg": 0.5, "lr": 1e-3, "step2": 0.25}], x="kimg")
     live.log_final({"final_loss": {"step2": 0.25, "step3": None}, "kimg": 0.5})
-    live.flush()
+    live.end()
     out, err = capfd.readouterr()
     assert out == "" and err == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live"]
     summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert summary["loss"] == {"step2": 0.25} and summary["final"] == {"final_loss": {"step2": 0.25}, "kimg": 0.5}
     assert not list((tmp_path / "live").glob("dvc.yaml")) and not (tmp_path / "live" / "report.html").exists()
+    assert summary["step"] == 1  # the row's step (DVCLive's next_step() counts on; the log keeps the loop's number)
+
+
+def test_live_log_in_a_git_repository_without_a_commit_says_so(tmp_path, monkeypatch):
+    """DVCLive reads the repository's revision when it starts; with no commit it cannot: one line says what to do."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".dvc").mkdir()  # a DVC repository too (DVCLive would otherwise run `dvc init` here)
+    (tmp_path / ".dvc" / "config").write_text("")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match="commit once"):
+        LiveLog(tmp_path / "live")
+
+
+def test_live_log_updates_at_most_every_live_update_seconds(tmp_path, monkeypatch):
+    """DVCLive's next_step() re-reads every plot file: a row is a live update only when the last was
+    LIVE_UPDATE_SECONDS ago (here 30 rows one second apart: 3 updates), and the files still hold every row."""
+    import pipeline.training.live as live_module
+
+    monkeypatch.chdir(tmp_path)
+    clock = iter(float(i) for i in range(1000))
+    monkeypatch.setattr(live_module.time, "monotonic", lambda: next(clock))
+    live = LiveLog(tmp_path / "live")
+    steps = []
+    next_step = live.live.next_step
+    monkeypatch.setattr(live.live, "next_step", lambda: (steps.append(live.live.step), next_step()))
+    for i in range(1, 31):
+        live.log_row({"step": i, "lr": 1e-3, "loss": 1.0 / i}, step=i)
+    live.end()
+    assert steps == [1, 11, 21] and live_module.LIVE_UPDATE_SECONDS == 10.0
+    rows = (tmp_path / "live" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
+    assert len(rows) == 31 and rows[-1].split("\t")[:2] == ["30", str(1.0 / 30)]
+    assert json.loads((tmp_path / "live" / "metrics.json").read_text())["step"] == 30

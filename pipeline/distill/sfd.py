@@ -608,7 +608,7 @@ def run_distill_stage(
         path.write_text(json.dumps(result, indent=2) + "\n")
     if live is not None:
         live.log_final({k: result[k] for k in ("final_loss", "kimg", "optimizer_steps", "epochs_over_cache_max")})
-        live.flush()
+        live.end()
     consumed = consumed_trajectory_cost(sources, summary["rows_per_key"])
     cost.extra.update({"trajectories_seen": summary["batches"] * p.batch_size, "optimizer_steps": summary["optimizer_steps"],
                        "epochs_over_cache": summary["epochs_over_cache_max"],

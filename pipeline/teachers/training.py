@@ -202,7 +202,7 @@ def train_teacher(
     }
     if live is not None:
         live.log_final({k: v for k, v in summary.items() if k not in ("wall_seconds", "first_losses")})
-        live.flush()
+        live.end()
     return summary
 
 

@@ -4,7 +4,8 @@
   counters, metadata, a training key that must match to resume), written atomically;
 - :mod:`pipeline.training.loop`: one loop skeleton (budget, lr schedule, NaN/inf stop before the
   optimizer step, progress bar, periodic state, resume, loss statistics and logging);
-- :mod:`pipeline.training.live`: DVCLive logging that only writes files (metrics.json, plots);
+- :mod:`pipeline.training.live`: DVCLive logging through its public API (metrics.json, plots; live to
+  DVC Studio inside `dvc exp run` when a token is configured);
 - :mod:`pipeline.training.optim`: Adam as every method here uses it, lr setting, model copies.
 
 Layer: between data and teachers; imports core, diffusion, networks, config and data only.

@@ -1,8 +1,17 @@
-"""DVCLive logging that only writes files: ``<dir>/metrics.json`` and ``<dir>/plots/``.
+"""DVCLive logging of the training stages, through DVCLive's public API only.
 
-``Live(dir, save_dvc_exp=False, dvcyaml=None, report=None)``: no experiment is saved, no dvc.yaml
-written, no report; the stage declares ``metrics.json`` as a metric and ``plots/`` as plots in the
-project's dvc.yaml, so `dvc exp show` and `dvc plots` read them. Files written:
+``Live(dir, save_dvc_exp=False, dvcyaml=False, report=None)``: DVCLive saves no experiment of its own
+(the stage runs inside `dvc repro` / `dvc exp run`, which record it), writes no dvc.yaml (the project's
+dvc.yaml declares the directory as the stage's output and plots its loss curve) and no report. Inside
+`dvc exp run` DVCLive knows the experiment (name, baseline revision, the repository's Studio config):
+the first logged row, and then one row every ``LIVE_UPDATE_SECONDS`` at most, ends with ``next_step()``, which
+writes ``metrics.json``, signals the step to the VS Code extension and, when a Studio token is configured
+(``dvc studio login`` or ``DVC_STUDIO_TOKEN``), posts the new points to DVC Studio; ``end()`` posts the rest
+and waits for it. Without a token nothing is sent. (``next_step()`` re-reads every plot file, so calling it
+on each of a teacher's 2,500 rows cost 26 s; at most one per 10 s keeps it negligible.)
+Outside a Git repository (library calls in a temporary directory) only the files are written; inside a Git
+repository without DVC, DVCLive runs `dvc init` itself (checked with dvclive 3.49), and in one without a commit it
+cannot start (a one-line error says to commit first). Files:
 
     plots/metrics/<prefix>loss/<key>.tsv   one row per logged step (columns step, <key>); a single loss
                                            named "loss" (teacher, baselines) is <prefix>loss.tsv
@@ -12,17 +21,22 @@ project's dvc.yaml, so `dvc exp show` and `dvc plots` read them. Files written:
     metrics.json                           the latest values and the run's final metrics (``final``)
 
 A resumed run starts the directory afresh and replays the log rows kept in its training state, so
-the files equal those of an uninterrupted run. DVCLive's INFO messages are silenced.
+the files equal those of an uninterrupted run. DVCLive's messages follow its ``DVCLIVE_LOGLEVEL``
+(default WARNING).
 """
 
 from __future__ import annotations
 
-import logging
+import sqlite3
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.param_checks import PipelineError
+
 ROW_FIELDS = ("step", "kimg", "lr")  # log-row entries that are not losses
+LIVE_UPDATE_SECONDS = 10.0  # the most often a row ends with DVCLive's next_step() (a live update)
 
 
 class LiveLog:
@@ -35,17 +49,23 @@ class LiveLog:
         self.enabled = is_main()  # under torchrun only rank 0 logs; the others' calls do nothing
         if not self.enabled:
             return
-        logger = logging.getLogger("dvclive")
-        level = logger.level
-        logger.setLevel(logging.WARNING)  # no "Logging to experiment ..." banner in the stage output
+        from dvclive import Live
+        from scmrepo.exceptions import SCMError
+
+        self._next_update = 0.0  # time.monotonic() from which the next row is a live update
         try:
-            self.live = _files_only_live()(dir=str(directory), save_dvc_exp=False, dvcyaml=None, report=None)
-        finally:
-            logger.setLevel(level)
-        self.directory = Path(directory)
+            self.live = Live(dir=str(directory), save_dvc_exp=False, dvcyaml=False, report=None)
+        except SCMError as e:  # DVCLive reads the repository's revision; an empty Git repository has none
+            raise PipelineError(f"{directory}: DVCLive cannot log in this Git repository ({e}): commit once "
+                                "(git add -A && git commit), then run again") from None
+        except (OSError, sqlite3.Error) as e:  # it opens the enclosing DVC repository (config, state database)
+            raise PipelineError(f"{directory}: DVCLive could not open the DVC repository around {Path.cwd()}: "
+                                f"{type(e).__name__}: {e}") from None
 
     def log_row(self, row: Mapping[str, Any], *, step: int, prefix: str = "") -> None:
-        """Per-step metrics of one log row: lr, kimg and one loss per key (None: not drawn in this window)."""
+        """Per-step metrics of one log row: lr, kimg and one loss per key (None: not drawn in this window); then
+        DVCLive's ``next_step()`` (metrics.json, the live update to DVC / Studio) when the last was
+        ``LIVE_UPDATE_SECONDS`` ago or more."""
         if not self.enabled:
             return
         self.live.step = int(step)
@@ -54,6 +74,11 @@ class LiveLog:
                 continue
             metric = name if name in ROW_FIELDS or name == "loss" else f"loss/{name}"
             self.live.log_metric(f"{prefix}{metric}", float(value))
+        now = time.monotonic()
+        if now >= self._next_update:
+            self._next_update = now + LIVE_UPDATE_SECONDS
+            self.live.next_step()
+            self.live.step = int(step)  # next_step() counts on by one; the step is the loop's batch number
 
     def log_table(self, rows: Sequence[Mapping[str, Any]], *, x: str, prefix: str = "", title: str | None = None) -> None:
         """The loss per log row as one custom plot (x = kimg for SFD): ``step``, ``kimg``, ``lr`` and ``loss``, the
@@ -81,20 +106,15 @@ class LiveLog:
                 self.live.log_metric(f"{prefix}{name}", value, plot=False)
 
     def flush(self) -> None:
+        """metrics.json as logged so far (at every checkpoint and at the end of each loop)."""
         if self.enabled:
             self.live.make_summary()
 
-
-def _files_only_live() -> type:
-    """DVCLive's Live without its repository probe: it would open the enclosing Git/DVC repository (DVC's
-    experiment name, Studio, the `dvc exp` signal file), which a logger that only writes files never needs."""
-    from dvclive import Live
-
-    class FilesOnlyLive(Live):
-        def _init_dvc(self) -> None:
-            self._dvc_repo = None
-
-    return FilesOnlyLive
+    def end(self) -> None:
+        """The stage's last call: DVCLive's ``end()`` (the final files, the last live update, posted before it returns)."""
+        if self.enabled:
+            self.live.make_summary()  # end() takes the step from the summary: the last row's, not the last update's
+            self.live.end()
 
 
 def _ordered(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -189,6 +189,6 @@ def progressive_distillation(
     if live is not None:
         live.log_final({f"nfe{r['student_steps']}": {k: r[k] for k in ("loss_first", "loss_last")} for r in rounds}
                        | {"forward_equivalents": cost.forward_equivalents()})
-        live.flush()
+        live.end()
     return {"start_steps": params.start_steps, "rounds": rounds, "wall_seconds": round(cost.wall_seconds, 2),
             "forward_equivalents": cost.forward_equivalents(), "nfes": [r["student_steps"] for r in rounds]}

@@ -295,7 +295,7 @@ def sfddm_distillation(
     if live is not None:
         live.log_final({f"nfe{r['student_steps']}": {k: r[k] for k in ("loss_first", "loss_last")} for r in students}
                        | {"forward_equivalents": cost.forward_equivalents()})
-        live.flush()
+        live.end()
     return {"teacher_steps": params.teacher_steps, "init": params.init, "budget": params.budget,
             "sfd_stage1_budget": budget if params.budget == "sfd_stage1" else None, "students": students,
             "wall_seconds": round(cost.wall_seconds, 2), "forward_equivalents": cost.forward_equivalents()}

@@ -148,7 +148,7 @@ def vanilla_distillation(
                             progress=progress, state_dir=state_dir, live=live)
     if live is not None:
         live.log_final({k: summary[k] for k in ("loss_first", "loss_last")} | {"forward_equivalents": cost.forward_equivalents()})
-        live.flush()
+        live.end()
     sampler = sampler_section(params.student_schedule(), afs=params.afs)
     save_student(out_dir, student, student_config(
         teacher_config, sampler,
