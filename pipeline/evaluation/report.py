@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.evaluation.pd_sweep import PD_SWEEP_JSON, baseline_sections
 from pipeline.core.cost import load_cost_records
+from pipeline.teachers.families import describe_architecture
 from pipeline.config.evaluation import ENTRY, ReportParams
 from pipeline.core.param_checks import ParamError
 
@@ -321,16 +322,7 @@ def about_this_run(*, teacher_dir: Path | None, data_dir: Path | None, inputs_di
     config = {}
     if teacher_dir is not None and (teacher_dir / "model.json").is_file():
         config = json.loads((teacher_dir / "model.json").read_text())
-    arch = config.get("architecture")
-    if arch == "edm":
-        kind = f"EDM {config['edm']['precond']} ({config['edm']['init_kwargs'].get('model_type', '?')})"
-    elif arch == "diffusers":
-        section = config["diffusers"]
-        kind = f"diffusers {section.get('unet_class') or section.get('transformer_class') or 'UNet'}"
-    else:
-        kind = "this project's U-Net with EDM preconditioning" if config else "unknown (no model.json)"
-        if config.get("precond") == "flow":
-            kind = "this project's U-Net as a rectified flow (velocity network)"
+    kind = describe_architecture(config) if config else "unknown (no model.json)"
     shape = config.get("data", {}).get("sample_shape")
     teacher_from = source("teacher.pretrained") or "trained by this run's teacher stage (`teacher.pretrained: null`)"
     lines.append(f"- **Teacher:** {teacher_from}; {kind}, samples {shape}.")

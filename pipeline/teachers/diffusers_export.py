@@ -40,6 +40,7 @@ import torch
 from pipeline.core.param_checks import ParamError
 from pipeline.networks.diffusers_vp import DEFAULT_VAE_SCALING, DiffusersVP, require_diffusers
 from pipeline.networks.flow import DiffusersFlow
+from pipeline.teachers.families import family_for_config
 from pipeline.teachers.loader import load_student
 
 EXPORT_FORMATS = ("diffusers", "diffusers-lora")
@@ -48,10 +49,15 @@ SAMPLER_FILE = "sfd_sampler.json"
 
 def export_diffusers(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the distilled checkpoint ``ckpt`` (of a diffusers teacher) as a diffusers folder ``out``."""
-    diffusers = require_diffusers()
     student = load_student(ckpt)
-    if isinstance(student.model, DiffusersFlow):
+    if family_for_config(student.config).diffusers_export == "flow":
         return export_flow(student, ckpt, out)
+    return export_unet(student, ckpt, out)
+
+
+def export_unet(student: Any, ckpt: str | Path, out: str | Path) -> dict[str, Any]:
+    """A distilled diffusers UNet (pixel or latent text-to-image) as a DDPMPipeline / StableDiffusionPipeline folder."""
+    diffusers = require_diffusers()
     _, model, spec, sigmas, timesteps = _distilled_diffusers(ckpt, "diffusers", student)
     out = Path(out)
     if out.exists():
@@ -112,7 +118,7 @@ def _distilled_diffusers(ckpt: str | Path, fmt: str, student: Any = None) -> tup
     (``student``: the checkpoint already loaded)."""
     student = load_student(ckpt) if student is None else student
     model = student.model
-    if not isinstance(model, DiffusersVP):
+    if family_for_config(student.config).diffusers_export != "unet":
         raise ParamError(f"--format {fmt}: {ckpt} is not a distilled diffusers UNet (its teacher was not a diffusers folder)")
     spec = student.sampler_spec()
     if model.step_condition:

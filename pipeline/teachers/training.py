@@ -219,51 +219,38 @@ def import_pretrained_teacher(source: str | Path, out_dir: str | Path, data_desc
     import shutil
 
     from pipeline.core.checkpoints import CheckpointError
-    from pipeline.teachers.diffusers_folder import convert_diffusers_folder, is_diffusers_folder
-    from pipeline.teachers.loader import is_edm_pickle_path, load_teacher
+    from pipeline.teachers.families import family_for_config, family_for_source
+    from pipeline.teachers.families.base import check_data_shape
+    from pipeline.teachers.loader import load_teacher
 
     source = Path(source)
     if prompts is not None and not Path(prompts).is_file():
         raise CheckpointError(f"teacher.prompts: {prompts} does not exist (a local file: one prompt per line, or a JSON/CSV of captions)")
-    if is_diffusers_folder(source):
-        info = convert_diffusers_folder(source, out_dir, prompts_file=prompts, data_description=data_description)
-        return {"pretrained": str(source), "weights_hash": info["weights_hash"], "steps": 0, "architecture": "diffusers",
-                "unet_class": info["class"], "prediction_type": info["prediction_type"], "prompts": info["prompts"]}
+    family = family_for_source(source)
+    if family is not None:  # an EDM pickle, a diffusers folder: converted by its family
+        if prompts is not None and not family.takes_prompts:
+            raise CheckpointError(f"teacher.prompts: {source} is not a diffusers text-to-image folder; remove teacher.prompts")
+        info = family.import_source(source, Path(out_dir), prompts_file=prompts, data_description=data_description)
+        return {"pretrained": str(source), **family.pretrained_summary(info)}
     if prompts is not None:
         raise CheckpointError(f"teacher.prompts: {source} is not a diffusers text-to-image folder; remove teacher.prompts")
-    is_pickle = is_edm_pickle_path(source)
-    if not is_pickle:
-        for name, what in (("model.safetensors", "the weights"), ("model.json", "the network config")):
-            if not (source / name).is_file():
-                raise CheckpointError(
-                    f"teacher.pretrained: {source / name} is missing ({what}). teacher.pretrained is an EDM snapshot "
-                    f"pickle (*.pkl, e.g. edm-cifar10-32x32-uncond-vp.pkl), a diffusers folder (model_index.json, "
-                    f"or unet/ + scheduler/), a folder converted from either by "
-                    f"`sfd teacher import SRC.pkl --out DIR`, or a teacher checkpoint directory holding "
-                    f"model.safetensors and model.json as written by `dvc repro teacher` (pipeline/networks.py U-Net); "
-                    f"put the files in {source}/ or set teacher.pretrained: null to train the teacher"
-                )
-    teacher = load_teacher(source)  # a missing .pkl raises EDMPickleMissing naming it and where EDM's pickles come from
-    config = teacher.config
-    shape = list(config.get("data", {}).get("sample_shape", []))
-    want = list(data_description.get("sample_shape", []))
-    if shape and want and shape != want:
-        raise CheckpointError(
-            f"teacher.pretrained: {source} was trained on samples of shape {shape}, the data has {want}"
-            + (f" (dataset {data_description['name']})" if data_description.get("name") else "")
-        )
+    for name, what in (("model.safetensors", "the weights"), ("model.json", "the network config")):
+        if not (source / name).is_file():
+            raise CheckpointError(
+                f"teacher.pretrained: {source / name} is missing ({what}). teacher.pretrained is an EDM snapshot "
+                f"pickle (*.pkl, e.g. edm-cifar10-32x32-uncond-vp.pkl), a diffusers folder (model_index.json, "
+                f"or unet/ + scheduler/), a folder converted from either by "
+                f"`sfd teacher import SRC.pkl --out DIR`, or a teacher checkpoint directory holding "
+                f"model.safetensors and model.json as written by `dvc repro teacher` (pipeline/networks/unet.py U-Net); "
+                f"put the files in {source}/ or set teacher.pretrained: null to train the teacher"
+            )
+    teacher = load_teacher(source)
+    check_data_shape(source, list(teacher.config.get("data", {}).get("sample_shape", [])), data_description)
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    if is_pickle:
-        save_checkpoint(out_dir, teacher.model.state_dict(), config)
-    else:
-        out_dir.mkdir(parents=True)
-        for name in ("model.safetensors", "model.json"):
-            shutil.copyfile(source / name, out_dir / name)
+    out_dir.mkdir(parents=True)
+    for name in ("model.safetensors", "model.json"):
+        shutil.copyfile(source / name, out_dir / name)
     summary = {"pretrained": str(source), "weights_hash": teacher.weights_hash, "network_hash": teacher.network_hash, "steps": 0}
-    if "architecture" in config:
-        summary.update(architecture=config["architecture"], edm_class=config["edm"]["precond"])
-    if is_pickle:
-        summary["source_hash"] = config["provenance"]["source_hash"]
-    return summary
+    return {**summary, **family_for_config(teacher.config).summary_entries(teacher.config)}
