@@ -10,6 +10,8 @@ from __future__ import annotations
 import typer
 
 from pipeline.core.commands import one_line_errors
+from pipeline.diffusion.sampling import SOLVER_NAMES
+from pipeline.diffusion.schedules import SCHEDULE_KINDS
 
 app = typer.Typer(
     help="Simple and Fast Distillation (SFD): distil a diffusion teacher into a 1-5 step sampler.",
@@ -86,10 +88,10 @@ def sample(
     ckpt: str = typer.Option(None, help="checkpoint directory (teacher or distilled student)"),
     teacher: str = typer.Option(None, help="a built-in teacher source instead of --ckpt: 'gmm'"),
     seeds: str = typer.Option("0-63", help="seeds, e.g. 0-63 or 0,5,7"),
-    solver: str = typer.Option(None, help="euler|heun|dpm2|ipndm|dpmpp|dpmpp2m|dpmpp3m (default: checkpoint's, else dpmpp3m)"),
+    solver: str = typer.Option(None, help=f"{'|'.join(SOLVER_NAMES)} (default: checkpoint's, else dpmpp3m)"),
     max_order: int = typer.Option(None, help="solver order (iPNDM 1-4, DPM-Solver++ 1-3)"),
     num_steps: int = typer.Option(None, help="number of timestamps N (NFE = N-1, N-2 with AFS)"),
-    schedule: str = typer.Option(None, help="schedule kind: polynomial|logsnr|time_uniform"),
+    schedule: str = typer.Option(None, help=f"schedule kind: {'|'.join(SCHEDULE_KINDS)}"),
     afs: bool = typer.Option(None, "--afs/--no-afs", help="analytical first step"),
     guidance: float = typer.Option(None, help="classifier-free guidance scale w (1 = conditional only)"),
     labels: str = typer.Option(None, help="'seed' (per-seed, default), 'none', a class k, or one per seed 'a,b,...' (text-to-image: prompt indices)"),

@@ -10,7 +10,16 @@ from pydantic import Field
 from pipeline.config.fields import Device, Network, NonNegativeInt, PositiveFloat, PositiveInt
 from pipeline.config.validation import Section, section
 
-LOSSES = ("l1", "l2", "pseudo_huber", "lpips")  # the SFD distillation losses (top-level `loss` and per section)
+# the SFD distillation losses (top-level `loss` and per section): name -> what it is. Their functions are
+# pipeline.distill.losses.LOSS_REGISTRY (checked at import to have exactly these names); params validation,
+# docs and CLI help read the names from here (config sits below distill, so the names live here).
+LOSS_DESCRIPTIONS = {
+    "l1": "mean over the batch of sum |x_hat - y| (SFD's default)",
+    "l2": "mean over the batch of sum (x_hat - y)^2",
+    "pseudo_huber": "sqrt(||x_hat - y||^2 + c^2) - c, c = 0.00054 sqrt(dim) (consistency models)",
+    "lpips": "LPIPS on the images (needs the section's lpips_weights)",
+}
+LOSSES = tuple(LOSS_DESCRIPTIONS)
 LPIPS_NETS = ("alex", "vgg")
 LPIPS_POOLINGS = ("max", "avg")
 LPIPS_SCALINGS = ("lpips", "piq")
@@ -19,8 +28,7 @@ STEP_DRAWS = ("seeded", "authors")
 STEP_CONDITION_INITS = ("zero", "random")
 STEP_CONDITION_ARCHS = ("ours", "authors")
 DISTILL_PRECISIONS = ("fp32", "bf16", "fp16", "fp16_authors")
-LossName = Literal["l1", "l2", "pseudo_huber", "lpips"]
-assert LossName.__args__ == LOSSES  # type: ignore[attr-defined]
+LossName = Literal[LOSSES]  # type: ignore[valid-type]
 
 
 @section("distill")

@@ -17,6 +17,7 @@ from pipeline.config.fields import (
 from pipeline.config.validation import Section, fix, section
 from pipeline.core.param_checks import ParamError, check_int
 from pipeline.diffusion.schedules import Schedule, fit_to_teacher
+from pipeline.diffusion.solvers import SOLVER_REGISTRY
 
 COMPUTE_DTYPES = ("float32", "float64")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # bfloat16: stored as its 16 bits (uint16 in Zarr)
@@ -53,7 +54,7 @@ class TrajectoryParams(Section):
     @model_validator(mode="after")
     def _check(self) -> "TrajectoryParams":
         fix(self, max_order=resolve_max_order(self.solver, self.max_order))
-        if self.dynamic_thresholding and self.solver != "dpmpp":
+        if self.dynamic_thresholding and not SOLVER_REGISTRY[self.solver].thresholds:
             raise ValueError(f".dynamic_thresholding: only the dpmpp solver thresholds its data prediction, not {self.solver!r}")
         if self.precision != "fp32" and self.compute_dtype != "float32":
             raise ValueError(f".precision: {self.precision} autocast needs compute_dtype float32, got {self.compute_dtype}")
