@@ -331,3 +331,29 @@ def test_sfd_commands_and_the_feature_net_fail_in_one_line(tmp_path):
     with pytest.raises(FeatureNetError, match="below feature_net.min_accuracy=1.0"):
         train_feature_net(p, (images[:30], labels[:30]), (images[30:], labels[30:]), 4, tmp_path / "fn", progress=False)
     assert not (tmp_path / "fn").exists()  # nothing written
+
+
+def test_params_check_refuses_what_the_stages_would_refuse(tmp_path):
+    """`sfd params check` holds the rules the stages used to re-check: SFD-v's step conditioning against its list
+    of N, a LoRA student that is step-conditioned, a trajectories section's built-in teacher."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    cases = {
+        "distill_v.step_condition: trajectories_v.schedule.num_steps lists several N": {
+            "trajectories_v": {"schedule": {"num_steps": [3, 4]}},
+            "distill_v": {"trajectories": "trajectories_v", "step_condition": False}},
+        "distill_v.lora_rank: LoRA students are single-N": {
+            "trajectories_v": {"schedule": {"num_steps": [3, 4]}},
+            "distill_v": {"trajectories": "trajectories_v", "step_condition": True, "lora_rank": 4}},
+        "trajectories.teacher.source: got 'edm'": {"trajectories": {"teacher": {"source": "edm"}}},
+        "trajectories.teacher.path: the 'checkpoint' teacher source needs": {
+            "trajectories": {"teacher": {"source": "checkpoint"}}},
+        "trajectories.teacher: unknown key(s) width": {"trajectories": {"teacher": {"source": "gmm", "width": 3}}},
+    }
+    for message, raw in cases.items():
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        result = CliRunner().invoke(app, ["params", "check", str(path), "--dvc-yaml", str(tmp_path / "none.yaml")])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), (message, result.output)

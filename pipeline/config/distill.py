@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config.fields import Device, Network, NonNegativeInt, PositiveFloat, PositiveInt
 from pipeline.config.validation import Section, section
@@ -82,6 +82,13 @@ class DistillParams(Section):
         "checkpoint_every_kimg", "log_every_kimg", "prefetch", "device", "threads", "batch_gpu", "sharding",
         "activation_checkpointing",
     )  # not part of the training key  # fmt: skip
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillParams":
+        if self.lora_rank > 0 and self.step_condition:
+            raise ValueError(".lora_rank: LoRA students are single-N (distill, distill_stage2); SFD-v's new step layers "
+                             "are not teacher weights an adapter could modify: set lora_rank: 0")
+        return self
 
     def total_batches(self) -> int:
         return max(1, math.ceil(self.kimg * 1000 / self.batch_size))

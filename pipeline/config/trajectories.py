@@ -27,6 +27,27 @@ COMPRESSORS = ("blosc-zstd", "blosc-lz4", "zstd", "none")
 LabelPolicy = Literal["none", "uniform_per_seed"]
 
 
+TEACHER_SOURCES = ("gmm", "checkpoint")  # built-in teacher sources of a section's `teacher` (pipeline.teachers.loader)
+GMM_OPTIONS = ("num_components", "sample_shape", "std", "seed", "conditional")
+
+
+def check_teacher_source(teacher: dict[str, Any] | None) -> None:
+    """A section's ``teacher: {source: gmm, ...}`` / ``{source: checkpoint, path: ...}`` (None: --teacher-ckpt)."""
+    if teacher is None:
+        return
+    source = teacher.get("source")
+    allowed = ", ".join(map(repr, TEACHER_SOURCES))
+    if source is None:
+        raise ValueError(f".teacher.source: missing; allowed values: {allowed}")
+    if source not in TEACHER_SOURCES:
+        raise ValueError(f".teacher.source: got {source!r}; allowed values: {allowed}")
+    if source == "checkpoint" and teacher.get("path") is None:
+        raise ValueError(".teacher.path: the 'checkpoint' teacher source needs the checkpoint directory path")
+    unknown = sorted(set(teacher) - {"source", *GMM_OPTIONS}) if source == "gmm" else []
+    if unknown:
+        raise ValueError(f".teacher: unknown key(s) {', '.join(unknown)}; known: {', '.join(('source', *GMM_OPTIONS))}")
+
+
 @section("trajectories", frozen=False)
 class TrajectoryParams(Section):
     """A trajectories section of params.yaml (``trajectories``, ``trajectories_v``, ``trajectories_stage2``)."""
@@ -54,6 +75,7 @@ class TrajectoryParams(Section):
     @model_validator(mode="after")
     def _check(self) -> "TrajectoryParams":
         fix(self, max_order=resolve_max_order(self.solver, self.max_order))
+        check_teacher_source(self.teacher)
         if self.dynamic_thresholding and not SOLVER_REGISTRY[self.solver].thresholds:
             raise ValueError(f".dynamic_thresholding: only the dpmpp solver thresholds its data prediction, not {self.solver!r}")
         if self.precision != "fp32" and self.compute_dtype != "float32":

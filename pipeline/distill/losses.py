@@ -291,9 +291,3 @@ LOSS_REGISTRY: dict[str, Callable[..., Loss]] = {
 }
 if tuple(LOSS_REGISTRY) != LOSSES:
     raise AssertionError(f"pipeline.distill.losses.LOSS_REGISTRY {tuple(LOSS_REGISTRY)} != the params' loss names {LOSSES}")
-
-
-def check_loss_name(name: str) -> str:
-    if not isinstance(name, str):
-        raise ParamError(f"loss: expected one of {', '.join(map(repr, LOSSES))}, got {name!r}")
-    return check_choice("loss", name, LOSSES)

@@ -55,7 +55,7 @@ from pipeline.core.hashing import hash_description, hash_state_dict
 from pipeline.config.distill import DistillParams
 from pipeline.config.trajectories import TrajectoryParams
 from pipeline.config.validation import described
-from pipeline.distill.losses import Loss, check_loss_name, make_loss, perceptual_term, resolve_perceptual_weight
+from pipeline.distill.losses import Loss, make_loss, perceptual_term, resolve_perceptual_weight
 from pipeline.core.param_checks import ParamError
 from pipeline.diffusion.schedules import Schedule
 from pipeline.diffusion.solvers import afs_step, euler_step
@@ -404,9 +404,8 @@ def consumed_trajectory_cost(sources: Sequence[TrajectorySource], rows_per_key: 
 
 
 def resolve_loss_name(params: DistillParams, top_level: Any) -> str:
-    """The section's ``loss`` or else the top-level ``loss`` param (l1 when absent)."""
-    name = params.loss if params.loss is not None else (top_level if top_level is not None else "l1")
-    return check_loss_name(name)
+    """The section's ``loss`` or else the top-level ``loss`` param (l1 when absent); both validated by the params."""
+    return params.loss if params.loss is not None else (top_level if top_level is not None else "l1")
 
 
 def training_key(params: DistillParams, **identity: Any) -> str:
@@ -471,10 +470,6 @@ def run_distill_stage(
     from pipeline.trajectories.generation import load_trajectory_teacher
 
     section, p, traj = name, params, trajectories
-    if not isinstance(p, DistillParams):
-        raise ParamError(f"{section}: expected a distill section (DistillParams), got {type(p).__name__}")
-    if not isinstance(traj, TrajectoryParams):
-        raise ParamError(f"{section}.trajectories: expected a trajectories section (TrajectoryParams), got {type(traj).__name__}")
     loss_name = resolve_loss_name(p, loss)
     device = rank_device(resolve_device(p.device))
     if p.precision in ("bf16", "fp16"):  # fp16_authors keeps TF32 off, as sfd-main's training loop does
@@ -509,9 +504,6 @@ def run_distill_stage(
     if p.lora_rank > 0:
         from pipeline.networks.lora import add_lora
 
-        if p.step_condition:
-            raise ParamError(f"{section}.lora_rank: LoRA students are single-N (distill, distill_stage2); SFD-v's new step "
-                             "layers are not teacher weights an adapter could modify: set lora_rank: 0")
         if teacher_ckpt is None:
             raise ParamError(f"{section}.lora_rank: a LoRA student adapts a teacher network; the teacher "
                              f"({traj.teacher}) has none: set lora_rank: 0")

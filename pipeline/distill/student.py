@@ -33,7 +33,6 @@ from pipeline.diffusion.denoisers import EDMPrecond
 from pipeline.core.hashing import hash_state_dict
 from pipeline.networks.step_condition import randomize_step_condition
 from pipeline.networks.unet import build_network, network_config
-from pipeline.config.distill import STEP_CONDITION_ARCHS, STEP_CONDITION_INITS
 from pipeline.core.param_checks import ParamError
 from pipeline.diffusion.schedules import Schedule
 from pipeline.teachers.families import StepConditionOptions, family_for_config
@@ -60,11 +59,8 @@ def student_from_checkpoint(
     step_condition_init: str = "zero",  # random: new step layers' last layer drawn too (sfd-main; randomize_step_condition)
     step_condition_arch: str = "ours",  # authors: sfd-main's step embedding and per-block affine_step (EDM networks only)
 ) -> StudentInit:
-    """A trainable copy of a network checkpoint (teacher or stage-1 student)."""
-    if step_condition_init not in STEP_CONDITION_INITS:
-        raise ParamError(f"step_condition_init: got {step_condition_init!r}; allowed values: 'zero', 'random'")
-    if step_condition_arch not in STEP_CONDITION_ARCHS:
-        raise ParamError(f"step_condition_arch: got {step_condition_arch!r}; allowed values: 'ours', 'authors'")
+    """A trainable copy of a network checkpoint (teacher or stage-1 student); the options come validated
+    (pipeline.config.distill.DistillParams)."""
     teacher_ckpt = Path(teacher_ckpt)
     if not teacher_ckpt.exists():
         raise CheckpointError(
@@ -97,8 +93,6 @@ def student_from_scratch(
     step_condition_init: str = "zero",  # random: the step embedding's last layer drawn too (randomize_step_condition)
 ) -> StudentInit:
     """A freshly initialised student, for teachers without a network (the exact mixture denoiser)."""
-    if step_condition_init not in STEP_CONDITION_INITS:
-        raise ParamError(f"step_condition_init: got {step_condition_init!r}; allowed values: 'zero', 'random'")
     for key in ("img_resolution", "in_channels", "label_dim"):
         if key in network:
             raise ParamError(f"student_network.{key}: comes from the teacher's data; remove it from params")

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.config.trajectories import GMM_OPTIONS, TEACHER_SOURCES  # "checkpoint": load_teacher("checkpoint", path=...)
 from pipeline.core.checkpoints import CheckpointError, load_checkpoint
 from pipeline.core.hashing import hash_description
 from pipeline.core.param_checks import ParamError, check_keys
@@ -57,8 +58,6 @@ from pipeline.diffusion.schedules import Schedule
 from pipeline.teachers.content import network_weights_hash, teacher_content_hash
 from pipeline.teachers.families import ModelFamily, family_for_config, family_for_source
 
-TEACHER_SOURCES = ("gmm", "checkpoint")  # "checkpoint": the old form load_teacher("checkpoint", path=...)
-GMM_OPTIONS = ("num_components", "sample_shape", "std", "seed", "conditional")
 SAMPLER_OPTIONS = ("solver", "max_order", "num_steps", "schedule", "afs", "guidance")  # resolve_sampler overrides
 CHECKPOINT_FILES = (
     ("model.safetensors", "the network weights"),

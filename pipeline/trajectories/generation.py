@@ -35,7 +35,7 @@ from pipeline.core.param_checks import ParamError, check_int
 from pipeline.diffusion.schedules import student_indices
 from pipeline.diffusion.seeds import seed_labels, seed_noise
 from pipeline.diffusion.solvers import CountingDenoiser, initial_state, solve
-from pipeline.teachers.loader import TEACHER_SOURCES, Teacher, load_teacher
+from pipeline.teachers.loader import Teacher, load_teacher
 from pipeline.config.trajectories import TrajectoryParams
 from pipeline.trajectories.spec import TrajectorySpec, trajectory_specs
 from pipeline.trajectories.store import (
@@ -307,19 +307,8 @@ def load_trajectory_teacher(
             "teacher: no teacher given; pass --teacher-ckpt models/teacher, or set the section's "
             "`teacher: {source: gmm, ...}` for the exact mixture denoiser"
         )
-    options = dict(params_teacher)
-    source = options.pop("source", None)
-    if source is None:
-        raise ParamError("teacher.source: missing; allowed values: 'gmm', 'checkpoint'")
-    if source not in TEACHER_SOURCES:
-        raise ParamError(f"teacher.source: got {source!r}; allowed values: {', '.join(map(repr, TEACHER_SOURCES))}")
-    if source == "checkpoint":
-        path = options.pop("path", None)
-        if path is None:
-            raise ParamError("teacher.path: the 'checkpoint' teacher source needs the checkpoint directory path")
-        teacher = load_teacher(Path(path), device=device, **options)
-    else:
-        teacher = load_teacher(source, device=device, **options)
+    options = dict(params_teacher)  # validated by TrajectoryParams (pipeline.config.trajectories.check_teacher_source)
+    teacher = load_teacher(options.pop("source"), device=device, **options)
     return teacher, teacher.denoiser, teacher.weights_hash
 
 
