@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from pipeline.core.checkpoints import save_checkpoint
@@ -464,85 +465,128 @@ def run_distill_stage(
 
     Under torchrun each process trains on its share of every global batch and rank 0 alone writes the
     checkpoint, the state, the metrics, the DVCLive log and the cost record (pipeline.core.distributed)."""
-    from pipeline.core.devices import resolve_device
     from pipeline.diffusion.seeds import parse_seeds
-    from pipeline.distill.student import sampler_section, save_student, student_config, student_from_checkpoint, student_from_scratch
+    from pipeline.distill.student import save_student
     from pipeline.trajectories.generation import load_trajectory_teacher
 
     section, p, traj = name, params, trajectories
     loss_name = resolve_loss_name(p, loss)
-    device = rank_device(resolve_device(p.device))
-    if p.precision in ("bf16", "fp16"):  # fp16_authors keeps TF32 off, as sfd-main's training loop does
-        enable_tf32(device)
-    if device.type == "cpu" and p.threads > 0:
-        torch.set_num_threads(p.threads)  # measured: 30 s on 1 thread vs 233 s on 2 for the default, on a busy 2-core CPU
-
+    device = _stage_device(p)
     teacher, _, teacher_hash = load_trajectory_teacher(traj.teacher, teacher_ckpt, device="cpu")
     specs = trajectory_specs(traj, teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape,
                              **teacher.spec_options())
     schedules = [s.schedule for s in specs]  # their N agree with p (pipeline.config.params.check_student_steps)
-    if teacher_ckpt is not None:
+    init = _initial_student(p, traj, teacher, teacher_ckpt, section, device)
+    model = init.model
+    lora = _add_lora(p, model, teacher_ckpt, traj, section)
+    sources = _open_sources(store, specs, parse_seeds(traj.seeds), p)
+    losses = _stage_losses(p, loss_name, tuple(teacher.sample_shape), device)
+    identity = {"loss": loss_name, "lpips": losses.lpips_used, "teacher_hash": teacher_hash,
+                "store_keys": [s.key for s in sources], "seeds": traj.seeds, "init_hash": init.init_hash}
+    key = training_key(p, **identity)
+    config = _distilled_config(p, traj, section, init, schedules, sources, losses.description, key, lora=lora,
+                               teacher=teacher, teacher_hash=teacher_hash, teacher_ckpt=teacher_ckpt, store=store)
+    cost = CostMeter(section, device)
+    run = DistillRun(Path(state_dir) if state_dir is not None else None, key, config, cost, lora=lora)
+    live = LiveLog(live_dir) if live_dir is not None else None
+    _, cl_note = to_channels_last(model, channels_last, device)
+    compile_note = maybe_compile(model, compile, device)[1] if compile and device.type != "cuda" else None
+    summary = distill(
+        model, sources, p, run, loss_fn=losses.loss_fn, last_step_extra=losses.last_step_extra, progress=progress,
+        stop_after_batches=stop_after_batches, live=live, name=section, compile=compile and compile_note is None,
+    )  # fmt: skip
+    if "interrupted_at_batch" in summary:
+        return summary
+    save_student(out, model, config, state=run.final_state)
+    summary.pop("log")
+    result = _stage_result(p, section, loss_name, losses, schedules, summary, cost, out, config, run,
+                           notes=[n for n in (cl_note, compile_note) if n])
+    _write_stage_records(result, summary, sources, p, cost, metrics=metrics, live=live, cost_path=cost_path)
+    return result
+
+
+def _stage_device(p: DistillParams) -> torch.device:
+    """This process's device; TF32 for bf16/fp16 (fp16_authors keeps it off, as sfd-main does); CPU threads."""
+    from pipeline.core.devices import resolve_device
+
+    device = rank_device(resolve_device(p.device))
+    if p.precision in ("bf16", "fp16"):
+        enable_tf32(device)
+    if device.type == "cpu" and p.threads > 0:
+        torch.set_num_threads(p.threads)  # measured: 30 s on 1 thread vs 233 s on 2 for the default, on a busy 2-core CPU
+    return device
+
+
+def _initial_student(p: DistillParams, traj: TrajectoryParams, teacher: Any, teacher_ckpt: str | Path | None,
+                     section: str, device: torch.device) -> Any:
+    """The student before training: a copy of the teacher checkpoint, else a fresh ``student_network``."""
+    from pipeline.distill.student import student_from_checkpoint, student_from_scratch
+
+    if teacher_ckpt is not None:  # rules that depend on the command line (--teacher-ckpt), not on params alone
         if p.student_network is not None:
             raise ParamError(f"{section}.student_network: the student copies the teacher checkpoint; remove this key")
-        init = student_from_checkpoint(teacher_ckpt, step_condition=p.step_condition, seed=p.seed, device=device,
+        return student_from_checkpoint(teacher_ckpt, step_condition=p.step_condition, seed=p.seed, device=device,
                                        step_condition_init=p.step_condition_init, step_condition_arch=p.step_condition_arch)
-    else:
-        if p.step_condition and p.step_condition_arch == "authors":
-            raise ParamError(f"{section}.step_condition_arch: 'authors' (sfd-main's step layers) exists for EDM networks only; "
-                             "the student is built from student_network (this project's U-Net)")
-        if p.student_network is None:
-            raise ParamError(
-                f"{section}.student_network: the teacher ({traj.teacher}) has no network to copy; give the student's "
-                "architecture here, or pass --teacher-ckpt"
-            )
-        init = student_from_scratch(
-            p.student_network, sample_shape=teacher.sample_shape, num_classes=teacher.num_classes,
-            step_condition=p.step_condition, seed=p.seed, device=device, step_condition_init=p.step_condition_init,
-        )  # fmt: skip
-    model = init.model
-    lora = None
-    if p.lora_rank > 0:
-        from pipeline.networks.lora import add_lora
+    if p.step_condition and p.step_condition_arch == "authors":
+        raise ParamError(f"{section}.step_condition_arch: 'authors' (sfd-main's step layers) exists for EDM networks only; "
+                         "the student is built from student_network (this project's U-Net)")
+    if p.student_network is None:
+        raise ParamError(
+            f"{section}.student_network: the teacher ({traj.teacher}) has no network to copy; give the student's "
+            "architecture here, or pass --teacher-ckpt"
+        )
+    return student_from_scratch(
+        p.student_network, sample_shape=teacher.sample_shape, num_classes=teacher.num_classes,
+        step_condition=p.step_condition, seed=p.seed, device=device, step_condition_init=p.step_condition_init,
+    )  # fmt: skip
 
-        if teacher_ckpt is None:
-            raise ParamError(f"{section}.lora_rank: a LoRA student adapts a teacher network; the teacher "
-                             f"({traj.teacher}) has none: set lora_rank: 0")
-        lora = add_lora(model, rank=p.lora_rank, alpha=p.lora_alpha, targets=p.lora_targets, seed=p.seed,
-                        what=f"{section}.lora_rank")
-    if model.step_condition:
-        step_condition = [s.num_steps for s in schedules]
-    else:
-        step_condition = None
-    default_schedule = max(schedules, key=lambda s: s.num_steps)  # SFD-v: the largest N (the stage-2 teacher's)
 
-    seeds = parse_seeds(traj.seeds)
-    sources = _open_sources(store, specs, seeds, p)
+def _add_lora(p: DistillParams, model: nn.Module, teacher_ckpt: str | Path | None, traj: TrajectoryParams,
+              section: str) -> Any:
+    """LoRA adapters on the student (``lora_rank`` > 0; pipeline.networks.lora); None otherwise."""
+    if p.lora_rank == 0:
+        return None
+    from pipeline.networks.lora import add_lora
 
-    last_step_extra = None
-    lpips_used = loss_name == "lpips"
+    if teacher_ckpt is None:
+        raise ParamError(f"{section}.lora_rank: a LoRA student adapts a teacher network; the teacher "
+                         f"({traj.teacher}) has none: set lora_rank: 0")
+    return add_lora(model, rank=p.lora_rank, alpha=p.lora_alpha, targets=p.lora_targets, seed=p.seed,
+                    what=f"{section}.lora_rank")
+
+
+@dataclass
+class StageLosses:
+    loss_fn: Loss
+    last_step_extra: Loss | None  # stage 2: + lambda x batch-mean LPIPS on the last step
+    description: str
+    lpips_used: bool
+
+
+def _stage_losses(p: DistillParams, loss_name: str, sample_shape: tuple[int, ...], device: torch.device) -> StageLosses:
+    """The section's loss, and stage 2's LPIPS term on the last step (losses.py), with a readable description."""
     lpips_options = dict(lpips_weights=p.lpips_weights, lpips_net=p.lpips_net, lpips_size=p.lpips_size,
                          lpips_pooling=p.lpips_pooling, lpips_scaling=p.lpips_scaling, lpips_heads=p.lpips_heads, device=device)
     lpips_desc = (f"lpips {p.lpips_net}, {p.lpips_size or 'at least 64'} px, {p.lpips_pooling} pooling, "
                   f"{p.lpips_scaling} input scaling, {'heads ' + str(p.lpips_heads) if p.lpips_heads else 'lpips v0.1 heads'}")
-    loss_fn = make_loss(loss_name, **lpips_options)
-    loss_desc = loss_name
-    if p.lpips_last_step and p.lpips_weights is not None:  # stage 2: + lambda x batch-mean LPIPS (losses.py)
-        weight = resolve_perceptual_weight(p.lpips_weight, tuple(teacher.sample_shape))
-        last_step_extra = perceptual_term(make_loss("lpips", **lpips_options), weight)  # sfd_batch adds it to loss_fn
-        lpips_used = True
-        loss_desc += f" + {weight:g} x batch-mean {lpips_desc} on the last step"
+    losses = StageLosses(make_loss(loss_name, **lpips_options), None, loss_name, loss_name == "lpips")
+    if p.lpips_last_step and p.lpips_weights is not None:
+        weight = resolve_perceptual_weight(p.lpips_weight, sample_shape)
+        losses.last_step_extra = perceptual_term(make_loss("lpips", **lpips_options), weight)  # sfd_batch adds it
+        losses.lpips_used = True
+        losses.description += f" + {weight:g} x batch-mean {lpips_desc} on the last step"
     elif p.lpips_last_step:
-        loss_desc += " (no local LPIPS weights: lpips_weights is null, the last step keeps " + loss_name + ")"
+        losses.description += " (no local LPIPS weights: lpips_weights is null, the last step keeps " + loss_name + ")"
+    return losses
 
-    identity = {
-        "loss": loss_name,
-        "lpips": lpips_used,
-        "teacher_hash": teacher_hash,
-        "store_keys": [s.key for s in sources],
-        "seeds": traj.seeds,
-        "init_hash": init.init_hash,
-    }
-    key = training_key(p, **identity)
+
+def _distilled_config(p: DistillParams, traj: TrajectoryParams, section: str, init: Any, schedules: list[Schedule],
+                      sources: list[TrajectorySource], loss_desc: str, key: str, *, lora: Any, teacher: Any,
+                      teacher_hash: str, teacher_ckpt: str | Path | None, store: str | Path) -> dict[str, Any]:
+    """The distilled checkpoint's model.json: the student's architecture, its sampler and the provenance; a LoRA
+    student's model.safetensors holds the adapters, its base is the teacher checkpoint (pipeline.networks.lora)."""
+    from pipeline.distill.student import sampler_section, student_config
+
     provenance = {
         "kind": section,
         "method": "SFD-v" if p.step_condition else ("SFD stage 2" if teacher.is_distilled else "SFD"),
@@ -559,41 +603,43 @@ def run_distill_stage(
         "training": described(p, leave_out=("device",)),
         "training_key": key,
     }  # fmt: skip
+    step_condition = [s.num_steps for s in schedules] if init.model.step_condition else None
+    default_schedule = max(schedules, key=lambda s: s.num_steps)  # SFD-v: the largest N (the stage-2 teacher's)
     sampler = sampler_section(default_schedule, afs=p.afs, step_condition=step_condition, guidance=p.guidance)
     config = student_config(init.config, sampler, provenance)
-    if lora is not None:  # model.safetensors holds the adapters; the base is the teacher checkpoint (pipeline.networks.lora)
+    if lora is not None:
         config["lora"] = {**lora.describe(), "base": str(teacher_ckpt), "base_weights_hash": init.init_hash}
-    cost = CostMeter(section, device)
-    run = DistillRun(Path(state_dir) if state_dir is not None else None, key, config, cost, lora=lora)
+    return config
 
-    live = LiveLog(live_dir) if live_dir is not None else None
-    _, cl_note = to_channels_last(model, channels_last, device)
-    compile_note = maybe_compile(model, compile, device)[1] if compile and device.type != "cuda" else None
-    summary = distill(
-        model, sources, p, run, loss_fn=loss_fn, last_step_extra=last_step_extra, progress=progress,
-        stop_after_batches=stop_after_batches, live=live, name=section, compile=compile and compile_note is None,
-    )  # fmt: skip
-    if "interrupted_at_batch" in summary:
-        return summary
-    save_student(out, model, config, state=run.final_state)
-    summary.pop("log")
+
+def _stage_result(p: DistillParams, section: str, loss_name: str, losses: StageLosses, schedules: list[Schedule],
+                  summary: dict[str, Any], cost: CostMeter, out: str | Path, config: dict[str, Any], run: Any,
+                  notes: list[str]) -> dict[str, Any]:
+    """The stage's metrics file."""
     result = {
         "section": section,
         "loss": loss_name,
-        "loss_used": loss_desc,
-        "lpips": lpips_used,
-        **({"stage2_loss": loss_desc} if p.lpips_last_step else {}),
+        "loss_used": losses.description,
+        "lpips": losses.lpips_used,
+        **({"stage2_loss": losses.description} if p.lpips_last_step else {}),
         "nfe": {str(s.num_steps): s.num_steps - 1 - int(p.afs) for s in schedules},
         **summary,
         "wall_seconds": round(cost.wall_seconds, 3),
         "checkpoint": str(out),
         **({"lora": config["lora"], "trained_parameters": sum(t.numel() for t in run.final_state.values())}
-           if lora is not None and run.final_state else {}),
+           if "lora" in config and run.final_state else {}),
     }
-    if world_size() > 1 or p.precision != "fp32" or cl_note or compile_note:
+    if world_size() > 1 or p.precision != "fp32" or notes:
         result["processes"] = world_size()
         result["precision"] = p.precision
-        result["notes"] = [n for n in (cl_note, compile_note) if n]
+        result["notes"] = notes
+    return result
+
+
+def _write_stage_records(result: dict[str, Any], summary: dict[str, Any], sources: list[TrajectorySource],
+                         p: DistillParams, cost: CostMeter, *, metrics: str | Path | None, live: Any,
+                         cost_path: str | Path | None) -> None:
+    """Metrics JSON and DVCLive's final values (rank 0), the cost record with what the stage consumed."""
     if metrics is not None and is_main():
         path = Path(metrics)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -609,5 +655,4 @@ def run_distill_stage(
                                "of the stored trajectories it read (from the store's commit records, each once)"})
     if cost_path is not None:
         cost.write(cost_path)
-    return result
 
