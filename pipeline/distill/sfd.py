@@ -160,27 +160,22 @@ def sfd_batch(
     net = model if forward is None else forward
     t = t_steps.tolist()
     num_steps = len(t)
-    x = batch.x_T.to(device)
-    y = batch.states.to(device)
+    x, y = batch.x_T.to(device), batch.states.to(device)
     labels = None if batch.labels is None else batch.labels.to(device)
     if y.shape[1] != num_steps - 1:
         raise ParamError(f"trajectories hold {y.shape[1]} teacher states per seed, the schedule needs {num_steps - 1}")
-    net_kwargs: dict[str, Any] = {}
-    if getattr(model, "step_condition", False):
-        net_kwargs["num_steps"] = torch.full((x.shape[0],), num_steps, dtype=torch.int64, device=device)
+    net_kwargs = {"num_steps": torch.full((x.shape[0],), num_steps, dtype=torch.int64, device=device)
+                  } if getattr(model, "step_condition", False) else {}
     parts = micro_batches(x.shape[0], batch_gpu)
 
     def student_step(n: int, x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_hat, loss) of rows [lo, hi) at student step n."""
-        xs = x[lo:hi]
+        xs, lab = x[lo:hi], None if labels is None else labels[lo:hi]
         sigma = torch.full((xs.shape[0],), t[n], dtype=xs.dtype, device=device)
-        lab = None if labels is None else labels[lo:hi]
         kw = {k: v[lo:hi] for k, v in net_kwargs.items()}
-        if precision == "fp32":
+        with autocast_context(precision, device):  # a null context for fp32
             denoised = net(xs, sigma, lab, **kw)
-        else:
-            with autocast_context(precision, device):
-                denoised = net(xs, sigma, lab, **kw).float()
+            denoised = denoised if precision == "fp32" else denoised.float()
         x_hat = euler_step(xs, t[n], t[n + 1], denoised)  # x + (t_{n+1} - t_n) eps; from t_0 = inf its limit
         loss = loss_fn(x_hat, y[lo:hi, n])
         if last_step_extra is not None and n == num_steps - 2:
@@ -192,24 +187,25 @@ def sfd_batch(
         if afs and n == 0:
             x = afs_step(x, t[0], t[1])
             continue
-        what = f"the loss of student step {n + 1} (N={num_steps})"
+        what = f"the loss of student step {n + 1} (N={num_steps})"  # optimizer_step's error names it
         if len(parts) == 1:
             x_hat, loss = student_step(n, x, 0, x.shape[0])
             value = optimizer_step(optimizer, loss, what=what, scaler=scaler, nan_to_num=nan_to_num, model=trainable)
             x = x_hat.detach()
         else:  # batch_gpu: each micro-batch's mean weighted by its rows; its rollout state kept for the next step
             states: list[torch.Tensor] = []
-
-            def micro(n: int, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-                x_hat, loss = student_step(n, x, lo, hi)
-                states.append(x_hat.detach())
-                return loss * ((hi - lo) / x.shape[0])
-
-            value = optimizer_step(optimizer, [functools.partial(micro, n, x, lo, hi) for lo, hi in parts], what=what,
-                                   scaler=scaler, nan_to_num=nan_to_num, model=trainable)
+            parts_losses = [functools.partial(_micro_batch_loss, student_step, states, n, x, lo, hi) for lo, hi in parts]
+            value = optimizer_step(optimizer, parts_losses, what=what, scaler=scaler, nan_to_num=nan_to_num, model=trainable)
             x = torch.cat(states)
         out.append((n + 1, value))
     return out
+
+
+def _micro_batch_loss(student_step: Any, states: list[torch.Tensor], n: int, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of step n: its loss weighted by its share of the batch; its rollout state appended to ``states``."""
+    x_hat, loss = student_step(n, x, lo, hi)
+    states.append(x_hat.detach())
+    return loss * ((hi - lo) / x.shape[0])
 
 
 def distill(
@@ -241,9 +237,109 @@ def distill(
     if scaler is not None and params.sharding == "fsdp" and world_size() > 1:
         raise ParamError(f"{name}.sharding: fsdp with precision fp16 (a gradient scaler) is not supported; use bf16")
     lora = run.lora
+    trainable, forward = _trainable(model, params, lora, device, name, compile=compile, progress=progress)
+    optimizer = adam(model, params.lr, trainable.parameters() if lora is not None else None)
+    draw = torch.Generator().manual_seed(params.seed)
+    torch.manual_seed(params.seed)
+    keys = step_losses_keys([s.schedule for s in sources], params.afs)
+    multi = len(sources) > 1
+    draw_index = _step_drawer(sources, params, draw, name) if multi else (lambda batch: 0)
+    state = _training_state(run, trainable, optimizer, model, draw)
+    loop = TrainingLoop(
+        name, params.total_batches(), optimizers=[optimizer], lr=params.lr_at, state=state,
+        checkpoint_every=params.every_batches(params.checkpoint_every_kimg),
+        on_save=functools.partial(_save_usable, run, trainable),
+        counters={"rows": [0] * len(sources), "optimizer_steps": 0, **({"fp16_off_at_batch": None} if authors_fp16 else {})},
+        keys=keys, keep=max(100, RECENT),
+        log_every=params.every_batches(params.log_every_kimg), images_per_batch=params.batch_size, live=live,
+        cost=run.cost, hint="lower `lr`, or check the trajectories with `sfd store verify`", progress=progress,
+        scaler=scaler,
+    )  # fmt: skip
+    step = _SFDStep(model, optimizer, trainable, forward, sources, params, run, loop, draw_index, loss_fn, last_step_extra,
+                    device, scaler, (lo, hi), name)
+    try:
+        finished = loop.run(step, stop_after=stop_after_batches)
+    finally:
+        step.close()
+    if not finished:
+        return {"interrupted_at_batch": loop.batch}
+    run.final_state = trainable.checkpoint_state_dict() if lora is None else lora.adapter_state_dict(trainable)
+    model.eval().requires_grad_(False)
+    return _training_summary(loop, sources, params, keys)
+
+
+@dataclass
+class _SFDStep:
+    """One batch of :func:`distill`'s loop: the N drawn, its batch read, :func:`sfd_batch`, the counters."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    trainable: Trainable
+    forward: Any
+    sources: Sequence[TrajectorySource]
+    params: DistillParams
+    run: DistillRun
+    loop: TrainingLoop
+    draw_index: Any  # batch index -> source index
+    loss_fn: Loss
+    last_step_extra: Loss | None
+    device: torch.device
+    scaler: Any
+    rows: tuple[int, int]  # this rank's rows of every global batch
+    name: str
+    streams: dict[int, Iterator[TrajectoryBatch]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.authors_fp16 = self.params.precision == "fp16_authors"
+        self.edm_fp16 = getattr(self.model, "use_fp16", None)  # an EDM preconditioner: its own float16 body (CUDA only)
+
+    def precision(self) -> str:
+        """The forward precision of this batch; fp16_authors sets EDM's use_fp16 flag or uses fp16 autocast on CUDA."""
+        if not self.authors_fp16:
+            return self.params.precision
+        on = self.loop.counters["fp16_off_at_batch"] is None
+        if self.edm_fp16 is not None:
+            self.model.use_fp16 = on
+            return "fp32"
+        return "fp16" if on and self.device.type == "cuda" else "fp32"
+
+    def __call__(self, batch_index: int) -> list[tuple[str, float]]:
+        p, loop, i = self.params, self.loop, self.draw_index(batch_index)
+        if i not in self.streams:
+            self.streams[i] = batch_stream(self.sources[i], p.batch_size, loop.counters["rows"][i])
+        b = next(self.streams[i])
+        n_imgs = len(b.seeds)  # the global batch: rows, cost and kimg count every rank's share
+        mine = _slice(b, *self.rows) if world_size() > 1 else b
+        step_values = sfd_batch(
+            self.model, self.optimizer, mine, self.sources[i].schedule.t_steps(), self.loss_fn,
+            afs=p.afs, last_step_extra=self.last_step_extra, device=self.device, precision=self.precision(),
+            scaler=self.scaler, forward=None if self.forward is self.model else self.forward, nan_to_num=self.authors_fp16,
+            batch_gpu=p.batch_gpu, trainable=self.trainable,
+        )  # fmt: skip
+        if self.authors_fp16 and loop.counters["fp16_off_at_batch"] is None and step_values and math.isnan(step_values[-1][1]):
+            loop.counters["fp16_off_at_batch"] = batch_index  # sfd-main: "Meet nan, disable fp16!" for the rest of the run
+            tqdm.write(f"{self.name}: NaN loss at batch {batch_index}: float16 is off for the rest of the run (precision fp16_authors)")
+        self.run.cost.add_student_forward(n_imgs * len(step_values))
+        self.run.cost.add_student_backward(n_imgs * len(step_values))
+        loop.counters["optimizer_steps"] += len(step_values)
+        loop.counters["rows"][i] += n_imgs
+        prefix = f"N{self.sources[i].schedule.num_steps}/" if len(self.sources) > 1 else ""
+        return [(f"{prefix}step{n}", v) for n, v in step_values]
+
+    def close(self) -> None:
+        for s in self.streams.values():
+            s.close()  # stops the reader's prefetch thread
+        if self.edm_fp16 is not None:
+            self.model.use_fp16 = self.edm_fp16
+
+
+def _trainable(model: nn.Module, params: DistillParams, lora: Any, device: torch.device, name: str, *, compile: bool,
+               progress: bool) -> tuple[Trainable, Any]:
+    """(the DDP / FSDP2 / plain model to train, the forward to call: compiled or not) in training mode; a LoRA
+    student trains its adapters only, the teacher's weights frozen (pipeline.networks.lora)."""
     if lora is None:
         model.train().requires_grad_(True)
-    else:  # the teacher's weights frozen, the adapters trained (pipeline.networks.lora)
+    else:
         model.train()
     if params.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -251,99 +347,48 @@ def distill(
     forward, compile_note = maybe_compile(trainable.forward, compile, device)
     if compile_note is not None and progress and is_main():
         tqdm.write(f"{name}: {compile_note}")
-    optimizer = adam(model, params.lr, trainable.parameters() if lora is not None else None)
-    draw = torch.Generator().manual_seed(params.seed)
-    torch.manual_seed(params.seed)
-    keys = step_losses_keys([s.schedule for s in sources], params.afs)
-    multi = len(sources) > 1
-    draw_index = _step_drawer(sources, params, draw, name) if multi else (lambda batch: 0)
-    state = None
-    if run.state_dir is not None:
-        module_state, optimizer_state = state_view(trainable, optimizer, model.checkpoint_module(),
-                                                   keep=None if lora is None else lora.is_adapter)
-        state = TrainingState(run.state_dir, run.training_key, modules={"net": module_state},
-                              optimizers={"optimizer": optimizer_state}, generators={"draw": draw},
-                              collective=trainable.sharding == "fsdp")
+    return trainable, forward
 
-    def save_usable(loop: TrainingLoop) -> None:  # a usable student next to the state: `sfd sample --ckpt STATE_DIR`
-        net_state = trainable.checkpoint_state_dict() if lora is None else lora.adapter_state_dict(trainable)
-        if not is_main():
-            return
-        config = dict(run.checkpoint_config)
-        config["provenance"] = {**config.get("provenance", {}), "weights_hash": hash_state_dict(net_state),
-                                "kimg_done": loop.kimg()}
-        save_checkpoint(run.state_dir, net_state, config)
 
-    loop = TrainingLoop(
-        name, params.total_batches(), optimizers=[optimizer], lr=params.lr_at, state=state,
-        checkpoint_every=params.every_batches(params.checkpoint_every_kimg), on_save=save_usable,
-        counters={"rows": [0] * len(sources), "optimizer_steps": 0, **({"fp16_off_at_batch": None} if authors_fp16 else {})},
-        keys=keys, keep=max(100, RECENT),
-        log_every=params.every_batches(params.log_every_kimg), images_per_batch=params.batch_size, live=live,
-        cost=run.cost, hint="lower `lr`, or check the trajectories with `sfd store verify`", progress=progress,
-        scaler=scaler,
-    )  # fmt: skip
-    streams: dict[int, Iterator[TrajectoryBatch]] = {}
-    edm_fp16 = getattr(model, "use_fp16", None)  # an EDM preconditioner: its own float16 body (CUDA only, as in EDM)
+def _training_state(run: DistillRun, trainable: Trainable, optimizer: torch.optim.Optimizer, model: nn.Module,
+                    draw: torch.Generator) -> TrainingState | None:
+    """The resumable state (network, optimizer, N-draw generator); None without a state directory."""
+    if run.state_dir is None:
+        return None
+    module_state, optimizer_state = state_view(trainable, optimizer, model.checkpoint_module(),
+                                               keep=None if run.lora is None else run.lora.is_adapter)
+    return TrainingState(run.state_dir, run.training_key, modules={"net": module_state},
+                         optimizers={"optimizer": optimizer_state}, generators={"draw": draw},
+                         collective=trainable.sharding == "fsdp")
 
-    def batch_precision() -> str:
-        """The forward precision of this batch; fp16_authors sets EDM's use_fp16 flag or uses fp16 autocast on CUDA."""
-        if not authors_fp16:
-            return params.precision
-        on = loop.counters["fp16_off_at_batch"] is None
-        if edm_fp16 is not None:
-            model.use_fp16 = on
-            return "fp32"
-        return "fp16" if on and device.type == "cuda" else "fp32"
 
-    def step(batch_index: int) -> list[tuple[str, float]]:
-        i = draw_index(batch_index)
-        if i not in streams:
-            streams[i] = batch_stream(sources[i], params.batch_size, loop.counters["rows"][i])
-        b = next(streams[i])
-        n_imgs = len(b.seeds)  # the global batch: rows, cost and kimg count every rank's share
-        mine = _slice(b, lo, hi) if world_size() > 1 else b
-        step_values = sfd_batch(
-            model, optimizer, mine, sources[i].schedule.t_steps(), loss_fn,
-            afs=params.afs, last_step_extra=last_step_extra, device=device,
-            precision=batch_precision(), scaler=scaler, forward=None if forward is model else forward, nan_to_num=authors_fp16,
-            batch_gpu=params.batch_gpu, trainable=trainable,
-        )  # fmt: skip
-        if authors_fp16 and loop.counters["fp16_off_at_batch"] is None and step_values and math.isnan(step_values[-1][1]):
-            loop.counters["fp16_off_at_batch"] = batch_index  # sfd-main: "Meet nan, disable fp16!" for the rest of the run
-            tqdm.write(f"{name}: NaN loss at batch {batch_index}: float16 is off for the rest of the run (precision fp16_authors)")
-        run.cost.add_student_forward(n_imgs * len(step_values))
-        run.cost.add_student_backward(n_imgs * len(step_values))
-        loop.counters["optimizer_steps"] += len(step_values)
-        loop.counters["rows"][i] += n_imgs
-        prefix = f"N{sources[i].schedule.num_steps}/" if multi else ""
-        return [(f"{prefix}step{n}", v) for n, v in step_values]
+def _save_usable(run: DistillRun, trainable: Trainable, loop: TrainingLoop) -> None:
+    """A usable student next to the state: ``sfd sample --ckpt STATE_DIR``."""
+    lora = run.lora
+    net_state = trainable.checkpoint_state_dict() if lora is None else lora.adapter_state_dict(trainable)
+    if not is_main():
+        return
+    config = dict(run.checkpoint_config)
+    config["provenance"] = {**config.get("provenance", {}), "weights_hash": hash_state_dict(net_state),
+                            "kimg_done": loop.kimg()}
+    save_checkpoint(run.state_dir, net_state, config)
 
-    try:
-        finished = loop.run(step, stop_after=stop_after_batches)
-    finally:
-        for s in streams.values():
-            s.close()  # stops the reader's prefetch thread
-        if edm_fp16 is not None:
-            model.use_fp16 = edm_fp16
-    if not finished:
-        return {"interrupted_at_batch": loop.batch}
-    run.final_state = trainable.checkpoint_state_dict() if lora is None else lora.adapter_state_dict(trainable)
-    model.eval().requires_grad_(False)
+
+def _training_summary(loop: TrainingLoop, sources: Sequence[TrajectorySource], params: DistillParams,
+                      keys: list[str]) -> dict[str, Any]:
+    """What :func:`distill` returns: budget spent, final losses, epochs over each cached key, the loss log."""
     batch, rows = loop.batch, loop.counters["rows"]
-    trajectories = batch * params.batch_size
-    per_key_rows = {s.key: r for s, r in zip(sources, rows)}
     epochs = {s.key: r / s.cache_size for s, r in zip(sources, rows)}
     return {
         "batches": batch,
-        "kimg": trajectories / 1000,
+        "kimg": batch * params.batch_size / 1000,
         "optimizer_steps": loop.counters["optimizer_steps"],
         "final_loss": {k: loop.mean_last(k, RECENT) for k in keys},
-        "rows_per_key": per_key_rows,
+        "rows_per_key": {s.key: r for s, r in zip(sources, rows)},
         "epochs_over_cache": epochs,
         "epochs_over_cache_max": max(epochs.values()),
         "cache_trajectories": {s.key: s.cache_size for s in sources},
-        **({"fp16_off_at_batch": loop.counters["fp16_off_at_batch"]} if authors_fp16 else {}),
+        **({"fp16_off_at_batch": loop.counters["fp16_off_at_batch"]} if "fp16_off_at_batch" in loop.counters else {}),
         "regime": "cached trajectories reused across epochs (the authors draw fresh noise for every batch)"
         if max(epochs.values()) > 1 else "each cached trajectory used at most once (fresh-noise regime)",
         "log": loop.log,
