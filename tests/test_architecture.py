@@ -126,8 +126,6 @@ LONG_FUNCTIONS = {  # the functions still over the limit, with their length: thi
     "pipeline/teachers/edm_pickle.py:read_edm_snapshot": 63,
     "pipeline/teachers/training.py:train_teacher": 125,
     "pipeline/training/loop.py:optimizer_step": 72,
-    "pipeline/trajectories/generation.py:generate_trajectories": 119,
-    "pipeline/trajectories/generation.py:run_trajectories_stage": 76,
     "pipeline/trajectories/store.py:create_key": 71,
 }
 FAMILY_MODULES = ("pipeline/teachers/families/", "pipeline/networks/", "pipeline/teachers/diffusers_folder.py",
