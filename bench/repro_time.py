@@ -15,21 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+from pipeline.core.machine import describe_machine  # noqa: E402
 
 
 def timed(cmd: list[str], cwd: Path, log: Path) -> float:
@@ -80,7 +76,7 @@ def main() -> None:
     result = {
         "date": started,
         "commit": commit,
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": describe_machine(),
         "command": f"git clone {REPO} {a.work} && make install && make repro"
                    + (f" (environment linked from {a.venv})" if a.venv else ""),
         "load_average_before": [round(v, 2) for v in load_before],

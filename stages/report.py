@@ -61,14 +61,15 @@ def main(
         comparison_json.write_text(json.dumps(data, indent=2) + "\n")
     if headline_out is not None:
         write_json(headline_out, headline_metrics(evaluations, floor, paired=data["paired"]))
+    headline = headline_lines(data["paired"], data["headline"]["statement"]) if paired else []
     report = build_report(
         evaluation=evaluations, cost_dir=cost_dir, grids_dirs=grids, out_dir=out,
         loss_logs=logs, params=p, merged_cost_path=merged_cost, comparison=comparison, noise_floor=floor,
         pd_sweep=sweep, pd_sweep_source=pd_sweep, teacher_hash=teacher_hash,
         about=about_this_run(teacher_dir=teacher, data_dir=data_dir, inputs_dir=inputs),
-        headline=headline_lines(data["paired"], data["headline"]["statement"]) if paired else (),
-        paired=paired_markdown(data["paired"], evaluations) if paired else None,
+        headline=headline, paired=paired_markdown(data["paired"], evaluations) if paired else None,
     )  # fmt: skip
+    typer.echo("\n".join(["", "Headline of this run (what its numbers resolve):", *headline, ""]).replace("**", ""))
     typer.echo(f"report: {report}")
 
 

@@ -12,7 +12,7 @@ from pipeline.core.devices import resolve_device
 from pipeline.core.files import write_json
 from pipeline.core.inputs import read_manifest
 from pipeline.data.datasets import dataset_info, load_split
-from pipeline.teachers.training import import_pretrained_teacher, train_teacher
+from pipeline.teachers.training import data_description, import_pretrained_teacher, train_teacher
 from pipeline.core.distributed import is_main
 from stages.common import check_outputs_writable, loaded_device, run, stage_params
 
@@ -31,7 +31,7 @@ def main(
     check_outputs_writable(out, state, metrics, live, cost_out)
     info = dataset_info(data)
     cost = CostMeter("teacher", resolve_device(p.device))
-    description = {k: info[k] for k in ("name", "sample_shape", "num_classes", "sizes", "provenance")}
+    description = data_description(info)
     if p.pretrained is not None:
         if not is_main():  # a copy, not training: rank 0 alone writes it
             return

@@ -119,3 +119,24 @@ def test_stages_depend_on_the_manifests_of_the_files_they_read(stage):
     others = {f"data/inputs/{manifest_name(inp.key)}" for inp in EXTERNAL_INPUTS} - wanted
     assert not (others & deps), f"dvc.yaml stage {stage!r} depends on {sorted(others & deps)} but does not read them"
 
+
+
+def _out_paths(stage: dict) -> list[str]:
+    outs = []
+    for o in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+        outs.append(next(iter(o)) if isinstance(o, dict) else o)
+    return outs
+
+
+def test_no_file_under_git_lies_inside_a_dvc_output():
+    """`dvc repro` on a fresh clone refuses an output that Git tracks ("already tracked by SCM"), e.g. a .gitignore
+    that an older layout's run wrote inside what is now an output directory and that was committed."""
+    import subprocess
+
+    r = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip("not a git checkout")
+    tracked = r.stdout.splitlines()
+    inside = [(name, f) for name, stage in DVC.items() for out in _out_paths(stage)
+              for f in tracked if f == out or f.startswith(out.rstrip("/") + "/")]
+    assert not inside, f"Git tracks files inside DVC outputs (remove them with `git rm --cached`): {inside}"

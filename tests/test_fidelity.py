@@ -176,6 +176,10 @@ def test_student_dirs_expands_per_nfe_checkpoints(tmp_path):
     assert student_dirs(tmp_path / "pd" / "nfe2") == [tmp_path / "pd" / "nfe2"]
     with pytest.raises(ParamError, match="nfe<k>"):
         student_dirs(tmp_path)
+    # evaluate.round_nfes keeps only those rounds, and refuses a filter that keeps none
+    assert [d.name for d in student_dirs(tmp_path / "pd", [1, 2, 4])] == ["nfe1", "nfe2"]
+    with pytest.raises(ParamError, match=r"round_nfes: \[8\] keeps none of .*NFE 1, 2, 16"):
+        student_dirs(tmp_path / "pd", [8])
 
 
 def test_reference_stats_npz_and_image_folder(digits, tmp_path):

@@ -34,8 +34,8 @@ def tiny_params() -> dict:
     p["feature_net"].update(channels=8, feature_dim=16, epochs=2, min_accuracy=0.0)
     p["teacher"].update(
         network={"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []},
-        steps=30, batch_size=32, lr_rampup_steps=5, checkpoint_every=15,
-    )  # fmt: skip
+        steps=30, batch_size=32, lr_rampup_steps=5, checkpoint_every=15, pretrained=None,
+    )  # fmt: skip  (a tiny teacher trained by the stage, not the shipped teachers/digits)
     for name, seeds in (("trajectories", "0-191"), ("trajectories_v", "0-63"), ("trajectories_stage2", "0-63")):
         p[name].update(seeds=seeds, chunk_size=64, batch_size=64)
     p["trajectories_v"]["schedule"]["num_steps"] = [4, 5]

@@ -15,6 +15,7 @@ import torch
 
 from pipeline.core.checkpoints import load_checkpoint
 from pipeline.core.hashing import hash_state_dict
+from pipeline.core.machine import machine_signature
 from pipeline.core.param_checks import PipelineError
 from pipeline.training.live import LiveLog
 from pipeline.training.loop import NonFiniteLossError, TrainingLoop, optimizer_step
@@ -67,19 +68,7 @@ REFERENCE_LOSSES = {
 LOSS_RTOL = 1e-6
 
 
-def _machine_signature() -> str:
-    info: dict[str, str] = {}
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
-    return "/".join([info.get("vendor_id", "unknown"), info.get("cpu family", "?"), info.get("model", "?"), capability])
-
-
-MACHINE = _machine_signature()
+MACHINE = machine_signature()
 _HASHES = WEIGHT_HASHES.get(MACHINE) if torch.__version__.startswith(REFERENCE_TORCH) else None
 
 

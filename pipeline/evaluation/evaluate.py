@@ -72,8 +72,9 @@ class Entry:
     prompts: list[str] | None = None  # text-to-image models: the prompt set the labels index (CLIP score)
 
 
-def student_dirs(ckpt_dir: str | Path) -> list[Path]:
-    """A checkpoint directory, or a directory of per-NFE checkpoints ``nfe<k>/`` (PD rounds, SFDDM's T')."""
+def student_dirs(ckpt_dir: str | Path, round_nfes: Sequence[int] | None = None) -> list[Path]:
+    """A checkpoint directory, or a directory of per-NFE checkpoints ``nfe<k>/`` (PD rounds, SFDDM's T'), of
+    those only the NFEs in ``round_nfes`` when given (``evaluate.round_nfes``)."""
     path = Path(ckpt_dir)
     if (path / "model.json").is_file():
         return [path]
@@ -83,16 +84,21 @@ def student_dirs(ckpt_dir: str | Path) -> list[Path]:
     )
     if not rounds:
         raise ParamError(f"--student {path}: neither a checkpoint (model.json) nor a directory of nfe<k>/ checkpoints")
-    return rounds
+    kept = [d for d in rounds if round_nfes is None or int(d.name[3:]) in round_nfes]
+    if not kept:
+        have = ", ".join(d.name[3:] for d in rounds)
+        raise ParamError(f"evaluate.round_nfes: {list(round_nfes or [])} keeps none of {path}'s rounds (NFE {have})")
+    return kept
 
 
 def student_entries(name: str, ckpt_dir: str | Path, device: str | torch.device,
-                    guidance: Sequence[float] = ()) -> list[Entry]:
+                    guidance: Sequence[float] = (), round_nfes: Sequence[int] | None = None) -> list[Entry]:
     """Entries of a distilled checkpoint: its own sampler, at every supported N when step-conditioned.
 
-    A directory of ``nfe<k>/`` checkpoints gives one entry per checkpoint. Each ``guidance`` w other than the
-    checkpoint's own adds entries ``<name>-w<w>/nfe<k>``: the same network on both branches."""
-    dirs = student_dirs(ckpt_dir)
+    A directory of ``nfe<k>/`` checkpoints gives one entry per checkpoint (of ``round_nfes`` when given). Each
+    ``guidance`` w other than the checkpoint's own adds entries ``<name>-w<w>/nfe<k>``: the same network on both
+    branches."""
+    dirs = student_dirs(ckpt_dir, round_nfes)
     if len(dirs) > 1 or dirs[0] != Path(ckpt_dir):
         return [e for d in dirs for e in student_entries(name, d, device, guidance)]
     student = load_teacher(Path(ckpt_dir), device)
@@ -277,7 +283,7 @@ def run_evaluation(
         entries += [Entry(f"teacher/nfe{ref_spec.nfe}", teacher, ref_spec, shape, k, **extra)]
         entries += [Entry(key, teacher, spec, shape, k, **extra) for key, spec in params.solver_specs(abar, flow_shift).items()]
     for name, path in students:
-        entries += student_entries(name, path, device, params.student_guidance)
+        entries += student_entries(name, path, device, params.student_guidance, params.round_nfes)
     clip = None
     if params.clip_weights is not None and any(e.prompts for e in entries):
         from pipeline.evaluation.clip_score import ClipScorer

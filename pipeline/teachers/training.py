@@ -70,6 +70,14 @@ def edm_loss(
     return (weight[:, None, None, None] * (d - images) ** 2).mean()
 
 
+FIRST_LOSSES = 32  # per-step losses of the first optimizer steps kept in the summary
+
+
+def data_description(info: dict[str, Any]) -> dict[str, Any]:
+    """The dataset fields (of the data stage's dataset.json) that a teacher's training key and provenance record."""
+    return {k: info[k] for k in ("name", "sample_shape", "num_classes", "sizes", "provenance")}
+
+
 def train_teacher(
     params: TeacherParams,
     images: torch.Tensor,  # float32 [N, C, H, W] in [-1, 1]
@@ -190,9 +198,10 @@ def train_teacher(
         "first_loss": loop.mean_first("loss", window),
         "wall_seconds": round(cost.wall_seconds, 2),
         "weights_hash": config["provenance"]["weights_hash"],
+        "first_losses": loop.first["loss"][:FIRST_LOSSES],  # a retraining's first steps are checked against these
     }
     if live is not None:
-        live.log_final({k: v for k, v in summary.items() if k != "wall_seconds"})
+        live.log_final({k: v for k, v in summary.items() if k not in ("wall_seconds", "first_losses")})
         live.flush()
     return summary
 
