@@ -124,7 +124,6 @@ LONG_FUNCTIONS = {  # the functions still over the limit, with their length: thi
     "pipeline/evaluation/report.py:build_report": 93,
     "pipeline/teachers/diffusers_export.py:export_flow": 69,
     "pipeline/teachers/edm_pickle.py:read_edm_snapshot": 63,
-    "pipeline/teachers/training.py:train_teacher": 125,
     "pipeline/training/loop.py:optimizer_step": 72,
     "pipeline/trajectories/store.py:create_key": 71,
 }

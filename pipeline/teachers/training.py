@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from pipeline.core.checkpoints import save_checkpoint
 from pipeline.core.cost import CostMeter
@@ -106,12 +107,7 @@ def train_teacher(
     conditional = params.conditional and labels is not None and num_classes > 0
     label_dim = num_classes if conditional else 0
     sample_shape = list(images.shape[1:])
-    arch = network_config(
-        **params.network,
-        img_resolution=sample_shape[1] if sample_shape[1] == sample_shape[2] else sample_shape[1:],
-        in_channels=sample_shape[0],
-        label_dim=label_dim,
-    )
+    arch = _teacher_architecture(params, sample_shape, label_dim)
     data_description = data_description or {"sample_shape": sample_shape, "num_classes": label_dim, "count": len(images)}
     key = params.training_key(data_description)
 
@@ -130,52 +126,79 @@ def train_teacher(
     if state_dir is not None:
         state = TrainingState(state_dir, key, modules={"net": net, "ema": ema}, optimizers={"optimizer": optimizer},
                               generators={"batches": generator})
-
-    images_dev = images.to(device)
-    labels_dev = labels.to(device) if conditional else None
-    beta = 0.5 ** (params.batch_size / (params.ema_halflife_kimg * 1000))
-    n = len(images)
-    rows = share(params.batch_size, "teacher.batch_size") if world_size() > 1 else None  # torchrun: this rank's rows
-    lo, hi = rows if rows is not None else (0, params.batch_size)
-    parts = micro_batches(hi - lo, params.batch_gpu, "teacher.batch_gpu")
-    scaler = grad_scaler(params.precision, device)
-
-    def step(_: int) -> list[tuple[str, float]]:
-        idx = torch.randint(n, (params.batch_size,), generator=generator).to(device)
-        y = images_dev[idx]
-        lab = None
-        if conditional:
-            lab = drop_labels(labels_dev[idx], label_dim, params.label_dropout, generator=generator)
-        kwargs = dict(P_mean=params.P_mean, P_std=params.P_std, generator=generator, precision=params.precision,
-                      forward=trainable.forward)
-        if len(parts) == 1:
-            loss = edm_loss(model, y, lab, rows=rows, **kwargs)
-        else:  # batch_gpu: every micro-batch replays the global batch's noise draws and keeps its rows
-            start = generator.get_state()
-
-            def micro(a: int, b: int) -> torch.Tensor:
-                generator.set_state(start)
-                return edm_loss(model, y, lab, rows=(lo + a, lo + b), **kwargs) * ((b - a) / (hi - lo))
-
-            loss = [functools.partial(micro, a, b) for a, b in parts]
-        value = optimizer_step(optimizer, loss, scaler=scaler, model=trainable)
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1 - beta)
-        cost.add_student_forward(params.batch_size)
-        cost.add_student_backward(params.batch_size)
-        return [("loss", value)]
-
+    step = _TeacherStep(params, model, trainable, net, ema, optimizer, generator, cost, images.to(device),
+                        labels.to(device) if conditional else None, label_dim, device)
     live = LiveLog(live_dir) if live_dir is not None else None
     loop = TrainingLoop(
         "teacher", params.steps, unit="step", optimizers=[optimizer], keys=["loss"], state=state,
-        checkpoint_every=params.checkpoint_every, cost=cost, live=live, progress=progress, scaler=scaler,
+        checkpoint_every=params.checkpoint_every, cost=cost, live=live, progress=progress, scaler=step.scaler,
         lr=lambda b: params.lr * min(1.0, (b + 1) / max(1, params.lr_rampup_steps)),
     )  # fmt: skip
     loop.run(step)
-    step_count = loop.batch
+    config = _teacher_config(params, arch, sample_shape, label_dim, key, data_description, ema)
+    save_checkpoint(out_dir, ema.state_dict(), config)
+    return _teacher_summary(loop, cost, config, live)
 
-    config = {
+
+def _teacher_architecture(params: TeacherParams, sample_shape: list[int], label_dim: int) -> dict[str, Any]:
+    """The U-Net config: params' network with the data's resolution, channels and label dimension."""
+    return network_config(
+        **params.network,
+        img_resolution=sample_shape[1] if sample_shape[1] == sample_shape[2] else sample_shape[1:],
+        in_channels=sample_shape[0],
+        label_dim=label_dim,
+    )
+
+
+class _TeacherStep:
+    """One optimizer step of the teacher: a batch drawn from the data (with label dropout), the EDM or flow loss
+    (micro-batched when ``batch_gpu`` is set), the EMA update."""
+
+    def __init__(self, params: TeacherParams, model: nn.Module, trainable: Any, net: nn.Module, ema: nn.Module,
+                 optimizer: torch.optim.Optimizer, generator: torch.Generator, cost: CostMeter, images: torch.Tensor,
+                 labels: torch.Tensor | None, label_dim: int, device: torch.device) -> None:
+        self.params, self.model, self.trainable, self.net, self.ema = params, model, trainable, net, ema
+        self.optimizer, self.generator, self.cost = optimizer, generator, cost
+        self.images, self.labels, self.label_dim = images, labels, label_dim
+        self.beta = 0.5 ** (params.batch_size / (params.ema_halflife_kimg * 1000))
+        self.rows = share(params.batch_size, "teacher.batch_size") if world_size() > 1 else None  # torchrun: this rank's
+        self.lo, self.hi = self.rows if self.rows is not None else (0, params.batch_size)
+        self.parts = micro_batches(self.hi - self.lo, params.batch_gpu, "teacher.batch_gpu")
+        self.scaler = grad_scaler(params.precision, device)
+        self.device = device
+
+    def __call__(self, _: int) -> list[tuple[str, float]]:
+        params, generator = self.params, self.generator
+        idx = torch.randint(len(self.images), (params.batch_size,), generator=generator).to(self.device)
+        y = self.images[idx]
+        lab = None
+        if self.labels is not None:
+            lab = drop_labels(self.labels[idx], self.label_dim, params.label_dropout, generator=generator)
+        kwargs = dict(P_mean=params.P_mean, P_std=params.P_std, generator=generator, precision=params.precision,
+                      forward=self.trainable.forward)
+        if len(self.parts) == 1:
+            loss = edm_loss(self.model, y, lab, rows=self.rows, **kwargs)
+        else:  # batch_gpu: every micro-batch replays the global batch's noise draws and keeps its rows
+            loss = [functools.partial(self._micro, y, lab, kwargs, generator.get_state(), a, b) for a, b in self.parts]
+        value = optimizer_step(self.optimizer, loss, scaler=self.scaler, model=self.trainable)
+        with torch.no_grad():
+            for p_ema, p in zip(self.ema.parameters(), self.net.parameters()):
+                p_ema.lerp_(p, 1 - self.beta)
+        self.cost.add_student_forward(params.batch_size)
+        self.cost.add_student_backward(params.batch_size)
+        return [("loss", value)]
+
+    def _micro(self, y: torch.Tensor, lab: Any, kwargs: dict[str, Any], start: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        self.generator.set_state(start)
+        rows = (self.lo + a, self.lo + b)
+        return edm_loss(self.model, y, lab, rows=rows, **kwargs) * ((b - a) / (self.hi - self.lo))
+
+
+def _teacher_config(params: TeacherParams, arch: dict[str, Any], sample_shape: list[int], label_dim: int, key: str,
+                    data_description: dict[str, Any], ema: nn.Module) -> dict[str, Any]:
+    """The trained teacher's model.json."""
+    flow = params.objective == "flow"
+    return {
         "network": arch,
         "sigma_data": params.sigma_data,
         **({"precond": FLOW_PRECOND} if flow else {}),
@@ -190,10 +213,12 @@ def train_teacher(
             "weights_hash": hash_state_dict(ema.state_dict()),
         },
     }
-    save_checkpoint(out_dir, ema.state_dict(), config)
+
+
+def _teacher_summary(loop: TrainingLoop, cost: CostMeter, config: dict[str, Any], live: Any) -> dict[str, Any]:
     window = max(1, min(100, loop.count["loss"] // 4))
     summary = {
-        "steps": step_count,
+        "steps": loop.batch,
         "final_loss": loop.mean_last("loss", window),
         "first_loss": loop.mean_first("loss", window),
         "wall_seconds": round(cost.wall_seconds, 2),
