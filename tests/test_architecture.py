@@ -122,8 +122,6 @@ LONG_FUNCTIONS = {  # the functions still over the limit, with their length: thi
     "pipeline/evaluation/evaluate.py:run_evaluation": 87,
     "pipeline/evaluation/pd_sweep_run.py:run_pd_sweep": 63,
     "pipeline/evaluation/report.py:build_report": 93,
-    "pipeline/teachers/diffusers_export.py:export_flow": 69,
-    "pipeline/teachers/edm_pickle.py:read_edm_snapshot": 63,
 }
 FAMILY_MODULES = ("pipeline/teachers/families/", "pipeline/networks/", "pipeline/teachers/diffusers_folder.py",
                   "pipeline/teachers/edm_pickle.py")  # the family modules and the readers they own
