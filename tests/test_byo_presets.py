@@ -109,7 +109,7 @@ def write_user_files(name: str, raw: dict, root: Path, inception: Path) -> dict[
 
 def prepare(name: str, base: Path, inception: Path) -> Path:
     """A fresh repository set up for the preset. cifar10 follows the README's walkthrough up to `dvc repro`:
-    `cp presets/cifar10.yaml params.yaml`, the edit the README asks for (paths, and CPU sizes), `sfd params
+    `sfd preset apply cifar10`, the edit the README asks for (paths, and CPU sizes), `sfd params
     check`; the other presets get the same edit directly."""
     raw = load_preset(name)
     local = write_user_files(name, raw, base / "root", inception)
@@ -117,8 +117,8 @@ def prepare(name: str, base: Path, inception: Path) -> Path:
         return make_repo(base / "repo", scale_down(raw, local))
     repo = make_repo(base / "repo", yaml.safe_load((ROOT / "params.yaml").read_text()))  # a fresh clone
     steps = walkthrough()
-    assert steps[:3] == ["cp presets/cifar10.yaml params.yaml", "sfd params check", "dvc repro"], steps
-    run(["bash", "-c", steps[0]], repo)
+    assert steps[:3] == ["sfd preset apply cifar10", "sfd params check", "dvc repro"], steps
+    run(steps[0].split(), repo)
     edited = scale_down(yaml.safe_load((repo / "params.yaml").read_text()), local)
     (repo / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
     run(steps[1].split(), repo)
