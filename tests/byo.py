@@ -219,7 +219,7 @@ def preset_targets(name: str) -> list[str]:
     import re
 
     use = next(line for line in (PRESETS / f"{name}.yaml").read_text().splitlines() if line.startswith("# Use:"))
-    return re.search(r"dvc repro([\w ]*)", use).group(1).split()
+    return re.search(r"dvc repro([\w@ ]*)", use).group(1).split()
 
 
 def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -34,8 +34,8 @@ from byo import (  # noqa: E402
 from pipeline.core.inputs import describe_path, HashCache  # noqa: E402
 
 ALL_STAGES = {
-    "inputs", "data", "feature_net", "teacher", "trajectories", "trajectories_v", "distill", "distill_v",
-    "trajectories_stage2", "distill_stage2", "baseline_pd", "baseline_sfddm", "baseline_vanilla",
+    "inputs", "data", "feature_net", "teacher", "trajectories@trajectories", "trajectories@trajectories_v",
+    "distill@distill", "distill@distill_v", "trajectories_stage2", "distill@distill_stage2", "baseline_pd", "baseline_sfddm", "baseline_vanilla",
     "evaluate_solvers", "evaluate_baselines", "evaluate", "report",
 }  # fmt: skip
 DOWNSTREAM_OF_TEACHER = ALL_STAGES - {"data", "feature_net"}  # `inputs` always runs (a hash check)
@@ -243,8 +243,8 @@ def test_a_changed_diffusers_scheduler_makes_new_trajectories(runs):
     cfg_path = folder / "scheduler" / "scheduler_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "beta_end": 0.025}))
-    out = run(["dvc", "repro", "trajectories"], repo).stdout
-    assert stages_run(out) == {"inputs", "teacher", "trajectories"}
+    out = run(["dvc", "repro", "trajectories@trajectories"], repo).stdout
+    assert stages_run(out) == {"inputs", "teacher", "trajectories@trajectories"}
     after = json.loads((repo / "metrics" / "trajectories.json").read_text())
     assert after["chunks_generated"] == 2 and after["keys"][0]["key"] != before["keys"][0]["key"]
 

@@ -88,7 +88,7 @@ def preset_targets(preset: Path) -> list[str]:
     import re
 
     use = next(line for line in preset.read_text().splitlines() if line.startswith("# Use:"))
-    return re.search(r"dvc repro([\w ]*)", use).group(1).split()
+    return re.search(r"dvc repro([\w@ ]*)", use).group(1).split()
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
