@@ -117,7 +117,6 @@ def test_stages_import_only_the_library(path):
 MAX_FUNCTION_LINES = 60  # pipeline/ outside networks/: a function reads in one screen
 LONG_FUNCTIONS = {  # the functions still over the limit, with their length: this list may only shrink
     "pipeline/evaluation/evaluate.py:evaluate_entries": 69,
-    "pipeline/evaluation/evaluate.py:run_evaluation": 87,
     "pipeline/evaluation/pd_sweep_run.py:run_pd_sweep": 63,
 }
 FAMILY_MODULES = ("pipeline/teachers/families/", "pipeline/networks/", "pipeline/teachers/diffusers_folder.py",
