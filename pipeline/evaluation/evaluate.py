@@ -176,17 +176,8 @@ def evaluate_entries(
         if images is None:  # not rank 0: its samples went to rank 0
             continue
         feats = space.extract(images)
-        metrics: dict[str, float | None]
-        if isinstance(reference, ReferenceStats):
-            metrics = {"fid": fid_from_stats(feats[space.layer], reference), "kid": None, "kid_std": None,
-                       "precision": None, "recall": None}
-        else:
-            metrics = fidelity_metrics(
-                feats[space.layer], reference[space.layer], kid_subsets=kid_subsets, kid_subset_size=kid_subset_size
-            )
-        if bootstrap > 0:
-            ref = reference if isinstance(reference, ReferenceStats) else reference[space.layer]
-            metrics["fid_sd"] = bootstrap_fid(feats[space.layer], ref, resamples=bootstrap)["fid_sd"]
+        metrics = _fidelity(feats[space.layer], space, reference, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                            bootstrap=bootstrap)
         if features_out is not None:
             features_out[entry.key] = feats[space.layer]
         acc = None
@@ -203,6 +194,22 @@ def evaluate_entries(
             save_grid(Path(grids_dir) / f"{entry.key.replace('/', '_')}.png", images[:grid_seeds])
         tqdm.write(f"{entry.key}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
     return results
+
+
+def _fidelity(feats: torch.Tensor, space: FeatureSpace, reference: "dict[str, torch.Tensor] | ReferenceStats", *,
+              kid_subsets: int, kid_subset_size: int, bootstrap: int) -> dict[str, float | None]:
+    """FID (against features, or EDM's reference statistics: then no KID, precision or recall), KID, precision,
+    recall, and with ``bootstrap`` resamples each FID's sd."""
+    metrics: dict[str, float | None]
+    if isinstance(reference, ReferenceStats):
+        metrics = {"fid": fid_from_stats(feats, reference), "kid": None, "kid_std": None,
+                   "precision": None, "recall": None}
+    else:
+        metrics = fidelity_metrics(feats, reference[space.layer], kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
+    if bootstrap > 0:
+        ref = reference if isinstance(reference, ReferenceStats) else reference[space.layer]
+        metrics["fid_sd"] = bootstrap_fid(feats, ref, resamples=bootstrap)["fid_sd"]
+    return metrics
 
 
 def generate_across_processes(
