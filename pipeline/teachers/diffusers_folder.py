@@ -51,7 +51,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.networks.diffusers_vp import (
-    DIFFUSERS_ARCHITECTURE, DiffusersError, DiffusersVP, build_unet, require_diffusers, require_transformers,
+    DiffusersError, DiffusersVP, build_unet, require_diffusers, require_transformers,
 )  # fmt: skip
 from pipeline.networks.flow import FLOW_TRANSFORMERS as FLOW_FAMILIES, DiffusersFlow, build_transformer
 from pipeline.teachers.prompts import prompt_set_hash, read_prompts
@@ -79,10 +79,6 @@ def is_diffusers_folder(path: str | Path) -> bool:
         (path / MODEL_INDEX).is_file() or (path / "unet" / "config.json").is_file()
         or (path / "transformer" / "config.json").is_file()
     )
-
-
-def is_diffusers_config(config: dict[str, Any] | None) -> bool:
-    return config is not None and config.get("architecture") == DIFFUSERS_ARCHITECTURE
 
 
 def folder_kind(path: str | Path) -> str:

@@ -15,7 +15,6 @@ interface: ``step_condition``, ``checkpoint_module()``, ``checkpoint_state_dict(
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,10 +160,6 @@ def replace_dir(path: Path) -> None:
 
     if Path(path).exists():
         shutil.rmtree(path)
-
-
-def data_section(config: dict[str, Any]) -> dict[str, Any]:
-    return copy.deepcopy(config.get("data", {}))
 
 
 def refuse_authors(family: ModelFamily, options: StepConditionOptions, where: Path) -> None:
