@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --no-compile -c constraints.txt -e '.[dev]'  # no .pyc for all of torch's 6 GB: Python compiles what it imports
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -277,3 +277,20 @@ def test_feature_net_stage_skips_unlabelled_data_with_inception_features(tmp_pat
     pfile.write_text(yaml.safe_dump(params))
     bad = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     assert bad.returncode == 2 and "no labels" in bad.stderr and "inception" in bad.stderr
+
+
+def test_kid_equals_torch_fidelitys_estimator():
+    """kernel_inception_distance computes the whole-set kernels once; its subsets, kernel and unbiased MMD^2 are
+    torch-fidelity's, so mean and sd agree to float64 round-off (rel 1e-9), including with unequal set sizes."""
+    import numpy as np
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    from pipeline.evaluation.fidelity import kernel_inception_distance
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(300, 16)), rng.normal(size=(437, 16)) + 0.2
+    mine = kernel_inception_distance(x, y, subsets=20, subset_size=150, rng_seed=2020)
+    ref = kid_features_to_metric(torch.tensor(x), torch.tensor(y), kid_subsets=20, kid_subset_size=150, rng_seed=2020,
+                                 verbose=False)
+    assert mine == pytest.approx((ref[KEY_METRIC_KID_MEAN], ref[KEY_METRIC_KID_STD]), rel=1e-9)
+    assert mine[0] > 0.01  # the shift is seen (not a trivially equal pair of zeros)
