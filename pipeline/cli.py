@@ -10,6 +10,8 @@ from __future__ import annotations
 import typer
 
 from pipeline.core.commands import one_line_errors
+from pipeline.diffusion.sampling import SOLVER_NAMES
+from pipeline.diffusion.schedules import SCHEDULE_KINDS
 
 app = typer.Typer(
     help="Simple and Fast Distillation (SFD): distil a diffusion teacher into a 1-5 step sampler.",
@@ -51,16 +53,19 @@ def params_check(
                                  "(default: dvc.yaml beside the params file, else in the current directory, if any)"),
     target: list[str] = typer.Option([], "--target", help="check only what `dvc repro TARGET...` runs (repeatable; "
                                      "default: every stage)"),
+    preset: str = typer.Option(None, "--preset", help="check FILE with this preset applied (what `sfd preset apply` "
+                               "would write): a name in presets/ or a path"),
 ) -> None:
     """Validate a whole params file (every section, every cross-section rule, every key dvc.yaml tracks)
     without running anything: it passes exactly what the stages and DVC accept."""
     from pathlib import Path
 
     from pipeline.config.dvc_params import check_tracked_keys
-    from pipeline.config.params import TRAJECTORY_SECTIONS, load_params
+    from pipeline.config.params import TRAJECTORY_SECTIONS, load_params, parse_params
+    from pipeline.config.presets import merged_preset
     from pipeline.core.param_checks import ParamError
 
-    params = load_params(file)
+    params = load_params(file) if preset is None else parse_params(merged_preset(preset, Path(file)))
     beside = Path(file).resolve().parent / "dvc.yaml"
     pipeline_file = Path(dvc_yaml) if dvc_yaml else beside if beside.is_file() else Path("dvc.yaml")
     tracked = 0
@@ -79,6 +84,28 @@ def params_check(
                    "(`NAME: {}` runs one on the defaults of docs/params.md)")  # fmt: skip
 
 
+preset_app = typer.Typer(help="Presets: overlays on params.yaml for real teachers (presets/).", no_args_is_help=True)
+app.add_typer(preset_app, name="preset")
+
+
+@preset_app.command("apply")
+@one_line_errors
+def preset_apply(
+    name: str = typer.Argument(..., help="a preset in presets/ (cifar10, sd15, ...) or a path to an overlay file"),
+    base: str = typer.Option("params.yaml", "--base", help="the params file the overlay applies to"),
+    out: str = typer.Option(None, "--out", help="where to write the merged file (default: --base, in place)"),
+    force: bool = typer.Option(False, "--force", help="apply even when --base already has a preset applied"),
+) -> None:
+    """Write params.yaml = the shipped defaults with the preset's differences, validated as a whole
+    (pipeline.config.presets); then edit its paths and run `sfd params check` and `dvc repro`."""
+    from pathlib import Path
+
+    from pipeline.config.presets import apply_preset
+
+    written = apply_preset(name, Path(base), Path(out) if out else None, force=force)
+    typer.echo(f"ok: {written} = {base} + preset {name} (validated; `sfd params check` then `dvc repro`)")
+
+
 @app.command()
 @one_line_errors
 def sample(
@@ -86,10 +113,10 @@ def sample(
     ckpt: str = typer.Option(None, help="checkpoint directory (teacher or distilled student)"),
     teacher: str = typer.Option(None, help="a built-in teacher source instead of --ckpt: 'gmm'"),
     seeds: str = typer.Option("0-63", help="seeds, e.g. 0-63 or 0,5,7"),
-    solver: str = typer.Option(None, help="euler|heun|dpm2|ipndm|dpmpp|dpmpp2m|dpmpp3m (default: checkpoint's, else dpmpp3m)"),
+    solver: str = typer.Option(None, help=f"{'|'.join(SOLVER_NAMES)} (default: checkpoint's, else dpmpp3m)"),
     max_order: int = typer.Option(None, help="solver order (iPNDM 1-4, DPM-Solver++ 1-3)"),
     num_steps: int = typer.Option(None, help="number of timestamps N (NFE = N-1, N-2 with AFS)"),
-    schedule: str = typer.Option(None, help="schedule kind: polynomial|logsnr|time_uniform"),
+    schedule: str = typer.Option(None, help=f"schedule kind: {'|'.join(SCHEDULE_KINDS)}"),
     afs: bool = typer.Option(None, "--afs/--no-afs", help="analytical first step"),
     guidance: float = typer.Option(None, help="classifier-free guidance scale w (1 = conditional only)"),
     labels: str = typer.Option(None, help="'seed' (per-seed, default), 'none', a class k, or one per seed 'a,b,...' (text-to-image: prompt indices)"),

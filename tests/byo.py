@@ -209,7 +209,10 @@ def walkthrough(readme: Path = ROOT / "README.md") -> list[str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    return yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
+    """The params a preset gives: its overlay on the shipped params.yaml (what `sfd preset apply NAME` writes)."""
+    from pipeline.config.presets import merged_preset
+
+    return merged_preset(name, ROOT / "params.yaml", PRESETS)
 
 
 def preset_targets(name: str) -> list[str]:
@@ -217,7 +220,7 @@ def preset_targets(name: str) -> list[str]:
     import re
 
     use = next(line for line in (PRESETS / f"{name}.yaml").read_text().splitlines() if line.startswith("# Use:"))
-    return re.search(r"dvc repro([\w ]*)", use).group(1).split()
+    return re.search(r"dvc repro([\w@ ]*)", use).group(1).split()
 
 
 def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -34,8 +34,8 @@ from byo import (  # noqa: E402
 from pipeline.core.inputs import describe_path, HashCache  # noqa: E402
 
 ALL_STAGES = {
-    "inputs", "data", "feature_net", "teacher", "trajectories", "trajectories_v", "distill", "distill_v",
-    "trajectories_stage2", "distill_stage2", "baseline_pd", "baseline_sfddm", "baseline_vanilla",
+    "inputs", "data", "feature_net", "teacher", "trajectories@trajectories", "trajectories@trajectories_v",
+    "distill@distill", "distill@distill_v", "trajectories_stage2", "distill@distill_stage2", "baseline_pd", "baseline_sfddm", "baseline_vanilla",
     "evaluate_solvers", "evaluate_baselines", "evaluate", "report",
 }  # fmt: skip
 DOWNSTREAM_OF_TEACHER = ALL_STAGES - {"data", "feature_net"}  # `inputs` always runs (a hash check)
@@ -109,7 +109,7 @@ def write_user_files(name: str, raw: dict, root: Path, inception: Path) -> dict[
 
 def prepare(name: str, base: Path, inception: Path) -> Path:
     """A fresh repository set up for the preset. cifar10 follows the README's walkthrough up to `dvc repro`:
-    `cp presets/cifar10.yaml params.yaml`, the edit the README asks for (paths, and CPU sizes), `sfd params
+    `sfd preset apply cifar10`, the edit the README asks for (paths, and CPU sizes), `sfd params
     check`; the other presets get the same edit directly."""
     raw = load_preset(name)
     local = write_user_files(name, raw, base / "root", inception)
@@ -117,8 +117,8 @@ def prepare(name: str, base: Path, inception: Path) -> Path:
         return make_repo(base / "repo", scale_down(raw, local))
     repo = make_repo(base / "repo", yaml.safe_load((ROOT / "params.yaml").read_text()))  # a fresh clone
     steps = walkthrough()
-    assert steps[:3] == ["cp presets/cifar10.yaml params.yaml", "sfd params check", "dvc repro"], steps
-    run(["bash", "-c", steps[0]], repo)
+    assert steps[:3] == ["sfd preset apply cifar10", "sfd params check", "dvc repro"], steps
+    run(steps[0].split(), repo)
     edited = scale_down(yaml.safe_load((repo / "params.yaml").read_text()), local)
     (repo / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
     run(steps[1].split(), repo)
@@ -243,8 +243,8 @@ def test_a_changed_diffusers_scheduler_makes_new_trajectories(runs):
     cfg_path = folder / "scheduler" / "scheduler_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "beta_end": 0.025}))
-    out = run(["dvc", "repro", "trajectories"], repo).stdout
-    assert stages_run(out) == {"inputs", "teacher", "trajectories"}
+    out = run(["dvc", "repro", "trajectories@trajectories"], repo).stdout
+    assert stages_run(out) == {"inputs", "teacher", "trajectories@trajectories"}
     after = json.loads((repo / "metrics" / "trajectories.json").read_text())
     assert after["chunks_generated"] == 2 and after["keys"][0]["key"] != before["keys"][0]["key"]
 

@@ -13,10 +13,11 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
+
+from pipeline.config.dvc_params import read_stages
 
 ROOT = Path(__file__).resolve().parents[1]
-DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+DVC = read_stages(ROOT / "dvc.yaml")  # foreach groups resolved into their members, as DVC does
 OWN = ("pipeline", "stages")
 
 

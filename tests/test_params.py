@@ -62,15 +62,24 @@ def test_missing_and_malformed_files_are_named(tmp_path):
     assert load_params(ok).seed == 1
 
 
+ROOT = Path(__file__).parents[1]
+
+
+def preset_params(name: str):
+    """The validated params a preset gives on the shipped params.yaml (what `sfd preset apply` writes)."""
+    from pipeline.config.presets import merged_preset
+
+    return parse_params(merged_preset(name, ROOT / "params.yaml", ROOT / "presets"))
+
+
 def test_cifar10_preset_is_valid():
-    p = load_params(Path(__file__).parents[1] / "presets" / "cifar10.yaml")
+    p = preset_params("cifar10")
     assert p.distill.kimg == 200 and p.distill_v.kimg == 800 and p.distill_stage2.kimg == 2000
     assert p.evaluate.features == "inception" and p.distill_stage2.lpips_last_step
     assert p.teacher.pretrained == "/models/edm-cifar10-32x32-uncond-vp.pkl"
     assert p.evaluate.seeds == "0-49999" and p.evaluate.reference_stats == "/refs/cifar10-32x32.npz"
 
 
-ROOT = Path(__file__).parents[1]
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
 
 
@@ -79,7 +88,7 @@ def preset_targets(preset: Path) -> list[str]:
     import re
 
     use = next(line for line in preset.read_text().splitlines() if line.startswith("# Use:"))
-    return re.search(r"dvc repro([\w ]*)", use).group(1).split()
+    return re.search(r"dvc repro([\w@ ]*)", use).group(1).split()
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
@@ -90,10 +99,11 @@ def test_every_preset_validates(preset):
     from pipeline.cli import app
 
     targets = [a for t in preset_targets(preset) for a in ("--target", t)]
-    result = CliRunner().invoke(app, ["params", "check", str(preset), "--dvc-yaml", str(ROOT / "dvc.yaml"), *targets])
+    result = CliRunner().invoke(app, ["params", "check", str(ROOT / "params.yaml"), "--preset", str(preset),
+                                      "--dvc-yaml", str(ROOT / "dvc.yaml"), *targets])
     assert result.exit_code == 0, result.output
     assert "keys tracked by dvc.yaml" in result.output  # the keys DVC will ask for are there (precision, ...)
-    p = load_params(preset)
+    p = preset_params(preset.stem)
     if preset.stem in TRAINED_TEACHER_PRESETS:  # the embedded digits, a teacher the teacher stage trains
         assert p.teacher.pretrained is None and p.evaluate.features == "classifier"
         return
@@ -111,12 +121,12 @@ TRAINED_TEACHER_PRESETS = ("flow-digits",)
 
 
 def test_diffusers_presets():
-    sd = load_params(Path(__file__).parents[1] / "presets" / "sd15.yaml")
+    sd = preset_params("sd15")
     (s,) = sd.trajectories.schedules()
     assert s.t_min == 0.1 and "t_max" not in sd.trajectories.schedule  # t_max: the teacher's sigma_max, 14.6146
     assert sd.teacher.prompts.endswith(".csv") and sd.distill.guidance == 1.0 and 7.5 in sd.evaluate.student_guidance
     assert sd.evaluate.clip_weights and sd.trajectories.M == 3 and sd.distill.kimg == 200 and sd.distill.lr == 5e-5
-    ddpm = load_params(Path(__file__).parents[1] / "presets" / "ddpm-cifar10.yaml")
+    ddpm = preset_params("ddpm-cifar10")
     assert ddpm.trajectories.schedule["t_min"] == 0.01  # DDPM's smallest sigma (0.0100005, within 0.1%)
 
 
@@ -234,9 +244,9 @@ STORE_KEYS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("path", ["params.yaml", "presets/cifar10.yaml"])
-def test_store_keys_of_the_default_params_are_unchanged(path):
-    p = load_params(Path(__file__).parents[1] / path)
+@pytest.mark.parametrize("preset", [None, "cifar10"])
+def test_store_keys_of_the_default_params_are_unchanged(preset):
+    p = load_params(ROOT / "params.yaml") if preset is None else preset_params(preset)
     for (name, num_classes), keys in STORE_KEYS.items():
         shape = (1, 8, 8) if num_classes else (3, 32, 32)
         specs = trajectory_specs(p.section(name), teacher_hash="0" * 32, num_classes=num_classes, sample_shape=shape)
@@ -331,3 +341,55 @@ def test_sfd_commands_and_the_feature_net_fail_in_one_line(tmp_path):
     with pytest.raises(FeatureNetError, match="below feature_net.min_accuracy=1.0"):
         train_feature_net(p, (images[:30], labels[:30]), (images[30:], labels[30:]), 4, tmp_path / "fn", progress=False)
     assert not (tmp_path / "fn").exists()  # nothing written
+
+
+def test_params_check_refuses_what_the_stages_would_refuse(tmp_path):
+    """`sfd params check` holds the rules the stages used to re-check: SFD-v's step conditioning against its list
+    of N, a LoRA student that is step-conditioned, a trajectories section's built-in teacher."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    cases = {
+        "distill_v.step_condition: trajectories_v.schedule.num_steps lists several N": {
+            "trajectories_v": {"schedule": {"num_steps": [3, 4]}},
+            "distill_v": {"trajectories": "trajectories_v", "step_condition": False}},
+        "distill_v.lora_rank: LoRA students are single-N": {
+            "trajectories_v": {"schedule": {"num_steps": [3, 4]}},
+            "distill_v": {"trajectories": "trajectories_v", "step_condition": True, "lora_rank": 4}},
+        "trajectories.teacher.source: got 'edm'": {"trajectories": {"teacher": {"source": "edm"}}},
+        "trajectories.teacher.path: the 'checkpoint' teacher source needs": {
+            "trajectories": {"teacher": {"source": "checkpoint"}}},
+        "trajectories.teacher: unknown key(s) width": {"trajectories": {"teacher": {"source": "gmm", "width": 3}}},
+    }
+    for message, raw in cases.items():
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        result = CliRunner().invoke(app, ["params", "check", str(path), "--dvc-yaml", str(tmp_path / "none.yaml")])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), (message, result.output)
+
+
+def test_presets_are_overlays_applied_by_one_command(tmp_path):
+    """A preset holds only what differs from params.yaml (under half its length); `sfd preset apply` writes the
+    merged, validated file, refuses a second preset on top, and a null section is one the preset does not run."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.config.presets import merge_overlay
+
+    limit = len((ROOT / "params.yaml").read_text().splitlines()) / 2
+    assert all(len(p.read_text().splitlines()) < limit for p in PRESETS), {p.stem: len(p.read_text().splitlines())
+                                                                           for p in PRESETS}
+    base = tmp_path / "params.yaml"
+    base.write_text((ROOT / "params.yaml").read_text())
+    result = CliRunner().invoke(app, ["preset", "apply", "sd15", "--base", str(base)])
+    assert result.exit_code == 0, result.output
+    merged = yaml.safe_load(base.read_text())
+    assert merged == merge_overlay(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                                   yaml.safe_load((ROOT / "presets" / "sd15.yaml").read_text()))
+    assert "baseline_pd" not in merged and merged["distill"]["kimg"] == 200  # sd15 runs no baselines
+    assert load_params(base).teacher.prompts.endswith(".csv")
+    again = CliRunner().invoke(app, ["preset", "apply", "cifar10", "--base", str(base)])
+    assert again.exit_code == 2 and "already has the preset 'sd15' applied" in again.output
+    assert merge_overlay({"a": {"x": 1, "y": [1]}, "b": {"z": 1}, "s": 1}, {"a": {"y": [2]}, "b": None, "s": None}) == {
+        "a": {"x": 1, "y": [2]}, "s": None}

@@ -21,11 +21,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_STAGES = {
-    "inputs", "data", "feature_net", "teacher", "trajectories", "trajectories_v", "distill", "distill_v",
-    "trajectories_stage2", "distill_stage2", "baseline_pd", "baseline_sfddm", "baseline_vanilla",
+    "inputs", "data", "feature_net", "teacher", "trajectories@trajectories", "trajectories@trajectories_v",
+    "distill@distill", "distill@distill_v", "trajectories_stage2", "distill@distill_stage2", "baseline_pd", "baseline_sfddm", "baseline_vanilla",
     "evaluate_solvers", "evaluate_baselines", "evaluate", "report",
 }  # fmt: skip
-LOSS_STAGES = {"inputs", "distill", "distill_v", "trajectories_stage2", "distill_stage2", "evaluate", "report"}
+LOSS_STAGES = {"inputs", "distill@distill", "distill@distill_v", "trajectories_stage2", "distill@distill_stage2", "evaluate",
+               "report"}
 NOTHING = {"inputs"}  # the inputs stage always runs (a hash check of params.yaml's files; none here)
 
 
@@ -146,7 +147,7 @@ def test_repro_then_loss_experiment_reruns_only_what_the_loss_touches(repo):
     # Back to l1: every changed stage is restored from DVC's run-cache, none trains again.
     back = run(["dvc", "exp", "run", "-S", "loss=l1"], repo)
     assert stages_run(back) == NOTHING, back
-    assert "Stage 'distill' is cached - skipping run" in back
+    assert "Stage 'distill@distill' is cached - skipping run" in back
     assert json.loads((repo / "metrics" / "distill.json").read_text())["loss"] == "l1"
 
 
@@ -160,8 +161,8 @@ def test_rerunning_the_trajectory_stage_keeps_the_sfd_cost(repo):
     assert sfd["teacher_forward_images"] == 192 * 12  # its 192 trajectories, 12 teacher forwards each
     assert sfd["marginal"]["teacher_forward_images"] == 0  # given the cache
     assert before["noise_floor"]["floor"] > 0 and before["noise_floor"]["samples"] == 100
-    out = run(["dvc", "repro", "-f", "-s", "trajectories"], repo)
-    assert stages_run(out) == {"trajectories"}
+    out = run(["dvc", "repro", "-f", "-s", "trajectories@trajectories"], repo)
+    assert stages_run(out) == {"trajectories@trajectories"}
     cost = json.loads((repo / "metrics" / "cost" / "trajectories.json").read_text())
     assert cost["teacher_forward_images"] == 0 and cost["stored"]["teacher_forward_images"] == 192 * 12
     out = run(["dvc", "repro"], repo)
@@ -174,8 +175,8 @@ def test_a_larger_seed_range_generates_only_the_new_chunks(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["trajectories"]["seeds"] = "0-319"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run(["dvc", "repro", "-s", "trajectories"], repo)
-    assert stages_run(out) == {"trajectories"}
+    out = run(["dvc", "repro", "-s", "trajectories@trajectories"], repo)
+    assert stages_run(out) == {"trajectories@trajectories"}
     summary = json.loads((repo / "metrics" / "trajectories.json").read_text())
     assert summary["chunks_reused"] == 3 and summary["chunks_generated"] == 2
     assert summary["trajectories_generated"] == 128

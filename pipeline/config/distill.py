@@ -5,12 +5,21 @@ from __future__ import annotations
 import math
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config.fields import Device, Network, NonNegativeInt, PositiveFloat, PositiveInt
 from pipeline.config.validation import Section, section
 
-LOSSES = ("l1", "l2", "pseudo_huber", "lpips")  # the SFD distillation losses (top-level `loss` and per section)
+# the SFD distillation losses (top-level `loss` and per section): name -> what it is. Their functions are
+# pipeline.distill.losses.LOSS_REGISTRY (checked at import to have exactly these names); params validation,
+# docs and CLI help read the names from here (config sits below distill, so the names live here).
+LOSS_DESCRIPTIONS = {
+    "l1": "mean over the batch of sum |x_hat - y| (SFD's default)",
+    "l2": "mean over the batch of sum (x_hat - y)^2",
+    "pseudo_huber": "sqrt(||x_hat - y||^2 + c^2) - c, c = 0.00054 sqrt(dim) (consistency models)",
+    "lpips": "LPIPS on the images (needs the section's lpips_weights)",
+}
+LOSSES = tuple(LOSS_DESCRIPTIONS)
 LPIPS_NETS = ("alex", "vgg")
 LPIPS_POOLINGS = ("max", "avg")
 LPIPS_SCALINGS = ("lpips", "piq")
@@ -19,8 +28,7 @@ STEP_DRAWS = ("seeded", "authors")
 STEP_CONDITION_INITS = ("zero", "random")
 STEP_CONDITION_ARCHS = ("ours", "authors")
 DISTILL_PRECISIONS = ("fp32", "bf16", "fp16", "fp16_authors")
-LossName = Literal["l1", "l2", "pseudo_huber", "lpips"]
-assert LossName.__args__ == LOSSES  # type: ignore[attr-defined]
+LossName = Literal[LOSSES]  # type: ignore[valid-type]
 
 
 @section("distill")
@@ -74,6 +82,13 @@ class DistillParams(Section):
         "checkpoint_every_kimg", "log_every_kimg", "prefetch", "device", "threads", "batch_gpu", "sharding",
         "activation_checkpointing",
     )  # not part of the training key  # fmt: skip
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillParams":
+        if self.lora_rank > 0 and self.step_condition:
+            raise ValueError(".lora_rank: LoRA students are single-N (distill, distill_stage2); SFD-v's new step layers "
+                             "are not teacher weights an adapter could modify: set lora_rank: 0")
+        return self
 
     def total_batches(self) -> int:
         return max(1, math.ceil(self.kimg * 1000 / self.batch_size))

@@ -18,10 +18,45 @@ PARAMS_FILE = "params.yaml"
 
 
 def read_stages(dvc_yaml: str | Path) -> dict[str, dict[str, Any]]:
+    """dvc.yaml's stages by name, a ``foreach`` group resolved into its members (``group@key``) as DVC does."""
     try:
-        return (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {})
+        stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {})
     except (OSError, yaml.YAMLError) as e:
         raise ParamError(f"{dvc_yaml}: cannot read it ({e})") from None
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in stages.items():
+        if isinstance(spec, dict) and "foreach" in spec:
+            items = spec["foreach"]
+            if not isinstance(items, dict):
+                raise ParamError(f"{dvc_yaml}: stage {name}: only a mapping `foreach` is supported here")
+            for key, item in items.items():
+                out[f"{name}@{key}"] = _substitute(spec["do"], key, item)
+        else:
+            out[name] = spec
+    return out
+
+
+def _substitute(value: Any, key: str, item: Any) -> Any:
+    """``${key}`` and ``${item.field}`` replaced in every string (mapping keys included) of a ``do`` block."""
+    if isinstance(value, dict):
+        return {_substitute(k, key, item): _substitute(v, key, item) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, key, item) for v in value]
+    if isinstance(value, str):
+        value = value.replace("${key}", str(key))
+        for field, v in (item.items() if isinstance(item, dict) else ()):
+            value = value.replace(f"${{item.{field}}}", str(v))
+        return value
+    return value
+
+
+def expand_targets(stages: dict[str, dict[str, Any]], targets: list[str]) -> list[str]:
+    """Targets as ``dvc repro`` reads them: a ``foreach`` group's name stands for all its members."""
+    out = []
+    for target in targets:
+        members = [name for name in stages if name.split("@", 1)[0] == target and "@" in name]
+        out.extend(members if target not in stages and members else [target])
+    return out
 
 
 def _paths(entries: Any) -> list[str]:
@@ -35,6 +70,7 @@ def _paths(entries: Any) -> list[str]:
 def upstream(stages: dict[str, dict[str, Any]], targets: list[str]) -> set[str]:
     """The targets and every stage they depend on (an output of one lies at, under or above a dep of
     another), as ``dvc repro TARGET...`` runs them."""
+    targets = expand_targets(stages, targets)
     unknown = sorted(set(targets) - set(stages))
     if unknown:
         raise ParamError(f"--target: no stage {', '.join(map(repr, unknown))} in dvc.yaml; stages: {', '.join(stages)}")

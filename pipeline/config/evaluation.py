@@ -14,11 +14,12 @@ from pipeline.config.fields import (
 )  # fmt: skip
 from pipeline.config.validation import Section, section
 from pipeline.diffusion.sampling import SOLVER_NAMES, SamplerSpec, resolve_solver
-from pipeline.diffusion.schedules import Schedule, fit_to_teacher
+from pipeline.diffusion.schedules import SCHEDULE_KINDS, Schedule, fit_to_teacher
 from pipeline.diffusion.solvers import num_steps_for_nfe
 
 FEATURE_SPACES = ("classifier", "inception")
 ENTRY = re.compile(r"^(?P<sampler>.+)/nfe(?P<nfe>\d+)$")  # evaluation keys "<sampler>/nfe<k>"
+ReferenceScheduleKind = Literal[tuple(k for k in SCHEDULE_KINDS if k != "discrete")]  # type: ignore[valid-type]
 EvalSolverName = Literal[tuple(SOLVER_NAMES)]  # type: ignore[valid-type]  (euler, heun, ..., dpmpp3m)
 
 
@@ -40,7 +41,7 @@ class ReferenceDict(TypedDict, total=False):
 
     solver: EvalSolverName
     num_steps: Annotated[int, Field(ge=2)]
-    kind: Literal["polynomial", "logsnr", "time_uniform", "flow"]
+    kind: ReferenceScheduleKind
     t_min: PositiveFloat
     t_max: PositiveFloat
     rho: PositiveFloat

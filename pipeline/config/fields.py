@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, with_co
 from typing_extensions import TypedDict
 
 from pipeline.core.param_checks import ParamError
-from pipeline.diffusion.schedules import Schedule
+from pipeline.diffusion.schedules import ScheduleKind, Schedule
 from pipeline.diffusion.seeds import parse_seeds
 from pipeline.diffusion.solvers import MAX_ORDER, SOLVERS
 from pipeline.networks.unet import network_config
@@ -22,8 +22,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 Precision = Literal["fp32", "bf16", "fp16"]  # pipeline.core.distributed.PRECISIONS
-SolverName = Literal["euler", "heun", "dpm2", "ipndm", "dpmpp"]
-assert SolverName.__args__ == SOLVERS  # type: ignore[attr-defined]
+SolverName = Literal[SOLVERS]  # type: ignore[valid-type]  (pipeline.diffusion.solvers.SOLVER_REGISTRY)
 DEFAULT_MAX_ORDER = 3  # ipndm and dpmpp when max_order is absent
 
 
@@ -61,9 +60,8 @@ def resolve_max_order(solver: str, max_order: int | None) -> int:
             raise ValueError(f".max_order: must lie in 1..{MAX_ORDER[solver]} for {solver!r}, got {max_order}")
         return max_order
     if max_order not in (None, 1):
-        raise ValueError(
-            f".max_order: only ipndm (1-4) and dpmpp (1-3) use max_order; for {solver!r} leave it out or set 1, got {max_order}"
-        )
+        users = " and ".join(f"{name} (1-{top})" for name, top in MAX_ORDER.items())
+        raise ValueError(f".max_order: only {users} use max_order; for {solver!r} leave it out or set 1, got {max_order}")
     return 1
 
 
@@ -74,7 +72,7 @@ def resolve_max_order(solver: str, max_order: int | None) -> int:
 class ScheduleDict(TypedDict, total=False):
     """A student schedule (diffusion.schedules.Schedule); num_steps is an int, or a list for SFD-v."""
 
-    kind: Literal["polynomial", "logsnr", "time_uniform", "discrete", "flow"]  # discrete: a discrete (diffusers) teacher's table; flow: a flow-matching teacher's grid from sigma = inf
+    kind: ScheduleKind  # discrete: a discrete (diffusers) teacher's table; flow: a flow-matching teacher's grid from sigma = inf
     num_steps: Any  # checked by num_steps_list: an int >= 2, or (trajectories only) a non-empty list of them
     t_min: PositiveFloat
     t_max: PositiveFloat
@@ -86,7 +84,7 @@ class ScheduleDict(TypedDict, total=False):
 class RangeDict(TypedDict, total=False):
     """A schedule without num_steps (the evaluation sets N per NFE)."""
 
-    kind: Literal["polynomial", "logsnr", "time_uniform", "discrete", "flow"]  # discrete: a discrete (diffusers) teacher's table; flow: a flow-matching teacher's grid from sigma = inf
+    kind: ScheduleKind  # discrete: a discrete (diffusers) teacher's table; flow: a flow-matching teacher's grid from sigma = inf
     t_min: PositiveFloat
     t_max: PositiveFloat
     rho: PositiveFloat

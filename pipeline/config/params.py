@@ -2,8 +2,9 @@
 
 Each section is a typed pydantic dataclass (pipeline/config/{data,teacher,trajectories,distill,baselines,
 evaluation}.py); a bad value is refused in one line that names the full key path and the allowed values.
-Sections that have their own ``seed``, ``device`` or ``threads`` field inherit the shared top-level value
-unless they set one. Cross-section rules run here too: every distill section names an existing
+Sections that have their own ``seed``, ``device``, ``threads``, ``precision`` or run-setting field
+(``batch_gpu``, ``activation_checkpointing``, ``sharding``, ``prefetch``) inherit the shared top-level value
+unless they set one: the top-level keys are the one place for run settings, a section overrides them. Cross-section rules run here too: every distill section names an existing
 trajectories section, and the evaluation seeds (and the noise floor's second seed range) are disjoint from
 every trajectories section's seeds.
 docs/params.md documents every key.
@@ -12,7 +13,7 @@ docs/params.md documents every key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -29,8 +30,9 @@ from pipeline.diffusion.seeds import parse_seeds
 
 __all__ = ["LOSSES", "SECTIONS", "Params", "load_params", "parse_params"]
 
-SHARED_KEYS = ("seed", "device", "loss", "threads", "precision", "nproc", "compile", "channels_last")
-INHERITED = ("seed", "device", "threads", "precision")  # shared keys a section inherits when it has the field
+RUN_SETTINGS = ("batch_gpu", "activation_checkpointing", "sharding", "prefetch")  # per-stage memory / speed settings
+SHARED_KEYS = ("seed", "device", "loss", "threads", "precision", "nproc", "compile", "channels_last", *RUN_SETTINGS)
+INHERITED = ("seed", "device", "threads", "precision", *RUN_SETTINGS)  # shared keys a section inherits when it has the field
 SECTIONS: dict[str, type[Section]] = {
     "data": DataParams,
     "feature_net": FeatureNetParams,
@@ -65,6 +67,11 @@ class SharedParams(Section):
     nproc: PositiveInt = 1  # processes per stage on this machine (>1: the stage re-runs itself under torchrun)
     compile: bool = False  # torch.compile the trajectories teacher and the distill student (GPU only)
     channels_last: bool = False  # channels-last memory format for those networks (GPU only)
+    # run settings the training sections inherit unless they set their own (they change results only to round-off)
+    batch_gpu: PositiveInt | None = None  # rows per micro-batch on each process (gradient accumulation); None: all
+    activation_checkpointing: bool = False  # recompute block activations in the backward pass
+    sharding: Literal["ddp", "fsdp"] = "ddp"  # distill sections with several processes: DDP replicas | FSDP2 shards
+    prefetch: PositiveInt = 2  # distill sections: trajectory chunks decoded ahead per key
 
 
 class Params:
@@ -96,6 +103,7 @@ class Params:
         self.nproc: int = shared.nproc
         self.compile: bool = shared.compile
         self.channels_last: bool = shared.channels_last
+        self.run_settings = {k: getattr(shared, k) for k in RUN_SETTINGS}  # as the sections inherit them
         self.given = tuple(k for k in sections if k in raw)
         self._sections = sections
         for name, value in sections.items():

@@ -17,6 +17,7 @@ from pipeline.config.fields import (
 from pipeline.config.validation import Section, fix, section
 from pipeline.core.param_checks import ParamError, check_int
 from pipeline.diffusion.schedules import Schedule, fit_to_teacher
+from pipeline.diffusion.solvers import SOLVER_REGISTRY
 
 COMPUTE_DTYPES = ("float32", "float64")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # bfloat16: stored as its 16 bits (uint16 in Zarr)
@@ -24,6 +25,27 @@ LABEL_POLICIES = ("none", "uniform_per_seed")
 COMPRESSORS = ("blosc-zstd", "blosc-lz4", "zstd", "none")
 
 LabelPolicy = Literal["none", "uniform_per_seed"]
+
+
+TEACHER_SOURCES = ("gmm", "checkpoint")  # built-in teacher sources of a section's `teacher` (pipeline.teachers.loader)
+GMM_OPTIONS = ("num_components", "sample_shape", "std", "seed", "conditional")
+
+
+def check_teacher_source(teacher: dict[str, Any] | None) -> None:
+    """A section's ``teacher: {source: gmm, ...}`` / ``{source: checkpoint, path: ...}`` (None: --teacher-ckpt)."""
+    if teacher is None:
+        return
+    source = teacher.get("source")
+    allowed = ", ".join(map(repr, TEACHER_SOURCES))
+    if source is None:
+        raise ValueError(f".teacher.source: missing; allowed values: {allowed}")
+    if source not in TEACHER_SOURCES:
+        raise ValueError(f".teacher.source: got {source!r}; allowed values: {allowed}")
+    if source == "checkpoint" and teacher.get("path") is None:
+        raise ValueError(".teacher.path: the 'checkpoint' teacher source needs the checkpoint directory path")
+    unknown = sorted(set(teacher) - {"source", *GMM_OPTIONS}) if source == "gmm" else []
+    if unknown:
+        raise ValueError(f".teacher: unknown key(s) {', '.join(unknown)}; known: {', '.join(('source', *GMM_OPTIONS))}")
 
 
 @section("trajectories", frozen=False)
@@ -53,7 +75,8 @@ class TrajectoryParams(Section):
     @model_validator(mode="after")
     def _check(self) -> "TrajectoryParams":
         fix(self, max_order=resolve_max_order(self.solver, self.max_order))
-        if self.dynamic_thresholding and self.solver != "dpmpp":
+        check_teacher_source(self.teacher)
+        if self.dynamic_thresholding and not SOLVER_REGISTRY[self.solver].thresholds:
             raise ValueError(f".dynamic_thresholding: only the dpmpp solver thresholds its data prediction, not {self.solver!r}")
         if self.precision != "fp32" and self.compute_dtype != "float32":
             raise ValueError(f".precision: {self.precision} autocast needs compute_dtype float32, got {self.compute_dtype}")

@@ -19,6 +19,8 @@ class EDMPrecond(nn.Module):
     c_in = 1 / sqrt(sigma^2 + sigma_d^2), c_noise = ln(sigma) / 4,
     D(x, sigma) = c_skip x + c_out F(c_in x, c_noise).
     The network runs in its own dtype; the skip path and the result are in x's dtype.
+    This wraps this project's U-Net (model.json ``"network"``); NVlabs/edm's own class of this name is ported as
+    :class:`pipeline.diffusion.preconditioners.KarrasPrecond` (the same formulas, EDM's constructor and weights).
     """
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5) -> None:

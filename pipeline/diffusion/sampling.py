@@ -20,17 +20,12 @@ from pipeline.diffusion.denoisers import Denoiser, bind_num_steps, guided
 from pipeline.core.param_checks import ParamError, check_choice, check_int
 from pipeline.diffusion.schedules import Schedule
 from pipeline.diffusion.seeds import seed_labels, seed_noise
-from pipeline.diffusion.solvers import SOLVERS, initial_state, solve, solver_nfe
+from pipeline.diffusion.solvers import SOLVER_REGISTRY, SOLVERS, initial_state, solve, solver_nfe
 
-# evaluation / CLI names -> (solver, max_order)
+# evaluation / CLI names -> (solver, max_order): each registered solver at its default order, then its aliases
 SOLVER_NAMES: dict[str, tuple[str, int]] = {
-    "euler": ("euler", 1),
-    "heun": ("heun", 2),
-    "dpm2": ("dpm2", 2),
-    "ipndm": ("ipndm", 4),
-    "dpmpp": ("dpmpp", 3),
-    "dpmpp2m": ("dpmpp", 2),
-    "dpmpp3m": ("dpmpp", 3),
+    **{name: (name, s.default_order) for name, s in SOLVER_REGISTRY.items()},
+    **{alias: (name, order) for name, s in SOLVER_REGISTRY.items() for alias, order in s.aliases},
 }
 DEFAULT_TEACHER_SAMPLER = {"solver": "dpmpp", "max_order": 3, "num_steps": 6}  # NFE 5 on the student schedule
 

@@ -19,8 +19,6 @@ import torch
 
 from pipeline.core.param_checks import ParamError, check_choice, check_int, check_keys
 
-ScheduleKind = Literal["polynomial", "logsnr", "time_uniform", "discrete", "flow"]
-SCHEDULE_KINDS = ("polynomial", "logsnr", "time_uniform", "discrete", "flow")
 FLOW = "flow"
 TIME_UNIFORM_EPS = 1e-3  # epsilon_s of the VP time of the time_uniform schedule
 
@@ -124,40 +122,74 @@ def time_steps(
                              "fills it in)")
         return flow_time_steps(num_steps, t_min, shift)
     _check_range(num_steps, t_min, t_max, rho)
-    i = torch.arange(num_steps, dtype=torch.float64)
-    frac = i / (num_steps - 1)
-    if kind == "polynomial":
-        t = (t_max ** (1 / rho) + frac * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho
-    elif kind == "logsnr":
-        lam = -math.log(t_max) + frac * (math.log(t_max) - math.log(t_min))
-        t = torch.exp(-lam)
-    elif kind == "time_uniform":
-        eps_s = TIME_UNIFORM_EPS
-        beta_d = 2 * (math.log(t_min**2 + 1) / eps_s - math.log(t_max**2 + 1)) / (eps_s - 1)
-        beta_min = math.log(t_max**2 + 1) - beta_d / 2
-        tau = (1 + frac * (eps_s ** (1 / rho) - 1)) ** rho
-        t = torch.sqrt(torch.exp(beta_d * tau**2 / 2 + beta_min * tau) - 1)
-    else:
-        if alphas_cumprod is None:
-            raise ParamError("alphas_cumprod: the 'discrete' schedule needs the teacher's abar table")
-        sig = discrete_sigmas(alphas_cumprod)  # increasing in tau
-        tau_hi = int(torch.argmin((sig - t_max).abs())) + 1
-        tau_lo = int(torch.argmin((sig - t_min).abs())) + 1
-        if tau_hi - tau_lo + 1 < num_steps:
-            raise ParamError(
-                f"num_steps: {num_steps} timestamps do not fit the {tau_hi - tau_lo + 1} discrete steps "
-                f"between t_min={t_min} and t_max={t_max}"
-            )
-        tau = (tau_hi ** (1 / rho) + frac * (tau_lo ** (1 / rho) - tau_hi ** (1 / rho))) ** rho
-        tau = torch.round(tau).long()
-        if not (tau[1:] < tau[:-1]).all():
-            raise ParamError(
-                f"num_steps: rounding to the discrete grid merged timestamps (rho={rho}); use fewer steps or rho=1"
-            )
-        t = sig[tau - 1]
+    frac = torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1)
+    t = SCHEDULE_REGISTRY[kind].steps(frac, t_min, t_max, rho, alphas_cumprod)
     if kind != "discrete":
         t[0], t[-1] = t_max, t_min  # exact endpoints despite rounding in the formulas
     return t
+
+
+def polynomial_steps(frac: torch.Tensor, t_min: float, t_max: float, rho: float, _abar: Any = None) -> torch.Tensor:
+    """EDM's grid: t_i = (t_max^(1/rho) + i/(N-1) (t_min^(1/rho) - t_max^(1/rho)))^rho."""
+    return (t_max ** (1 / rho) + frac * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho
+
+
+def logsnr_steps(frac: torch.Tensor, t_min: float, t_max: float, rho: float, _abar: Any = None) -> torch.Tensor:
+    """lambda_i linear from -ln t_max to -ln t_min, t_i = exp(-lambda_i)."""
+    lam = -math.log(t_max) + frac * (math.log(t_max) - math.log(t_min))
+    return torch.exp(-lam)
+
+
+def time_uniform_steps(frac: torch.Tensor, t_min: float, t_max: float, rho: float, _abar: Any = None) -> torch.Tensor:
+    """VP time tau_i = (1 + i/(N-1) (eps_s^(1/rho) - 1))^rho, t_i = sqrt(exp(beta_d tau_i^2 / 2 + beta_min tau_i) - 1)."""
+    eps_s = TIME_UNIFORM_EPS
+    beta_d = 2 * (math.log(t_min**2 + 1) / eps_s - math.log(t_max**2 + 1)) / (eps_s - 1)
+    beta_min = math.log(t_max**2 + 1) - beta_d / 2
+    tau = (1 + frac * (eps_s ** (1 / rho) - 1)) ** rho
+    return torch.sqrt(torch.exp(beta_d * tau**2 / 2 + beta_min * tau) - 1)
+
+
+def discrete_steps(frac: torch.Tensor, t_min: float, t_max: float, rho: float,
+                   alphas_cumprod: Sequence[float] | torch.Tensor | None) -> torch.Tensor:
+    """The polynomial formula in the teacher's discrete step tau, rounded to integers: t_i = sigma(tau_i)."""
+    num_steps = frac.numel()
+    if alphas_cumprod is None:
+        raise ParamError("alphas_cumprod: the 'discrete' schedule needs the teacher's abar table")
+    sig = discrete_sigmas(alphas_cumprod)  # increasing in tau
+    tau_hi = int(torch.argmin((sig - t_max).abs())) + 1
+    tau_lo = int(torch.argmin((sig - t_min).abs())) + 1
+    if tau_hi - tau_lo + 1 < num_steps:
+        raise ParamError(
+            f"num_steps: {num_steps} timestamps do not fit the {tau_hi - tau_lo + 1} discrete steps "
+            f"between t_min={t_min} and t_max={t_max}"
+        )
+    tau = (tau_hi ** (1 / rho) + frac * (tau_lo ** (1 / rho) - tau_hi ** (1 / rho))) ** rho
+    tau = torch.round(tau).long()
+    if not (tau[1:] < tau[:-1]).all():
+        raise ParamError(
+            f"num_steps: rounding to the discrete grid merged timestamps (rho={rho}); use fewer steps or rho=1"
+        )
+    return sig[tau - 1]
+
+
+@dataclass(frozen=True)
+class ScheduleKindEntry:
+    """One schedule kind: its formula (``None`` for ``flow``, which has its own signature) and a description."""
+
+    name: str
+    steps: Any  # (frac, t_min, t_max, rho, alphas_cumprod) -> t, float64
+    description: str
+
+
+SCHEDULE_REGISTRY: dict[str, ScheduleKindEntry] = {e.name: e for e in (
+    ScheduleKindEntry("polynomial", polynomial_steps, "EDM's rho-polynomial grid (rho = 7)"),
+    ScheduleKindEntry("logsnr", logsnr_steps, "uniform in log t (log-SNR)"),
+    ScheduleKindEntry("time_uniform", time_uniform_steps, "uniform in VP time (rho = 1), or its rho-power"),
+    ScheduleKindEntry("discrete", discrete_steps, "on a discrete (diffusers) teacher's own sigma grid"),
+    ScheduleKindEntry(FLOW, None, "a flow-matching teacher's shifted flow-time grid from sigma = inf"),
+)}
+SCHEDULE_KINDS = tuple(SCHEDULE_REGISTRY)
+ScheduleKind = Literal[SCHEDULE_KINDS]  # type: ignore[valid-type]
 
 
 def fine_num_steps(num_steps: int, M: int) -> int:

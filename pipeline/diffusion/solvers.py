@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from pipeline.core.param_checks import ParamError, check_choice, check_int
 from pipeline.diffusion.denoisers import Denoiser
-
-SolverName = Literal["euler", "heun", "dpm2", "ipndm", "dpmpp"]
-SOLVERS = ("euler", "heun", "dpm2", "ipndm", "dpmpp")
-MAX_ORDER = {"ipndm": 4, "dpmpp": 3}
 
 # iPNDM: Adams-Bashforth weights for d_i, d_{i-1}, ... (order k uses the first k)
 IPNDM_COEFFS = {
@@ -120,7 +118,7 @@ def solver_nfe(solver: str, num_steps: int, *, afs: bool = False, ends_at_zero: 
     check_choice("solver", solver, SOLVERS)
     check_int("num_steps", num_steps, minimum=2)
     steps = num_steps - 1
-    nfe = steps if solver in ("euler", "ipndm", "dpmpp") else 2 * steps - int(ends_at_zero)
+    nfe = steps if SOLVER_REGISTRY[solver].calls_per_step == 1 else 2 * steps - int(ends_at_zero)
     return nfe - int(afs)
 
 
@@ -170,80 +168,128 @@ def solve(
       update and the history, as in sfd-main's dpm_pp_sampler.
     The update runs in x's dtype; the schedule is read in float64.
     """
-    check_choice("solver", solver, SOLVERS)
-    if dynamic_thresholding and solver != "dpmpp":
+    check_choice("solver", solver, list(SOLVER_REGISTRY))
+    entry = SOLVER_REGISTRY[solver]
+    if dynamic_thresholding and not entry.thresholds:
         raise ParamError(f"dynamic_thresholding: only the dpmpp solver thresholds its data prediction, not {solver!r}")
-    if solver in MAX_ORDER:
-        check_int("max_order", max_order, minimum=1, maximum=MAX_ORDER[solver])
+    if entry.max_order is not None:
+        check_int("max_order", max_order, minimum=1, maximum=entry.max_order)
     t = _check_t_steps(t_steps)
-    num_steps = len(t)
-    wanted = sorted(set(record)) if record is not None else []
-    for idx in wanted:
-        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < num_steps:
-            raise ParamError(f"record: index {idx!r} is outside 0..{num_steps - 1}")
+    wanted = _check_record(record, len(t))
+    run = SolverRun(denoiser, t, labels, afs, max_order, lower_order_final, dynamic_thresholding)
     recorded: dict[int, torch.Tensor] = {0: x} if 0 in wanted else {}
-
-    def denoise(x_cur: torch.Tensor, t_cur: float) -> torch.Tensor:
-        sigma = torch.full((x_cur.shape[0],), t_cur, dtype=x_cur.dtype, device=x_cur.device)
-        return denoiser(x_cur, sigma, labels)
-
-    def derivative(x_cur: torch.Tensor, i: int) -> torch.Tensor:
-        """d_i = (x_i - D(x_i, t_i)) / t_i, or the AFS estimate at i = 0."""
-        if afs and i == 0:
-            return afs_epsilon(x_cur, t[0])
-        return (x_cur - denoise(x_cur, t[i])) / t[i]
-
-    history: list[torch.Tensor] = []  # iPNDM: past d's; DPM-Solver++: past m's (newest last)
     start = 0
     if math.isinf(t[0]):  # the first step from sigma = inf: its limit (module docstring)
-        z = x
-        m0 = torch.zeros_like(x) if afs else denoise(x, t[0])  # D(z, inf); AFS: 0
-        if dynamic_thresholding:
-            m0 = dynamic_threshold(m0)
-        if solver in ("heun", "dpm2") and t[1] > 0:
-            x = _flow_time_first_step(denoise, z, m0, t[1], solver)
-        else:
-            x = euler_step(z, t[0], t[1], m0)
-        history = {"dpmpp": [m0], "ipndm": [z]}.get(solver, [])  # d_0 = lim (x_0 - D_0) / t_0 = z
-        start = 1
+        x, start = _first_step_from_infinity(run, entry, x), 1
         if 1 in wanted:
             recorded[1] = x
-    for i in range(start, num_steps - 1):
-        t_cur, t_next = t[i], t[i + 1]
-        delta = t_next - t_cur
-        if solver == "euler" or (t_next == 0 and solver in ("heun", "dpm2")):
-            x = x + delta * derivative(x, i)
-        elif solver == "heun":
-            d_cur = derivative(x, i)
-            x_pred = x + delta * d_cur
-            d_pred = (x_pred - denoise(x_pred, t_next)) / t_next
-            x = x + delta * (d_cur + d_pred) / 2
-        elif solver == "dpm2":
-            t_mid = math.sqrt(t_cur * t_next)
-            x_mid = x + (t_mid - t_cur) * derivative(x, i)
-            x = x + delta * (x_mid - denoise(x_mid, t_mid)) / t_mid
-        elif solver == "ipndm":
-            history.append(derivative(x, i))
-            order = min(max_order, len(history))
-            coeffs = IPNDM_COEFFS[order]
-            x = x + delta * sum(c * d for c, d in zip(coeffs, reversed(history[-order:])))
-            history = history[-3:]
-        else:  # dpmpp
-            m_cur = x - t_cur * afs_epsilon(x, t_cur) if (afs and i == 0) else denoise(x, t_cur)
-            if dynamic_thresholding:
-                m_cur = dynamic_threshold(m_cur)
-            history.append(m_cur)
-            if t_next == 0:
-                x = m_cur
-            else:
-                order = min(dpmpp_order(i, num_steps - 1, max_order, lower_order_final), len(history))
-                x = _dpmpp_update(x, history, t, i, order)
-            history = history[-3:]
+    for i in range(start, len(t) - 1):
+        x = entry.step(run, x, i)
         if i + 1 in wanted:
             recorded[i + 1] = x
     if record is None:
         return x
     return x, [recorded[idx] for idx in record]
+
+
+def _check_record(record: Sequence[int] | None, num_steps: int) -> list[int]:
+    wanted = sorted(set(record)) if record is not None else []
+    for idx in wanted:
+        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < num_steps:
+            raise ParamError(f"record: index {idx!r} is outside 0..{num_steps - 1}")
+    return wanted
+
+
+@dataclass
+class SolverRun:
+    """One integration: the denoiser, the float64 schedule as floats, the options, and the solver's history."""
+
+    denoiser: Denoiser
+    t: list[float]
+    labels: torch.Tensor | None
+    afs: bool
+    max_order: int
+    lower_order_final: bool
+    dynamic_thresholding: bool
+    history: list[torch.Tensor] = field(default_factory=list)  # iPNDM: past d's; DPM-Solver++: past m's (newest last)
+
+    def denoise(self, x_cur: torch.Tensor, t_cur: float) -> torch.Tensor:
+        sigma = torch.full((x_cur.shape[0],), t_cur, dtype=x_cur.dtype, device=x_cur.device)
+        return self.denoiser(x_cur, sigma, self.labels)
+
+    def derivative(self, x_cur: torch.Tensor, i: int) -> torch.Tensor:
+        """d_i = (x_i - D(x_i, t_i)) / t_i, or the AFS estimate at i = 0."""
+        if self.afs and i == 0:
+            return afs_epsilon(x_cur, self.t[0])
+        return (x_cur - self.denoise(x_cur, self.t[i])) / self.t[i]
+
+
+def _first_step_from_infinity(run: SolverRun, entry: "Solver", z: torch.Tensor) -> torch.Tensor:
+    """The first step from t_0 = inf, where the state is the noise z (module docstring)."""
+    t = run.t
+    m0 = torch.zeros_like(z) if run.afs else run.denoise(z, t[0])  # D(z, inf); AFS: 0
+    if run.dynamic_thresholding:
+        m0 = dynamic_threshold(m0)
+    if entry.flow_time_first_step and t[1] > 0:
+        x = _flow_time_first_step(run.denoise, z, m0, t[1], entry.name)
+    else:
+        x = euler_step(z, t[0], t[1], m0)
+    run.history = {"denoised": [m0], "noise": [z]}.get(entry.history_from_infinity, [])  # d_0 = lim (x_0 - D_0) / t_0 = z
+    return x
+
+
+def euler_update(run: SolverRun, x: torch.Tensor, i: int) -> torch.Tensor:
+    """Euler: x_{i+1} = x_i + Delta_i d_i."""
+    return x + (run.t[i + 1] - run.t[i]) * run.derivative(x, i)
+
+
+def heun_update(run: SolverRun, x: torch.Tensor, i: int) -> torch.Tensor:
+    """Heun: Euler predictor x', then x_{i+1} = x_i + Delta_i (d_i + d(x', t_{i+1})) / 2; Euler into t = 0."""
+    t_cur, t_next = run.t[i], run.t[i + 1]
+    if t_next == 0:
+        return euler_update(run, x, i)
+    delta = t_next - t_cur
+    d_cur = run.derivative(x, i)
+    x_pred = x + delta * d_cur
+    d_pred = (x_pred - run.denoise(x_pred, t_next)) / t_next
+    return x + delta * (d_cur + d_pred) / 2
+
+
+def dpm2_update(run: SolverRun, x: torch.Tensor, i: int) -> torch.Tensor:
+    """DPM-Solver-2: t_mid = sqrt(t_i t_{i+1}), x_{i+1} = x_i + Delta_i d(x_i + (t_mid - t_i) d_i, t_mid); Euler into 0."""
+    t_cur, t_next = run.t[i], run.t[i + 1]
+    if t_next == 0:
+        return euler_update(run, x, i)
+    t_mid = math.sqrt(t_cur * t_next)
+    x_mid = x + (t_mid - t_cur) * run.derivative(x, i)
+    return x + (t_next - t_cur) * (x_mid - run.denoise(x_mid, t_mid)) / t_mid
+
+
+def ipndm_update(run: SolverRun, x: torch.Tensor, i: int) -> torch.Tensor:
+    """iPNDM: x_{i+1} = x_i + Delta_i sum_j c_j d_{i-j} (Adams-Bashforth, warm-up from order 1)."""
+    run.history.append(run.derivative(x, i))
+    order = min(run.max_order, len(run.history))
+    coeffs = IPNDM_COEFFS[order]
+    x = x + (run.t[i + 1] - run.t[i]) * sum(c * d for c, d in zip(coeffs, reversed(run.history[-order:])))
+    run.history = run.history[-3:]
+    return x
+
+
+def dpmpp_update(run: SolverRun, x: torch.Tensor, i: int) -> torch.Tensor:
+    """DPM-Solver++ multistep in data prediction, VE form, phi1 = t_{i+1}/t_i - 1:
+    x_{i+1} = (t_{i+1}/t_i) x_i - phi1 m_i [- phi1 D1 / 2 (order 2) | + phi2 D1 - phi3 D2 (order 3)]."""
+    t_cur, t_next = run.t[i], run.t[i + 1]
+    m_cur = x - t_cur * afs_epsilon(x, t_cur) if (run.afs and i == 0) else run.denoise(x, t_cur)
+    if run.dynamic_thresholding:
+        m_cur = dynamic_threshold(m_cur)
+    run.history.append(m_cur)
+    if t_next == 0:
+        x = m_cur
+    else:
+        order = min(dpmpp_order(i, len(run.t) - 1, run.max_order, run.lower_order_final), len(run.history))
+        x = _dpmpp_update(x, run.history, run.t, i, order)
+    run.history = run.history[-3:]
+    return x
 
 
 def _flow_time_first_step(denoise, z: torch.Tensor, m0: torch.Tensor, t_next: float, solver: str) -> torch.Tensor:
@@ -285,3 +331,36 @@ def _dpmpp_update(x: torch.Tensor, m: list[torch.Tensor], t: list[float], i: int
     phi2 = phi1 / h + 1
     phi3 = phi2 / h - 0.5
     return x_next + phi2 * d1 - phi3 * d2
+
+
+@dataclass(frozen=True)
+class Solver:
+    """One training-free solver: its step function and what the rest of the pipeline needs to know about it."""
+
+    name: str
+    step: Callable[[SolverRun, torch.Tensor, int], torch.Tensor]  # x_i -> x_{i+1}
+    description: str
+    calls_per_step: int = 1  # denoiser calls per step (a final step into t = 0 of a 2-call solver is Euler: 1)
+    max_order: int | None = None  # the solver's order is a choice 1..max_order (else fixed)
+    default_order: int = 1  # the order the evaluation / CLI name alone means
+    aliases: tuple[tuple[str, int], ...] = ()  # extra evaluation / CLI names: (name, max_order)
+    thresholds: bool = False  # may apply dynamic thresholding to its data prediction
+    flow_time_first_step: bool = False  # from t_0 = inf: its rule in flow time (no VE-sigma limit)
+    history_from_infinity: str | None = None  # what the step from t_0 = inf leaves in the history: denoised | noise
+
+
+SOLVER_REGISTRY: dict[str, Solver] = {s.name: s for s in (
+    Solver("euler", euler_update, "Euler (= DDIM), 1 call per step"),
+    Solver("heun", heun_update, "Heun's 2nd order (EDM's sampler), 2 calls per step", calls_per_step=2,
+           default_order=2, flow_time_first_step=True),
+    Solver("dpm2", dpm2_update, "DPM-Solver-2 (midpoint in log t), 2 calls per step", calls_per_step=2,
+           default_order=2, flow_time_first_step=True),
+    Solver("ipndm", ipndm_update, "improved PNDM (Adams-Bashforth on d, order 1-4), 1 call per step", max_order=4,
+           default_order=4, history_from_infinity="noise"),
+    Solver("dpmpp", dpmpp_update, "DPM-Solver++ multistep (order 1-3), 1 call per step", max_order=3,
+           default_order=3, aliases=(("dpmpp2m", 2), ("dpmpp3m", 3)), thresholds=True,
+           history_from_infinity="denoised"),
+)}
+SOLVERS = tuple(SOLVER_REGISTRY)
+SolverName = Literal[SOLVERS]  # type: ignore[valid-type]
+MAX_ORDER = {name: s.max_order for name, s in SOLVER_REGISTRY.items() if s.max_order is not None}

@@ -273,17 +273,21 @@ def make_loss(
 ) -> Loss:
     """The loss d(x_hat, y) named by the ``loss`` param (l1 default, l2, pseudo_huber, lpips)."""
     check_choice("loss", name, LOSSES)
-    if name == "l1":
-        return l1_loss
-    if name == "l2":
-        return l2_loss
-    if name == "pseudo_huber":
-        return pseudo_huber_loss
+    return LOSS_REGISTRY[name](lpips_weights=lpips_weights, lpips_net=lpips_net, device=device, lpips_size=lpips_size,
+                               lpips_pooling=lpips_pooling, lpips_scaling=lpips_scaling, lpips_heads=lpips_heads)
+
+
+def _lpips_loss(*, lpips_weights, lpips_net, device, lpips_size, lpips_pooling, lpips_scaling, lpips_heads) -> Loss:
     return LPIPSLoss(lpips_weights, lpips_net, size=lpips_size, pooling=lpips_pooling, scaling=lpips_scaling,
                      heads=lpips_heads).to(device)
 
 
-def check_loss_name(name: str) -> str:
-    if not isinstance(name, str):
-        raise ParamError(f"loss: expected one of {', '.join(map(repr, LOSSES))}, got {name!r}")
-    return check_choice("loss", name, LOSSES)
+# loss name (pipeline.config.distill.LOSS_DESCRIPTIONS) -> a factory taking make_loss's options
+LOSS_REGISTRY: dict[str, Callable[..., Loss]] = {
+    "l1": lambda **_: l1_loss,
+    "l2": lambda **_: l2_loss,
+    "pseudo_huber": lambda **_: pseudo_huber_loss,
+    "lpips": _lpips_loss,
+}
+if tuple(LOSS_REGISTRY) != LOSSES:
+    raise AssertionError(f"pipeline.distill.losses.LOSS_REGISTRY {tuple(LOSS_REGISTRY)} != the params' loss names {LOSSES}")

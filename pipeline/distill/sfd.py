@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from pipeline.core.checkpoints import save_checkpoint
@@ -55,7 +56,7 @@ from pipeline.core.hashing import hash_description, hash_state_dict
 from pipeline.config.distill import DistillParams
 from pipeline.config.trajectories import TrajectoryParams
 from pipeline.config.validation import described
-from pipeline.distill.losses import Loss, check_loss_name, make_loss, perceptual_term, resolve_perceptual_weight
+from pipeline.distill.losses import Loss, make_loss, perceptual_term, resolve_perceptual_weight
 from pipeline.core.param_checks import ParamError
 from pipeline.diffusion.schedules import Schedule
 from pipeline.diffusion.solvers import afs_step, euler_step
@@ -159,27 +160,22 @@ def sfd_batch(
     net = model if forward is None else forward
     t = t_steps.tolist()
     num_steps = len(t)
-    x = batch.x_T.to(device)
-    y = batch.states.to(device)
+    x, y = batch.x_T.to(device), batch.states.to(device)
     labels = None if batch.labels is None else batch.labels.to(device)
     if y.shape[1] != num_steps - 1:
         raise ParamError(f"trajectories hold {y.shape[1]} teacher states per seed, the schedule needs {num_steps - 1}")
-    net_kwargs: dict[str, Any] = {}
-    if getattr(model, "step_condition", False):
-        net_kwargs["num_steps"] = torch.full((x.shape[0],), num_steps, dtype=torch.int64, device=device)
+    net_kwargs = {"num_steps": torch.full((x.shape[0],), num_steps, dtype=torch.int64, device=device)
+                  } if getattr(model, "step_condition", False) else {}
     parts = micro_batches(x.shape[0], batch_gpu)
 
     def student_step(n: int, x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_hat, loss) of rows [lo, hi) at student step n."""
-        xs = x[lo:hi]
+        xs, lab = x[lo:hi], None if labels is None else labels[lo:hi]
         sigma = torch.full((xs.shape[0],), t[n], dtype=xs.dtype, device=device)
-        lab = None if labels is None else labels[lo:hi]
         kw = {k: v[lo:hi] for k, v in net_kwargs.items()}
-        if precision == "fp32":
+        with autocast_context(precision, device):  # a null context for fp32
             denoised = net(xs, sigma, lab, **kw)
-        else:
-            with autocast_context(precision, device):
-                denoised = net(xs, sigma, lab, **kw).float()
+            denoised = denoised if precision == "fp32" else denoised.float()
         x_hat = euler_step(xs, t[n], t[n + 1], denoised)  # x + (t_{n+1} - t_n) eps; from t_0 = inf its limit
         loss = loss_fn(x_hat, y[lo:hi, n])
         if last_step_extra is not None and n == num_steps - 2:
@@ -191,24 +187,25 @@ def sfd_batch(
         if afs and n == 0:
             x = afs_step(x, t[0], t[1])
             continue
-        what = f"the loss of student step {n + 1} (N={num_steps})"
+        what = f"the loss of student step {n + 1} (N={num_steps})"  # optimizer_step's error names it
         if len(parts) == 1:
             x_hat, loss = student_step(n, x, 0, x.shape[0])
             value = optimizer_step(optimizer, loss, what=what, scaler=scaler, nan_to_num=nan_to_num, model=trainable)
             x = x_hat.detach()
         else:  # batch_gpu: each micro-batch's mean weighted by its rows; its rollout state kept for the next step
             states: list[torch.Tensor] = []
-
-            def micro(n: int, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-                x_hat, loss = student_step(n, x, lo, hi)
-                states.append(x_hat.detach())
-                return loss * ((hi - lo) / x.shape[0])
-
-            value = optimizer_step(optimizer, [functools.partial(micro, n, x, lo, hi) for lo, hi in parts], what=what,
-                                   scaler=scaler, nan_to_num=nan_to_num, model=trainable)
+            parts_losses = [functools.partial(_micro_batch_loss, student_step, states, n, x, lo, hi) for lo, hi in parts]
+            value = optimizer_step(optimizer, parts_losses, what=what, scaler=scaler, nan_to_num=nan_to_num, model=trainable)
             x = torch.cat(states)
         out.append((n + 1, value))
     return out
+
+
+def _micro_batch_loss(student_step: Any, states: list[torch.Tensor], n: int, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of step n: its loss weighted by its share of the batch; its rollout state appended to ``states``."""
+    x_hat, loss = student_step(n, x, lo, hi)
+    states.append(x_hat.detach())
+    return loss * ((hi - lo) / x.shape[0])
 
 
 def distill(
@@ -240,9 +237,109 @@ def distill(
     if scaler is not None and params.sharding == "fsdp" and world_size() > 1:
         raise ParamError(f"{name}.sharding: fsdp with precision fp16 (a gradient scaler) is not supported; use bf16")
     lora = run.lora
+    trainable, forward = _trainable(model, params, lora, device, name, compile=compile, progress=progress)
+    optimizer = adam(model, params.lr, trainable.parameters() if lora is not None else None)
+    draw = torch.Generator().manual_seed(params.seed)
+    torch.manual_seed(params.seed)
+    keys = step_losses_keys([s.schedule for s in sources], params.afs)
+    multi = len(sources) > 1
+    draw_index = _step_drawer(sources, params, draw, name) if multi else (lambda batch: 0)
+    state = _training_state(run, trainable, optimizer, model, draw)
+    loop = TrainingLoop(
+        name, params.total_batches(), optimizers=[optimizer], lr=params.lr_at, state=state,
+        checkpoint_every=params.every_batches(params.checkpoint_every_kimg),
+        on_save=functools.partial(_save_usable, run, trainable),
+        counters={"rows": [0] * len(sources), "optimizer_steps": 0, **({"fp16_off_at_batch": None} if authors_fp16 else {})},
+        keys=keys, keep=max(100, RECENT),
+        log_every=params.every_batches(params.log_every_kimg), images_per_batch=params.batch_size, live=live,
+        cost=run.cost, hint="lower `lr`, or check the trajectories with `sfd store verify`", progress=progress,
+        scaler=scaler,
+    )  # fmt: skip
+    step = _SFDStep(model, optimizer, trainable, forward, sources, params, run, loop, draw_index, loss_fn, last_step_extra,
+                    device, scaler, (lo, hi), name)
+    try:
+        finished = loop.run(step, stop_after=stop_after_batches)
+    finally:
+        step.close()
+    if not finished:
+        return {"interrupted_at_batch": loop.batch}
+    run.final_state = trainable.checkpoint_state_dict() if lora is None else lora.adapter_state_dict(trainable)
+    model.eval().requires_grad_(False)
+    return _training_summary(loop, sources, params, keys)
+
+
+@dataclass
+class _SFDStep:
+    """One batch of :func:`distill`'s loop: the N drawn, its batch read, :func:`sfd_batch`, the counters."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    trainable: Trainable
+    forward: Any
+    sources: Sequence[TrajectorySource]
+    params: DistillParams
+    run: DistillRun
+    loop: TrainingLoop
+    draw_index: Any  # batch index -> source index
+    loss_fn: Loss
+    last_step_extra: Loss | None
+    device: torch.device
+    scaler: Any
+    rows: tuple[int, int]  # this rank's rows of every global batch
+    name: str
+    streams: dict[int, Iterator[TrajectoryBatch]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.authors_fp16 = self.params.precision == "fp16_authors"
+        self.edm_fp16 = getattr(self.model, "use_fp16", None)  # an EDM preconditioner: its own float16 body (CUDA only)
+
+    def precision(self) -> str:
+        """The forward precision of this batch; fp16_authors sets EDM's use_fp16 flag or uses fp16 autocast on CUDA."""
+        if not self.authors_fp16:
+            return self.params.precision
+        on = self.loop.counters["fp16_off_at_batch"] is None
+        if self.edm_fp16 is not None:
+            self.model.use_fp16 = on
+            return "fp32"
+        return "fp16" if on and self.device.type == "cuda" else "fp32"
+
+    def __call__(self, batch_index: int) -> list[tuple[str, float]]:
+        p, loop, i = self.params, self.loop, self.draw_index(batch_index)
+        if i not in self.streams:
+            self.streams[i] = batch_stream(self.sources[i], p.batch_size, loop.counters["rows"][i])
+        b = next(self.streams[i])
+        n_imgs = len(b.seeds)  # the global batch: rows, cost and kimg count every rank's share
+        mine = _slice(b, *self.rows) if world_size() > 1 else b
+        step_values = sfd_batch(
+            self.model, self.optimizer, mine, self.sources[i].schedule.t_steps(), self.loss_fn,
+            afs=p.afs, last_step_extra=self.last_step_extra, device=self.device, precision=self.precision(),
+            scaler=self.scaler, forward=None if self.forward is self.model else self.forward, nan_to_num=self.authors_fp16,
+            batch_gpu=p.batch_gpu, trainable=self.trainable,
+        )  # fmt: skip
+        if self.authors_fp16 and loop.counters["fp16_off_at_batch"] is None and step_values and math.isnan(step_values[-1][1]):
+            loop.counters["fp16_off_at_batch"] = batch_index  # sfd-main: "Meet nan, disable fp16!" for the rest of the run
+            tqdm.write(f"{self.name}: NaN loss at batch {batch_index}: float16 is off for the rest of the run (precision fp16_authors)")
+        self.run.cost.add_student_forward(n_imgs * len(step_values))
+        self.run.cost.add_student_backward(n_imgs * len(step_values))
+        loop.counters["optimizer_steps"] += len(step_values)
+        loop.counters["rows"][i] += n_imgs
+        prefix = f"N{self.sources[i].schedule.num_steps}/" if len(self.sources) > 1 else ""
+        return [(f"{prefix}step{n}", v) for n, v in step_values]
+
+    def close(self) -> None:
+        for s in self.streams.values():
+            s.close()  # stops the reader's prefetch thread
+        if self.edm_fp16 is not None:
+            self.model.use_fp16 = self.edm_fp16
+
+
+def _trainable(model: nn.Module, params: DistillParams, lora: Any, device: torch.device, name: str, *, compile: bool,
+               progress: bool) -> tuple[Trainable, Any]:
+    """(the DDP / FSDP2 / plain model to train, the forward to call: compiled or not) in training mode; a LoRA
+    student trains its adapters only, the teacher's weights frozen (pipeline.networks.lora)."""
     if lora is None:
         model.train().requires_grad_(True)
-    else:  # the teacher's weights frozen, the adapters trained (pipeline.networks.lora)
+    else:
         model.train()
     if params.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -250,99 +347,48 @@ def distill(
     forward, compile_note = maybe_compile(trainable.forward, compile, device)
     if compile_note is not None and progress and is_main():
         tqdm.write(f"{name}: {compile_note}")
-    optimizer = adam(model, params.lr, trainable.parameters() if lora is not None else None)
-    draw = torch.Generator().manual_seed(params.seed)
-    torch.manual_seed(params.seed)
-    keys = step_losses_keys([s.schedule for s in sources], params.afs)
-    multi = len(sources) > 1
-    draw_index = _step_drawer(sources, params, draw, name) if multi else (lambda batch: 0)
-    state = None
-    if run.state_dir is not None:
-        module_state, optimizer_state = state_view(trainable, optimizer, model.checkpoint_module(),
-                                                   keep=None if lora is None else lora.is_adapter)
-        state = TrainingState(run.state_dir, run.training_key, modules={"net": module_state},
-                              optimizers={"optimizer": optimizer_state}, generators={"draw": draw},
-                              collective=trainable.sharding == "fsdp")
+    return trainable, forward
 
-    def save_usable(loop: TrainingLoop) -> None:  # a usable student next to the state: `sfd sample --ckpt STATE_DIR`
-        net_state = trainable.checkpoint_state_dict() if lora is None else lora.adapter_state_dict(trainable)
-        if not is_main():
-            return
-        config = dict(run.checkpoint_config)
-        config["provenance"] = {**config.get("provenance", {}), "weights_hash": hash_state_dict(net_state),
-                                "kimg_done": loop.kimg()}
-        save_checkpoint(run.state_dir, net_state, config)
 
-    loop = TrainingLoop(
-        name, params.total_batches(), optimizers=[optimizer], lr=params.lr_at, state=state,
-        checkpoint_every=params.every_batches(params.checkpoint_every_kimg), on_save=save_usable,
-        counters={"rows": [0] * len(sources), "optimizer_steps": 0, **({"fp16_off_at_batch": None} if authors_fp16 else {})},
-        keys=keys, keep=max(100, RECENT),
-        log_every=params.every_batches(params.log_every_kimg), images_per_batch=params.batch_size, live=live,
-        cost=run.cost, hint="lower `lr`, or check the trajectories with `sfd store verify`", progress=progress,
-        scaler=scaler,
-    )  # fmt: skip
-    streams: dict[int, Iterator[TrajectoryBatch]] = {}
-    edm_fp16 = getattr(model, "use_fp16", None)  # an EDM preconditioner: its own float16 body (CUDA only, as in EDM)
+def _training_state(run: DistillRun, trainable: Trainable, optimizer: torch.optim.Optimizer, model: nn.Module,
+                    draw: torch.Generator) -> TrainingState | None:
+    """The resumable state (network, optimizer, N-draw generator); None without a state directory."""
+    if run.state_dir is None:
+        return None
+    module_state, optimizer_state = state_view(trainable, optimizer, model.checkpoint_module(),
+                                               keep=None if run.lora is None else run.lora.is_adapter)
+    return TrainingState(run.state_dir, run.training_key, modules={"net": module_state},
+                         optimizers={"optimizer": optimizer_state}, generators={"draw": draw},
+                         collective=trainable.sharding == "fsdp")
 
-    def batch_precision() -> str:
-        """The forward precision of this batch; fp16_authors sets EDM's use_fp16 flag or uses fp16 autocast on CUDA."""
-        if not authors_fp16:
-            return params.precision
-        on = loop.counters["fp16_off_at_batch"] is None
-        if edm_fp16 is not None:
-            model.use_fp16 = on
-            return "fp32"
-        return "fp16" if on and device.type == "cuda" else "fp32"
 
-    def step(batch_index: int) -> list[tuple[str, float]]:
-        i = draw_index(batch_index)
-        if i not in streams:
-            streams[i] = batch_stream(sources[i], params.batch_size, loop.counters["rows"][i])
-        b = next(streams[i])
-        n_imgs = len(b.seeds)  # the global batch: rows, cost and kimg count every rank's share
-        mine = _slice(b, lo, hi) if world_size() > 1 else b
-        step_values = sfd_batch(
-            model, optimizer, mine, sources[i].schedule.t_steps(), loss_fn,
-            afs=params.afs, last_step_extra=last_step_extra, device=device,
-            precision=batch_precision(), scaler=scaler, forward=None if forward is model else forward, nan_to_num=authors_fp16,
-            batch_gpu=params.batch_gpu, trainable=trainable,
-        )  # fmt: skip
-        if authors_fp16 and loop.counters["fp16_off_at_batch"] is None and step_values and math.isnan(step_values[-1][1]):
-            loop.counters["fp16_off_at_batch"] = batch_index  # sfd-main: "Meet nan, disable fp16!" for the rest of the run
-            tqdm.write(f"{name}: NaN loss at batch {batch_index}: float16 is off for the rest of the run (precision fp16_authors)")
-        run.cost.add_student_forward(n_imgs * len(step_values))
-        run.cost.add_student_backward(n_imgs * len(step_values))
-        loop.counters["optimizer_steps"] += len(step_values)
-        loop.counters["rows"][i] += n_imgs
-        prefix = f"N{sources[i].schedule.num_steps}/" if multi else ""
-        return [(f"{prefix}step{n}", v) for n, v in step_values]
+def _save_usable(run: DistillRun, trainable: Trainable, loop: TrainingLoop) -> None:
+    """A usable student next to the state: ``sfd sample --ckpt STATE_DIR``."""
+    lora = run.lora
+    net_state = trainable.checkpoint_state_dict() if lora is None else lora.adapter_state_dict(trainable)
+    if not is_main():
+        return
+    config = dict(run.checkpoint_config)
+    config["provenance"] = {**config.get("provenance", {}), "weights_hash": hash_state_dict(net_state),
+                            "kimg_done": loop.kimg()}
+    save_checkpoint(run.state_dir, net_state, config)
 
-    try:
-        finished = loop.run(step, stop_after=stop_after_batches)
-    finally:
-        for s in streams.values():
-            s.close()  # stops the reader's prefetch thread
-        if edm_fp16 is not None:
-            model.use_fp16 = edm_fp16
-    if not finished:
-        return {"interrupted_at_batch": loop.batch}
-    run.final_state = trainable.checkpoint_state_dict() if lora is None else lora.adapter_state_dict(trainable)
-    model.eval().requires_grad_(False)
+
+def _training_summary(loop: TrainingLoop, sources: Sequence[TrajectorySource], params: DistillParams,
+                      keys: list[str]) -> dict[str, Any]:
+    """What :func:`distill` returns: budget spent, final losses, epochs over each cached key, the loss log."""
     batch, rows = loop.batch, loop.counters["rows"]
-    trajectories = batch * params.batch_size
-    per_key_rows = {s.key: r for s, r in zip(sources, rows)}
     epochs = {s.key: r / s.cache_size for s, r in zip(sources, rows)}
     return {
         "batches": batch,
-        "kimg": trajectories / 1000,
+        "kimg": batch * params.batch_size / 1000,
         "optimizer_steps": loop.counters["optimizer_steps"],
         "final_loss": {k: loop.mean_last(k, RECENT) for k in keys},
-        "rows_per_key": per_key_rows,
+        "rows_per_key": {s.key: r for s, r in zip(sources, rows)},
         "epochs_over_cache": epochs,
         "epochs_over_cache_max": max(epochs.values()),
         "cache_trajectories": {s.key: s.cache_size for s in sources},
-        **({"fp16_off_at_batch": loop.counters["fp16_off_at_batch"]} if authors_fp16 else {}),
+        **({"fp16_off_at_batch": loop.counters["fp16_off_at_batch"]} if "fp16_off_at_batch" in loop.counters else {}),
         "regime": "cached trajectories reused across epochs (the authors draw fresh noise for every batch)"
         if max(epochs.values()) > 1 else "each cached trajectory used at most once (fresh-noise regime)",
         "log": loop.log,
@@ -404,9 +450,8 @@ def consumed_trajectory_cost(sources: Sequence[TrajectorySource], rows_per_key: 
 
 
 def resolve_loss_name(params: DistillParams, top_level: Any) -> str:
-    """The section's ``loss`` or else the top-level ``loss`` param (l1 when absent)."""
-    name = params.loss if params.loss is not None else (top_level if top_level is not None else "l1")
-    return check_loss_name(name)
+    """The section's ``loss`` or else the top-level ``loss`` param (l1 when absent); both validated by the params."""
+    return params.loss if params.loss is not None else (top_level if top_level is not None else "l1")
 
 
 def training_key(params: DistillParams, **identity: Any) -> str:
@@ -465,92 +510,128 @@ def run_distill_stage(
 
     Under torchrun each process trains on its share of every global batch and rank 0 alone writes the
     checkpoint, the state, the metrics, the DVCLive log and the cost record (pipeline.core.distributed)."""
-    from pipeline.core.devices import resolve_device
     from pipeline.diffusion.seeds import parse_seeds
-    from pipeline.distill.student import sampler_section, save_student, student_config, student_from_checkpoint, student_from_scratch
+    from pipeline.distill.student import save_student
     from pipeline.trajectories.generation import load_trajectory_teacher
 
     section, p, traj = name, params, trajectories
-    if not isinstance(p, DistillParams):
-        raise ParamError(f"{section}: expected a distill section (DistillParams), got {type(p).__name__}")
-    if not isinstance(traj, TrajectoryParams):
-        raise ParamError(f"{section}.trajectories: expected a trajectories section (TrajectoryParams), got {type(traj).__name__}")
     loss_name = resolve_loss_name(p, loss)
-    device = rank_device(resolve_device(p.device))
-    if p.precision in ("bf16", "fp16"):  # fp16_authors keeps TF32 off, as sfd-main's training loop does
-        enable_tf32(device)
-    if device.type == "cpu" and p.threads > 0:
-        torch.set_num_threads(p.threads)  # measured: 30 s on 1 thread vs 233 s on 2 for the default, on a busy 2-core CPU
-
+    device = _stage_device(p)
     teacher, _, teacher_hash = load_trajectory_teacher(traj.teacher, teacher_ckpt, device="cpu")
     specs = trajectory_specs(traj, teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape,
                              **teacher.spec_options())
     schedules = [s.schedule for s in specs]  # their N agree with p (pipeline.config.params.check_student_steps)
-    if teacher_ckpt is not None:
+    init = _initial_student(p, traj, teacher, teacher_ckpt, section, device)
+    model = init.model
+    lora = _add_lora(p, model, teacher_ckpt, traj, section)
+    sources = _open_sources(store, specs, parse_seeds(traj.seeds), p)
+    losses = _stage_losses(p, loss_name, tuple(teacher.sample_shape), device)
+    identity = {"loss": loss_name, "lpips": losses.lpips_used, "teacher_hash": teacher_hash,
+                "store_keys": [s.key for s in sources], "seeds": traj.seeds, "init_hash": init.init_hash}
+    key = training_key(p, **identity)
+    config = _distilled_config(p, traj, section, init, schedules, sources, losses.description, key, lora=lora,
+                               teacher=teacher, teacher_hash=teacher_hash, teacher_ckpt=teacher_ckpt, store=store)
+    cost = CostMeter(section, device)
+    run = DistillRun(Path(state_dir) if state_dir is not None else None, key, config, cost, lora=lora)
+    live = LiveLog(live_dir) if live_dir is not None else None
+    _, cl_note = to_channels_last(model, channels_last, device)
+    compile_note = maybe_compile(model, compile, device)[1] if compile and device.type != "cuda" else None
+    summary = distill(
+        model, sources, p, run, loss_fn=losses.loss_fn, last_step_extra=losses.last_step_extra, progress=progress,
+        stop_after_batches=stop_after_batches, live=live, name=section, compile=compile and compile_note is None,
+    )  # fmt: skip
+    if "interrupted_at_batch" in summary:
+        return summary
+    save_student(out, model, config, state=run.final_state)
+    summary.pop("log")
+    result = _stage_result(p, section, loss_name, losses, schedules, summary, cost, out, config, run,
+                           notes=[n for n in (cl_note, compile_note) if n])
+    _write_stage_records(result, summary, sources, p, cost, metrics=metrics, live=live, cost_path=cost_path)
+    return result
+
+
+def _stage_device(p: DistillParams) -> torch.device:
+    """This process's device; TF32 for bf16/fp16 (fp16_authors keeps it off, as sfd-main does); CPU threads."""
+    from pipeline.core.devices import resolve_device
+
+    device = rank_device(resolve_device(p.device))
+    if p.precision in ("bf16", "fp16"):
+        enable_tf32(device)
+    if device.type == "cpu" and p.threads > 0:
+        torch.set_num_threads(p.threads)  # measured: 30 s on 1 thread vs 233 s on 2 for the default, on a busy 2-core CPU
+    return device
+
+
+def _initial_student(p: DistillParams, traj: TrajectoryParams, teacher: Any, teacher_ckpt: str | Path | None,
+                     section: str, device: torch.device) -> Any:
+    """The student before training: a copy of the teacher checkpoint, else a fresh ``student_network``."""
+    from pipeline.distill.student import student_from_checkpoint, student_from_scratch
+
+    if teacher_ckpt is not None:  # rules that depend on the command line (--teacher-ckpt), not on params alone
         if p.student_network is not None:
             raise ParamError(f"{section}.student_network: the student copies the teacher checkpoint; remove this key")
-        init = student_from_checkpoint(teacher_ckpt, step_condition=p.step_condition, seed=p.seed, device=device,
+        return student_from_checkpoint(teacher_ckpt, step_condition=p.step_condition, seed=p.seed, device=device,
                                        step_condition_init=p.step_condition_init, step_condition_arch=p.step_condition_arch)
-    else:
-        if p.step_condition and p.step_condition_arch == "authors":
-            raise ParamError(f"{section}.step_condition_arch: 'authors' (sfd-main's step layers) exists for EDM networks only; "
-                             "the student is built from student_network (this project's U-Net)")
-        if p.student_network is None:
-            raise ParamError(
-                f"{section}.student_network: the teacher ({traj.teacher}) has no network to copy; give the student's "
-                "architecture here, or pass --teacher-ckpt"
-            )
-        init = student_from_scratch(
-            p.student_network, sample_shape=teacher.sample_shape, num_classes=teacher.num_classes,
-            step_condition=p.step_condition, seed=p.seed, device=device, step_condition_init=p.step_condition_init,
-        )  # fmt: skip
-    model = init.model
-    lora = None
-    if p.lora_rank > 0:
-        from pipeline.networks.lora import add_lora
+    if p.step_condition and p.step_condition_arch == "authors":
+        raise ParamError(f"{section}.step_condition_arch: 'authors' (sfd-main's step layers) exists for EDM networks only; "
+                         "the student is built from student_network (this project's U-Net)")
+    if p.student_network is None:
+        raise ParamError(
+            f"{section}.student_network: the teacher ({traj.teacher}) has no network to copy; give the student's "
+            "architecture here, or pass --teacher-ckpt"
+        )
+    return student_from_scratch(
+        p.student_network, sample_shape=teacher.sample_shape, num_classes=teacher.num_classes,
+        step_condition=p.step_condition, seed=p.seed, device=device, step_condition_init=p.step_condition_init,
+    )  # fmt: skip
 
-        if p.step_condition:
-            raise ParamError(f"{section}.lora_rank: LoRA students are single-N (distill, distill_stage2); SFD-v's new step "
-                             "layers are not teacher weights an adapter could modify: set lora_rank: 0")
-        if teacher_ckpt is None:
-            raise ParamError(f"{section}.lora_rank: a LoRA student adapts a teacher network; the teacher "
-                             f"({traj.teacher}) has none: set lora_rank: 0")
-        lora = add_lora(model, rank=p.lora_rank, alpha=p.lora_alpha, targets=p.lora_targets, seed=p.seed,
-                        what=f"{section}.lora_rank")
-    if model.step_condition:
-        step_condition = [s.num_steps for s in schedules]
-    else:
-        step_condition = None
-    default_schedule = max(schedules, key=lambda s: s.num_steps)  # SFD-v: the largest N (the stage-2 teacher's)
 
-    seeds = parse_seeds(traj.seeds)
-    sources = _open_sources(store, specs, seeds, p)
+def _add_lora(p: DistillParams, model: nn.Module, teacher_ckpt: str | Path | None, traj: TrajectoryParams,
+              section: str) -> Any:
+    """LoRA adapters on the student (``lora_rank`` > 0; pipeline.networks.lora); None otherwise."""
+    if p.lora_rank == 0:
+        return None
+    from pipeline.networks.lora import add_lora
 
-    last_step_extra = None
-    lpips_used = loss_name == "lpips"
+    if teacher_ckpt is None:
+        raise ParamError(f"{section}.lora_rank: a LoRA student adapts a teacher network; the teacher "
+                         f"({traj.teacher}) has none: set lora_rank: 0")
+    return add_lora(model, rank=p.lora_rank, alpha=p.lora_alpha, targets=p.lora_targets, seed=p.seed,
+                    what=f"{section}.lora_rank")
+
+
+@dataclass
+class StageLosses:
+    loss_fn: Loss
+    last_step_extra: Loss | None  # stage 2: + lambda x batch-mean LPIPS on the last step
+    description: str
+    lpips_used: bool
+
+
+def _stage_losses(p: DistillParams, loss_name: str, sample_shape: tuple[int, ...], device: torch.device) -> StageLosses:
+    """The section's loss, and stage 2's LPIPS term on the last step (losses.py), with a readable description."""
     lpips_options = dict(lpips_weights=p.lpips_weights, lpips_net=p.lpips_net, lpips_size=p.lpips_size,
                          lpips_pooling=p.lpips_pooling, lpips_scaling=p.lpips_scaling, lpips_heads=p.lpips_heads, device=device)
     lpips_desc = (f"lpips {p.lpips_net}, {p.lpips_size or 'at least 64'} px, {p.lpips_pooling} pooling, "
                   f"{p.lpips_scaling} input scaling, {'heads ' + str(p.lpips_heads) if p.lpips_heads else 'lpips v0.1 heads'}")
-    loss_fn = make_loss(loss_name, **lpips_options)
-    loss_desc = loss_name
-    if p.lpips_last_step and p.lpips_weights is not None:  # stage 2: + lambda x batch-mean LPIPS (losses.py)
-        weight = resolve_perceptual_weight(p.lpips_weight, tuple(teacher.sample_shape))
-        last_step_extra = perceptual_term(make_loss("lpips", **lpips_options), weight)  # sfd_batch adds it to loss_fn
-        lpips_used = True
-        loss_desc += f" + {weight:g} x batch-mean {lpips_desc} on the last step"
+    losses = StageLosses(make_loss(loss_name, **lpips_options), None, loss_name, loss_name == "lpips")
+    if p.lpips_last_step and p.lpips_weights is not None:
+        weight = resolve_perceptual_weight(p.lpips_weight, sample_shape)
+        losses.last_step_extra = perceptual_term(make_loss("lpips", **lpips_options), weight)  # sfd_batch adds it
+        losses.lpips_used = True
+        losses.description += f" + {weight:g} x batch-mean {lpips_desc} on the last step"
     elif p.lpips_last_step:
-        loss_desc += " (no local LPIPS weights: lpips_weights is null, the last step keeps " + loss_name + ")"
+        losses.description += " (no local LPIPS weights: lpips_weights is null, the last step keeps " + loss_name + ")"
+    return losses
 
-    identity = {
-        "loss": loss_name,
-        "lpips": lpips_used,
-        "teacher_hash": teacher_hash,
-        "store_keys": [s.key for s in sources],
-        "seeds": traj.seeds,
-        "init_hash": init.init_hash,
-    }
-    key = training_key(p, **identity)
+
+def _distilled_config(p: DistillParams, traj: TrajectoryParams, section: str, init: Any, schedules: list[Schedule],
+                      sources: list[TrajectorySource], loss_desc: str, key: str, *, lora: Any, teacher: Any,
+                      teacher_hash: str, teacher_ckpt: str | Path | None, store: str | Path) -> dict[str, Any]:
+    """The distilled checkpoint's model.json: the student's architecture, its sampler and the provenance; a LoRA
+    student's model.safetensors holds the adapters, its base is the teacher checkpoint (pipeline.networks.lora)."""
+    from pipeline.distill.student import sampler_section, student_config
+
     provenance = {
         "kind": section,
         "method": "SFD-v" if p.step_condition else ("SFD stage 2" if teacher.is_distilled else "SFD"),
@@ -567,41 +648,43 @@ def run_distill_stage(
         "training": described(p, leave_out=("device",)),
         "training_key": key,
     }  # fmt: skip
+    step_condition = [s.num_steps for s in schedules] if init.model.step_condition else None
+    default_schedule = max(schedules, key=lambda s: s.num_steps)  # SFD-v: the largest N (the stage-2 teacher's)
     sampler = sampler_section(default_schedule, afs=p.afs, step_condition=step_condition, guidance=p.guidance)
     config = student_config(init.config, sampler, provenance)
-    if lora is not None:  # model.safetensors holds the adapters; the base is the teacher checkpoint (pipeline.networks.lora)
+    if lora is not None:
         config["lora"] = {**lora.describe(), "base": str(teacher_ckpt), "base_weights_hash": init.init_hash}
-    cost = CostMeter(section, device)
-    run = DistillRun(Path(state_dir) if state_dir is not None else None, key, config, cost, lora=lora)
+    return config
 
-    live = LiveLog(live_dir) if live_dir is not None else None
-    _, cl_note = to_channels_last(model, channels_last, device)
-    compile_note = maybe_compile(model, compile, device)[1] if compile and device.type != "cuda" else None
-    summary = distill(
-        model, sources, p, run, loss_fn=loss_fn, last_step_extra=last_step_extra, progress=progress,
-        stop_after_batches=stop_after_batches, live=live, name=section, compile=compile and compile_note is None,
-    )  # fmt: skip
-    if "interrupted_at_batch" in summary:
-        return summary
-    save_student(out, model, config, state=run.final_state)
-    summary.pop("log")
+
+def _stage_result(p: DistillParams, section: str, loss_name: str, losses: StageLosses, schedules: list[Schedule],
+                  summary: dict[str, Any], cost: CostMeter, out: str | Path, config: dict[str, Any], run: Any,
+                  notes: list[str]) -> dict[str, Any]:
+    """The stage's metrics file."""
     result = {
         "section": section,
         "loss": loss_name,
-        "loss_used": loss_desc,
-        "lpips": lpips_used,
-        **({"stage2_loss": loss_desc} if p.lpips_last_step else {}),
+        "loss_used": losses.description,
+        "lpips": losses.lpips_used,
+        **({"stage2_loss": losses.description} if p.lpips_last_step else {}),
         "nfe": {str(s.num_steps): s.num_steps - 1 - int(p.afs) for s in schedules},
         **summary,
         "wall_seconds": round(cost.wall_seconds, 3),
         "checkpoint": str(out),
         **({"lora": config["lora"], "trained_parameters": sum(t.numel() for t in run.final_state.values())}
-           if lora is not None and run.final_state else {}),
+           if "lora" in config and run.final_state else {}),
     }
-    if world_size() > 1 or p.precision != "fp32" or cl_note or compile_note:
+    if world_size() > 1 or p.precision != "fp32" or notes:
         result["processes"] = world_size()
         result["precision"] = p.precision
-        result["notes"] = [n for n in (cl_note, compile_note) if n]
+        result["notes"] = notes
+    return result
+
+
+def _write_stage_records(result: dict[str, Any], summary: dict[str, Any], sources: list[TrajectorySource],
+                         p: DistillParams, cost: CostMeter, *, metrics: str | Path | None, live: Any,
+                         cost_path: str | Path | None) -> None:
+    """Metrics JSON and DVCLive's final values (rank 0), the cost record with what the stage consumed."""
     if metrics is not None and is_main():
         path = Path(metrics)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -617,5 +700,4 @@ def run_distill_stage(
                                "of the stored trajectories it read (from the store's commit records, each once)"})
     if cost_path is not None:
         cost.write(cost_path)
-    return result
 

@@ -228,62 +228,85 @@ def headline(rows: Sequence[Row], *, nfe: int = 2, reference: str = "sfd", basel
     delta = abs(base.fid - ref.fid)
     if floor is not None:
         out.update({"noise_floor": floor, "fid_difference": delta, "significant": delta >= floor})
-    if paired is not None:
-        outcome = {"a": "reached", "b": "not reached", None: "unresolved"}[paired["better"]]
-        lo, hi = paired["ci_low"], paired["ci_high"]
-        evidence = (f"the paired pixel distance to the teacher's samples, {pd} − {sfd}: {paired['difference']:+.3g} "
-                    f"({paired['confidence']:.0%} CI [{lo:+.3g}, {hi:+.3g}], {paired['seeds']} seeds)")
-        out.update({"basis": "paired pixel distance", "paired_difference": paired["difference"], "paired_ci": [lo, hi]})
-    else:
-        outcome = "unresolved" if floor is not None and delta < floor else "reached" if base.fid <= ref.fid else "not reached"
-        evidence = (f"FID {base.fid:.3f} vs {sfd}'s {ref.fid:.3f}, difference {delta:.3g} "
-                    + ("(significance not assessed: no noise floor)" if floor is None else
-                       f"({'below' if delta < floor else 'above'} the noise floor {floor:.3g})"))
-        out["basis"] = "fid"
+    outcome, evidence = _outcome(ref, base, out, floor=floor, paired=paired, names=(sfd, pd))
     out["baseline_reached_reference"] = None if outcome == "unresolved" else outcome == "reached"
     spent = (f"{pd} spent {base_fe:.4g} forward-pass equivalents, {ratio:.3g}x {sfd}'s {ref_fe:.4g} "
              f"({wall_ratio:.3g}x its wall time)")
-    if outcome == "unresolved":
-        status = "unresolved"
-        out["ratio_kind"] = "unresolved"
-        statement = (f"At NFE {nfe}, whether {pd} reached {sfd}'s quality is unresolved at this sample size ({evidence}). "
-                     f"{spent}; this run supports no ratio of the compute {pd} needs to match {sfd}. "
-                     f"Target (>= {target_ratio:g}x): unresolved.")
-    elif outcome == "reached":
-        status = "met (upper bound)" if ratio >= target_ratio else "not met"
-        out["ratio_kind"] = "upper bound"
-        statement = (f"At NFE {nfe}, {pd} is at least as good as {sfd} ({evidence}): {spent}, so {pd} needed at most "
-                     f"{ratio:.3g}x {sfd}'s compute to reach its quality (an upper bound: it may have got there earlier "
-                     f"within its rounds). Target (>= {target_ratio:g}x): {status}.")
-    else:
-        status = "met" if ratio >= target_ratio else "not shown"
-        out["ratio_kind"] = "lower bound"
-        statement = (f"At NFE {nfe}, {sfd} is better than {pd} ({evidence}): {spent} without reaching {sfd}'s quality, so "
-                     f"{pd} needs more than {ratio:.3g}x {sfd}'s compute to match it (a lower bound). Target (>= "
-                     f"{target_ratio:g}x): " + ("met." if status == "met" else
-                                               f"not shown by this run (the lower bound is below {target_ratio:g}x"
-                                               + ("; the PD budget sweep measures more)." if pd_sweep is not None
-                                                  else f"; a longer {pd} run would tell)."))
-        )
+    status, out["ratio_kind"], statement = _claim(outcome, evidence, spent, nfe=nfe, ratio=ratio,
+                                                  target_ratio=target_ratio, names=(sfd, pd), sweep=pd_sweep is not None)
     if pd_sweep is not None and baseline == "pd" and nfe == 2:
-        m = match_summary(pd_sweep["points"], ref.fid, ref_fe)
-        # the sweep decides the target where its bracket does: [lower_ratio, ratio] all above or all below it
-        if m["lower_ratio"] is not None and m["lower_ratio"] >= target_ratio:
-            m["status"] = "met"
-        elif m["reached"] and m["ratio"] < target_ratio:
-            m["status"] = "not met"
-        else:
-            m["status"] = "undecided"
-        out["pd_sweep"] = m
-        statement += (f" PD budget sweep on this teacher (bench/pd_sweep.json): {sweep_sentence(m, ref.fid, ref_fe)} "
-                      f"Target (>= {target_ratio:g}x) by the sweep: {m['status']}. (The sweep compares FIDs, without "
-                      "the noise floor or paired distances: context, not a resolved claim.)")
+        out["pd_sweep"], sentence = _sweep_block(pd_sweep, ref, ref_fe, target_ratio)
+        statement += sentence
     if ref.marginal is not None:
         out["reference_marginal_forward_equivalents"] = ref.marginal.forward_equivalents
         statement += (f" Given the trajectory cache, re-running {sfd} (e.g. `dvc exp run -S loss=l2`) costs "
                       f"{ref.marginal.forward_equivalents:.4g} forward-pass equivalents "
                       f"({ref.marginal.teacher_forward_images} teacher forwards).")
     return {**out, "status": status, "statement": statement}
+
+
+def _claim(outcome: str, evidence: str, spent: str, *, nfe: int, ratio: float, target_ratio: float,
+           names: tuple[str, str], sweep: bool) -> tuple[str, str, str]:
+    """(target status, the kind of ratio claimed, the headline statement) for a comparison's outcome."""
+    sfd, pd = names
+    if outcome == "unresolved":
+        status = "unresolved"
+        statement = (f"At NFE {nfe}, whether {pd} reached {sfd}'s quality is unresolved at this sample size ({evidence}). "
+                     f"{spent}; this run supports no ratio of the compute {pd} needs to match {sfd}. "
+                     f"Target (>= {target_ratio:g}x): unresolved.")
+    elif outcome == "reached":
+        status = "met (upper bound)" if ratio >= target_ratio else "not met"
+        statement = (f"At NFE {nfe}, {pd} is at least as good as {sfd} ({evidence}): {spent}, so {pd} needed at most "
+                     f"{ratio:.3g}x {sfd}'s compute to reach its quality (an upper bound: it may have got there earlier "
+                     f"within its rounds). Target (>= {target_ratio:g}x): {status}.")
+    else:
+        status = "met" if ratio >= target_ratio else "not shown"
+        statement = (f"At NFE {nfe}, {sfd} is better than {pd} ({evidence}): {spent} without reaching {sfd}'s quality, so "
+                     f"{pd} needs more than {ratio:.3g}x {sfd}'s compute to match it (a lower bound). Target (>= "
+                     f"{target_ratio:g}x): " + ("met." if status == "met" else
+                                               f"not shown by this run (the lower bound is below {target_ratio:g}x"
+                                               + ("; the PD budget sweep measures more)." if sweep
+                                                  else f"; a longer {pd} run would tell)."))
+        )
+    kind = {"unresolved": "unresolved", "reached": "upper bound"}.get(outcome, "lower bound")
+    return status, kind, statement
+
+
+def _outcome(ref: Row, base: Row, out: dict[str, Any], *, floor: float | None, paired: Mapping[str, Any] | None,
+             names: tuple[str, str]) -> tuple[str, str]:
+    """(reached | not reached | unresolved, the evidence sentence): by the paired distances when given, else by FID
+    against the noise floor; the basis and its numbers go into ``out``."""
+    sfd, pd = names
+    delta = abs(base.fid - ref.fid)
+    if paired is not None:
+        outcome = {"a": "reached", "b": "not reached", None: "unresolved"}[paired["better"]]
+        lo, hi = paired["ci_low"], paired["ci_high"]
+        evidence = (f"the paired pixel distance to the teacher's samples, {pd} − {sfd}: {paired['difference']:+.3g} "
+                    f"({paired['confidence']:.0%} CI [{lo:+.3g}, {hi:+.3g}], {paired['seeds']} seeds)")
+        out.update({"basis": "paired pixel distance", "paired_difference": paired["difference"], "paired_ci": [lo, hi]})
+        return outcome, evidence
+    outcome = "unresolved" if floor is not None and delta < floor else "reached" if base.fid <= ref.fid else "not reached"
+    evidence = (f"FID {base.fid:.3f} vs {sfd}'s {ref.fid:.3f}, difference {delta:.3g} "
+                + ("(significance not assessed: no noise floor)" if floor is None else
+                   f"({'below' if delta < floor else 'above'} the noise floor {floor:.3g})"))
+    out["basis"] = "fid"
+    return outcome, evidence
+
+
+def _sweep_block(pd_sweep: Mapping[str, Any], ref: Row, ref_fe: float, target_ratio: float) -> tuple[dict[str, Any], str]:
+    """The PD budget sweep's match to the reference (bench/pd_sweep.json) and its sentence."""
+    m = match_summary(pd_sweep["points"], ref.fid, ref_fe)
+    # the sweep decides the target where its bracket does: [lower_ratio, ratio] all above or all below it
+    if m["lower_ratio"] is not None and m["lower_ratio"] >= target_ratio:
+        m["status"] = "met"
+    elif m["reached"] and m["ratio"] < target_ratio:
+        m["status"] = "not met"
+    else:
+        m["status"] = "undecided"
+    sentence = (f" PD budget sweep on this teacher (bench/pd_sweep.json): {sweep_sentence(m, ref.fid, ref_fe)} "
+                f"Target (>= {target_ratio:g}x) by the sweep: {m['status']}. (The sweep compares FIDs, without "
+                "the noise floor or paired distances: context, not a resolved claim.)")
+    return m, sentence
 
 
 def _fmt(value: Any) -> str:

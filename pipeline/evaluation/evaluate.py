@@ -176,17 +176,8 @@ def evaluate_entries(
         if images is None:  # not rank 0: its samples went to rank 0
             continue
         feats = space.extract(images)
-        metrics: dict[str, float | None]
-        if isinstance(reference, ReferenceStats):
-            metrics = {"fid": fid_from_stats(feats[space.layer], reference), "kid": None, "kid_std": None,
-                       "precision": None, "recall": None}
-        else:
-            metrics = fidelity_metrics(
-                feats[space.layer], reference[space.layer], kid_subsets=kid_subsets, kid_subset_size=kid_subset_size
-            )
-        if bootstrap > 0:
-            ref = reference if isinstance(reference, ReferenceStats) else reference[space.layer]
-            metrics["fid_sd"] = bootstrap_fid(feats[space.layer], ref, resamples=bootstrap)["fid_sd"]
+        metrics = _fidelity(feats[space.layer], space, reference, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                            bootstrap=bootstrap)
         if features_out is not None:
             features_out[entry.key] = feats[space.layer]
         acc = None
@@ -203,6 +194,22 @@ def evaluate_entries(
             save_grid(Path(grids_dir) / f"{entry.key.replace('/', '_')}.png", images[:grid_seeds])
         tqdm.write(f"{entry.key}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
     return results
+
+
+def _fidelity(feats: torch.Tensor, space: FeatureSpace, reference: "dict[str, torch.Tensor] | ReferenceStats", *,
+              kid_subsets: int, kid_subset_size: int, bootstrap: int) -> dict[str, float | None]:
+    """FID (against features, or EDM's reference statistics: then no KID, precision or recall), KID, precision,
+    recall, and with ``bootstrap`` resamples each FID's sd."""
+    metrics: dict[str, float | None]
+    if isinstance(reference, ReferenceStats):
+        metrics = {"fid": fid_from_stats(feats, reference), "kid": None, "kid_std": None,
+                   "precision": None, "recall": None}
+    else:
+        metrics = fidelity_metrics(feats, reference[space.layer], kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
+    if bootstrap > 0:
+        ref = reference if isinstance(reference, ReferenceStats) else reference[space.layer]
+        metrics["fid_sd"] = bootstrap_fid(feats, ref, resamples=bootstrap)["fid_sd"]
+    return metrics
 
 
 def generate_across_processes(
@@ -251,7 +258,7 @@ def run_evaluation(
     """The ``evaluate`` stages: teacher reference and training-free solvers (unless
     ``reference_and_solvers`` is false), then the distilled students; with ``noise_floor_out``,
     the noise floor of this protocol too; with a paired reference (read or written), the paired metric."""
-    from pipeline.data.datasets import load_image_folder, load_split
+    from pipeline.data.datasets import load_split
     from pipeline.core.devices import resolve_device
     device = rank_device(resolve_device(params.device))
     if params.precision != "fp32":
@@ -260,35 +267,9 @@ def run_evaluation(
     space = feature_space(params.features, feature_net=feature_net_dir, inception_weights=params.inception_weights, device=device)
     has_classifier = feature_net_dir is not None and has_checkpoint(feature_net_dir)  # none for unlabelled data
     label_space = space if space.kind == "classifier" else (classifier_space(feature_net_dir, device) if has_classifier else None)
-    reference: dict[str, torch.Tensor] | ReferenceStats
-    if not is_main():  # only rank 0 computes metrics (and writes the reference cache)
-        reference = {}
-    elif params.reference_stats is None:
-        ref_images, _ = load_split(data_dir, params.reference_split)
-        reference = reference_features(space, ref_images, params.cache_dir)
-    elif params.reference_stats.endswith(".npz"):
-        reference = load_reference_stats(params.reference_stats)
-    else:
-        ref_images, _, _ = load_image_folder(params.reference_stats)
-        reference = reference_features(space, ref_images, params.cache_dir)
-
-    loaded = load_teacher(Path(teacher_dir), device)
-    teacher, shape, k = loaded.model, loaded.sample_shape, loaded.num_classes
-    abar = loaded.alphas_cumprod  # a discrete teacher: its sigma range bounds the schedules
-    flow_shift = loaded.flow_shift  # a flow-matching teacher: its schedules start at sigma = inf
-    ref_spec = params.reference_spec(abar, flow_shift)
-    extra = latent_options(loaded)
-    entries = []
-    if reference_and_solvers:
-        entries += [Entry(f"teacher/nfe{ref_spec.nfe}", teacher, ref_spec, shape, k, **extra)]
-        entries += [Entry(key, teacher, spec, shape, k, **extra) for key, spec in params.solver_specs(abar, flow_shift).items()]
-    for name, path in students:
-        entries += student_entries(name, path, device, params.student_guidance, params.round_nfes)
-    clip = None
-    if params.clip_weights is not None and any(e.prompts for e in entries):
-        from pipeline.evaluation.clip_score import ClipScorer
-
-        clip = ClipScorer(params.clip_weights, device=device)
+    reference = _reference(params, space, data_dir)
+    entries = _entries(params, teacher_dir, students, device, reference_and_solvers)
+    clip = _clip_scorer(params, entries, device)
     if not entries:
         raise ParamError("evaluation: nothing to evaluate (no students given and the reference/solvers are off)")
     if noise_floor_out is not None and not reference_and_solvers:
@@ -303,10 +284,7 @@ def run_evaluation(
         clip=clip, paired=paired,
     )
     if paired is not None and is_main():  # rank 0 measured every entry (torchrun)
-        if paired_reference_out is not None and paired.reference is not None:
-            save_reference(paired_reference_out, paired.reference)
-        if paired_out is not None:
-            paired.save(paired_out)
+        _write_paired(paired, paired_reference_out, paired_out)
     if cost is not None:
         cost.extra.update({"samples_per_sampler": len(seeds), "samplers": len(entries), "features": space.kind})
     if noise_floor_out is not None and params.noise_floor_seeds is None:
@@ -320,6 +298,57 @@ def run_evaluation(
         )  # fmt: skip
         write_results(noise_floor_out, floor)
     return results
+
+
+def _clip_scorer(params: EvalParams, entries: list[Entry], device: torch.device) -> Any:
+    """The CLIP scorer when a text-to-image entry is evaluated and ``clip_weights`` is given; None otherwise."""
+    if params.clip_weights is None or not any(e.prompts for e in entries):
+        return None
+    from pipeline.evaluation.clip_score import ClipScorer
+
+    return ClipScorer(params.clip_weights, device=device)
+
+
+def _write_paired(paired: Any, paired_reference_out: str | Path | None, paired_out: str | Path | None) -> None:
+    """The teacher's reference samples (evaluate_solvers) and every entry's per-seed paired distances."""
+    if paired_reference_out is not None and paired.reference is not None:
+        save_reference(paired_reference_out, paired.reference)
+    if paired_out is not None:
+        paired.save(paired_out)
+
+
+def _reference(params: EvalParams, space: FeatureSpace, data_dir: str | Path) -> "dict[str, torch.Tensor] | ReferenceStats":
+    """The FID reference: EDM's .npz statistics, the features of a folder of images, or of the data split; empty on
+    ranks other than 0 (only rank 0 computes metrics and writes the reference cache)."""
+    from pipeline.data.datasets import load_image_folder, load_split
+
+    if not is_main():
+        return {}
+    if params.reference_stats is None:
+        ref_images, _ = load_split(data_dir, params.reference_split)
+        return reference_features(space, ref_images, params.cache_dir)
+    if params.reference_stats.endswith(".npz"):
+        return load_reference_stats(params.reference_stats)
+    ref_images, _, _ = load_image_folder(params.reference_stats)
+    return reference_features(space, ref_images, params.cache_dir)
+
+
+def _entries(params: EvalParams, teacher_dir: str | Path, students: Sequence[tuple[str, str]], device: torch.device,
+             reference_and_solvers: bool) -> list[Entry]:
+    """What to evaluate: the teacher's reference and the training-free solvers, then every student entry."""
+    loaded = load_teacher(Path(teacher_dir), device)
+    teacher, shape, k = loaded.model, loaded.sample_shape, loaded.num_classes
+    abar = loaded.alphas_cumprod  # a discrete teacher: its sigma range bounds the schedules
+    flow_shift = loaded.flow_shift  # a flow-matching teacher: its schedules start at sigma = inf
+    ref_spec = params.reference_spec(abar, flow_shift)
+    extra = latent_options(loaded)
+    entries = []
+    if reference_and_solvers:
+        entries += [Entry(f"teacher/nfe{ref_spec.nfe}", teacher, ref_spec, shape, k, **extra)]
+        entries += [Entry(key, teacher, spec, shape, k, **extra) for key, spec in params.solver_specs(abar, flow_shift).items()]
+    for name, path in students:
+        entries += student_entries(name, path, device, params.student_guidance, params.round_nfes)
+    return entries
 
 
 def paired_meter(params: EvalParams, space: FeatureSpace, first_key: str, seeds: list[int], reference_and_solvers: bool,

@@ -58,22 +58,7 @@ def run_pd_sweep(
         fid = run_evaluation(params.evaluate, teacher_dir=teacher_dir, data_dir=data_dir, feature_net_dir=feature_net_dir,
                              students=[("pd", str(out / "nfe2"))], reference_and_solvers=False)["pd/nfe2"]
         eval_seconds = time.perf_counter() - t0
-        at_nfe2 = summary["rounds"][-1]["cumulative"]
-        point = {
-            "multiplier": m,
-            "updates_per_round": p.updates_per_round,
-            "rounds": [r["student_steps"] for r in summary["rounds"]],
-            "fid_nfe2": fid["fid"],
-            "label_accuracy_nfe2": fid.get("label_accuracy"),
-            "teacher_forward_images": at_nfe2["teacher_forward_images"],
-            "student_forward_images": at_nfe2["student_forward_images"],
-            "student_backward_images": at_nfe2["student_backward_images"],
-            "forward_equivalents": at_nfe2["forward_equivalents"],
-            "ratio_to_sfd": at_nfe2["forward_equivalents"] / sfd_cost["forward_equivalents"],
-            "train_seconds": round(train_seconds, 1),
-            "eval_seconds": round(eval_seconds, 1),
-            "reaches_sfd": fid["fid"] <= sfd_fid,
-        }
+        point = _sweep_point(m, p, summary, fid, sfd_fid, sfd_cost, train_seconds, eval_seconds)
         points.append(point)
         result["match"] = match_summary(points, sfd_fid, sfd_cost["forward_equivalents"])
         if on_point is not None:
@@ -81,3 +66,24 @@ def run_pd_sweep(
         if stop_when_reached and point["reaches_sfd"]:
             break
     return result
+
+
+def _sweep_point(m: int, p: Any, summary: dict[str, Any], fid: dict[str, Any], sfd_fid: float, sfd_cost: dict[str, Any],
+                 train_seconds: float, eval_seconds: float) -> dict[str, Any]:
+    """One multiplier's row: its rounds, the NFE-2 student's FID and cost, its ratio to SFD's."""
+    at_nfe2 = summary["rounds"][-1]["cumulative"]
+    return {
+        "multiplier": m,
+        "updates_per_round": p.updates_per_round,
+        "rounds": [r["student_steps"] for r in summary["rounds"]],
+        "fid_nfe2": fid["fid"],
+        "label_accuracy_nfe2": fid.get("label_accuracy"),
+        "teacher_forward_images": at_nfe2["teacher_forward_images"],
+        "student_forward_images": at_nfe2["student_forward_images"],
+        "student_backward_images": at_nfe2["student_backward_images"],
+        "forward_equivalents": at_nfe2["forward_equivalents"],
+        "ratio_to_sfd": at_nfe2["forward_equivalents"] / sfd_cost["forward_equivalents"],
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "reaches_sfd": fid["fid"] <= sfd_fid,
+    }

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.evaluation.pd_sweep import PD_SWEEP_JSON, baseline_sections
 from pipeline.core.cost import load_cost_records
+from pipeline.teachers.families import describe_architecture
 from pipeline.config.evaluation import ENTRY, ReportParams
 from pipeline.core.param_checks import ParamError
 
@@ -321,16 +322,7 @@ def about_this_run(*, teacher_dir: Path | None, data_dir: Path | None, inputs_di
     config = {}
     if teacher_dir is not None and (teacher_dir / "model.json").is_file():
         config = json.loads((teacher_dir / "model.json").read_text())
-    arch = config.get("architecture")
-    if arch == "edm":
-        kind = f"EDM {config['edm']['precond']} ({config['edm']['init_kwargs'].get('model_type', '?')})"
-    elif arch == "diffusers":
-        section = config["diffusers"]
-        kind = f"diffusers {section.get('unet_class') or section.get('transformer_class') or 'UNet'}"
-    else:
-        kind = "this project's U-Net with EDM preconditioning" if config else "unknown (no model.json)"
-        if config.get("precond") == "flow":
-            kind = "this project's U-Net as a rectified flow (velocity network)"
+    kind = describe_architecture(config) if config else "unknown (no model.json)"
     shape = config.get("data", {}).get("sample_shape")
     teacher_from = source("teacher.pretrained") or "trained by this run's teacher stage (`teacher.pretrained: null`)"
     lines.append(f"- **Teacher:** {teacher_from}; {kind}, samples {shape}.")
@@ -344,6 +336,56 @@ def about_this_run(*, teacher_dir: Path | None, data_dir: Path | None, inputs_di
         if inp.key not in ("teacher.pretrained", "data.path") and (text := source(inp.key)):
             lines.append(f"- {text}")
     return [*lines, ""]
+
+
+def _fid_sections(evaluation: dict[str, dict[str, Any]], noise_floor: dict[str, Any] | None, fid_png: Path, *,
+                  paired: bool) -> list[str]:
+    """The FID table (context when paired distances carry the claims), what lies within the noise floor, the plot,
+    the noise floor itself and every metric."""
+    parts = [
+        "## FID by sampler and NFE",
+        "",
+        *(["The field's measure, kept as context (with its noise floor below): no claim of this report rests on FID.",
+           ""] if paired else []),
+        fid_pivot_table(evaluation),
+        "",
+    ]
+    floor_value = None if not noise_floor else noise_floor.get("floor")
+    lines = within_floor_lines(evaluation, floor_value)
+    if lines:
+        parts += [f"Differences smaller than the noise floor ({floor_value:.3g}) are not significant:", "", *lines, ""]
+    parts += [
+        f"![FID vs NFE]({fid_png.name})",
+        "",
+        "## FID noise floor",
+        "",
+        *noise_floor_section(noise_floor),
+        "## All metrics",
+        "",
+        metrics_table(evaluation),
+        "",
+    ]
+    return parts
+
+
+def _cost_sections(costs: dict[str, dict[str, Any]]) -> list[str]:
+    """What each stage's last run spent, and what the stored trajectories cost when they were generated."""
+    parts = [
+        "## Cost per stage",
+        "",
+        "What the **last run** of each stage spent (a stage that found its work cached spent little: a trajectories "
+        "stage that found every chunk committed spent 0 teacher forwards). Counts are images through a network; "
+        "forward-pass equivalents count a backward pass as two forwards. A method's cost is assembled from what the "
+        "trajectories it consumed cost when they were generated, not from these rows (see the comparison).",
+        "",
+        cost_table(costs),
+        "",
+    ]
+    stored = stored_trajectories_table(costs)
+    if stored is not None:
+        parts += ["What the stored trajectories cost when they were generated, from the chunks' commit records "
+                  "(whichever run generated them):", "", stored, ""]
+    return parts
 
 
 def build_report(
@@ -387,42 +429,9 @@ def build_report(
         parts += ["## Headline: what this run resolves", "", *headline, ""]
     if paired is not None:
         parts += ["## Teacher fidelity: paired distances to the teacher's samples", "", paired, ""]
-    parts += [
-        "## FID by sampler and NFE",
-        "",
-        *(["The field's measure, kept as context (with its noise floor below): no claim of this report rests on FID.",
-           ""] if paired is not None else []),
-        fid_pivot_table(evaluation),
-        "",
-    ]
     floor_value = None if not noise_floor else noise_floor.get("floor")
-    lines = within_floor_lines(evaluation, floor_value)
-    if lines:
-        parts += [f"Differences smaller than the noise floor ({floor_value:.3g}) are not significant:", "", *lines, ""]
-    parts += [
-        f"![FID vs NFE]({fid_png.name})",
-        "",
-        "## FID noise floor",
-        "",
-        *noise_floor_section(noise_floor),
-        "## All metrics",
-        "",
-        metrics_table(evaluation),
-        "",
-        "## Cost per stage",
-        "",
-        "What the **last run** of each stage spent (a stage that found its work cached spent little: a trajectories "
-        "stage that found every chunk committed spent 0 teacher forwards). Counts are images through a network; "
-        "forward-pass equivalents count a backward pass as two forwards. A method's cost is assembled from what the "
-        "trajectories it consumed cost when they were generated, not from these rows (see the comparison).",
-        "",
-        cost_table(costs),
-        "",
-    ]
-    stored = stored_trajectories_table(costs)
-    if stored is not None:
-        parts += ["What the stored trajectories cost when they were generated, from the chunks' commit records "
-                  "(whichever run generated them):", "", stored, ""]
+    parts += _fid_sections(evaluation, noise_floor, fid_png, paired=paired is not None)
+    parts += _cost_sections(costs)
     if comparison:
         parts += ["## SFD vs the baselines: quality against distillation cost", "", comparison, ""]
     parts += baseline_sections(evaluation, pd_sweep, source=pd_sweep_source, teacher_hash=teacher_hash,

@@ -131,17 +131,6 @@ class PixelFlow(FlowDenoiser, EDMPrecond):
         return {"network": copy.deepcopy(self.net.network_kwargs), "precond": FLOW_PRECOND}
 
 
-def precondition(net: nn.Module, config: dict[str, Any]) -> nn.Module:
-    """The denoiser around this project's U-Net that a model.json describes: EDMPrecond, or PixelFlow when its
-    ``precond`` is ``flow``."""
-    precond = config.get("precond")
-    if precond == FLOW_PRECOND:
-        return PixelFlow(net)
-    if precond is not None:
-        raise DiffusersError(f"model.json: precond {precond!r} is not known (known: {FLOW_PRECOND!r}, or absent: EDM)")
-    return EDMPrecond(net, sigma_data=float(config.get("sigma_data", 0.5)))
-
-
 # ---- diffusers flow transformers (SD3 / SD3.5, Flux.1) ----------------------------------------------------------
 
 

@@ -40,6 +40,7 @@ import torch
 from pipeline.core.param_checks import ParamError
 from pipeline.networks.diffusers_vp import DEFAULT_VAE_SCALING, DiffusersVP, require_diffusers
 from pipeline.networks.flow import DiffusersFlow
+from pipeline.teachers.families import family_for_config
 from pipeline.teachers.loader import load_student
 
 EXPORT_FORMATS = ("diffusers", "diffusers-lora")
@@ -48,10 +49,15 @@ SAMPLER_FILE = "sfd_sampler.json"
 
 def export_diffusers(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the distilled checkpoint ``ckpt`` (of a diffusers teacher) as a diffusers folder ``out``."""
-    diffusers = require_diffusers()
     student = load_student(ckpt)
-    if isinstance(student.model, DiffusersFlow):
+    if family_for_config(student.config).diffusers_export == "flow":
         return export_flow(student, ckpt, out)
+    return export_unet(student, ckpt, out)
+
+
+def export_unet(student: Any, ckpt: str | Path, out: str | Path) -> dict[str, Any]:
+    """A distilled diffusers UNet (pixel or latent text-to-image) as a DDPMPipeline / StableDiffusionPipeline folder."""
+    diffusers = require_diffusers()
     _, model, spec, sigmas, timesteps = _distilled_diffusers(ckpt, "diffusers", student)
     out = Path(out)
     if out.exists():
@@ -112,7 +118,7 @@ def _distilled_diffusers(ckpt: str | Path, fmt: str, student: Any = None) -> tup
     (``student``: the checkpoint already loaded)."""
     student = load_student(ckpt) if student is None else student
     model = student.model
-    if not isinstance(model, DiffusersVP):
+    if family_for_config(student.config).diffusers_export != "unet":
         raise ParamError(f"--format {fmt}: {ckpt} is not a distilled diffusers UNet (its teacher was not a diffusers folder)")
     spec = student.sampler_spec()
     if model.step_condition:
@@ -201,7 +207,24 @@ def export_flow(student: Any, ckpt: str | Path, out: str | Path) -> dict[str, An
                                  prediction_type="flow", sample_space="flow", num_train_timesteps=T)
         sched_entry = [SFDScheduler.__module__, SFDScheduler.__name__]
     scheduler.save_pretrained(out / "scheduler")
-    index: dict[str, Any] = {"_class_name": FLOW_PIPELINES[model.family], "_diffusers_version": diffusers.__version__,
+    _write_flow_components(model, out, sched_entry, diffusers.__version__)
+    vae = model.components.get("vae")
+    sampler = {
+        "solver": "euler", "flow": True, "flow_times": taus, "sigmas_ve": sigmas[1:], "timesteps": [tau * T for tau in taus],
+        "afs": bool(spec.afs), "guidance": float(spec.guidance), "nfe": spec.nfe, "sample_shape": list(model.sample_shape),
+        "latent": model.latent, "pipeline": FLOW_PIPELINES[model.family], "stock": stock,
+        "vae_scaling_factor": None if vae is None else float(vae.config.get("scaling_factor") or 1.0),
+        "vae_shift_factor": None if vae is None else float(vae.config.get("shift_factor") or 0.0),
+        "source_checkpoint": str(ckpt),
+    }
+    (out / SAMPLER_FILE).write_text(json.dumps(sampler, indent=2) + "\n")
+    return {"out": str(out), "nfe": spec.nfe, "num_steps": len(taus), "unet_class": model.transformer_class,
+            "scheduler": sched_entry[1]}
+
+
+def _write_flow_components(model: DiffusersFlow, out: Path, sched_entry: list[str], version: str) -> None:
+    """The VAE, text encoders and tokenizers beside the transformer, and model_index.json naming them all."""
+    index: dict[str, Any] = {"_class_name": FLOW_PIPELINES[model.family], "_diffusers_version": version,
                              "transformer": ["diffusers", model.transformer_class], "scheduler": sched_entry}
     index.update({name: [None, None] for name in FLOW_OPTIONAL[model.family]})
     for name, comp in sorted(model.components.items()):
@@ -215,18 +238,6 @@ def export_flow(student: Any, ckpt: str | Path, out: str | Path) -> dict[str, An
                 shutil.copyfile(f, out / name / f.name)
         index[name] = ["transformers", type(model.components[name]).__name__]
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    vae = model.components.get("vae")
-    sampler = {
-        "solver": "euler", "flow": True, "flow_times": taus, "sigmas_ve": sigmas[1:], "timesteps": [tau * T for tau in taus],
-        "afs": bool(spec.afs), "guidance": float(spec.guidance), "nfe": spec.nfe, "sample_shape": list(model.sample_shape),
-        "latent": model.latent, "pipeline": FLOW_PIPELINES[model.family], "stock": stock,
-        "vae_scaling_factor": None if vae is None else float(vae.config.get("scaling_factor") or 1.0),
-        "vae_shift_factor": None if vae is None else float(vae.config.get("shift_factor") or 0.0),
-        "source_checkpoint": str(ckpt),
-    }
-    (out / SAMPLER_FILE).write_text(json.dumps(sampler, indent=2) + "\n")
-    return {"out": str(out), "nfe": spec.nfe, "num_steps": len(taus), "unet_class": model.transformer_class,
-            "scheduler": sched_entry[1]}
 
 
 def export_command(ckpt: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:

@@ -51,7 +51,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.networks.diffusers_vp import (
-    DIFFUSERS_ARCHITECTURE, DiffusersError, DiffusersVP, build_unet, require_diffusers, require_transformers,
+    DiffusersError, DiffusersVP, build_unet, require_diffusers, require_transformers,
 )  # fmt: skip
 from pipeline.networks.flow import FLOW_TRANSFORMERS as FLOW_FAMILIES, DiffusersFlow, build_transformer
 from pipeline.teachers.prompts import prompt_set_hash, read_prompts
@@ -81,8 +81,29 @@ def is_diffusers_folder(path: str | Path) -> bool:
     )
 
 
-def is_diffusers_config(config: dict[str, Any] | None) -> bool:
-    return config is not None and config.get("architecture") == DIFFUSERS_ARCHITECTURE
+def folder_kind(path: str | Path) -> str:
+    """Which diffusers family a folder holds: ``flow`` (a transformer), ``latent`` (a VAE or text encoder beside the
+    UNet) or ``pixel``; read from model_index.json's components, else from the subfolders."""
+    path = Path(path)
+    names: set[str] = set()
+    if (path / MODEL_INDEX).is_file():
+        try:
+            names = {k for k, v in json.loads((path / MODEL_INDEX).read_text()).items() if isinstance(v, list) and v[0]}
+        except (json.JSONDecodeError, AttributeError):
+            names = set()  # load_diffusers_folder names the problem
+    elif path.is_dir():
+        names = {p.name for p in path.iterdir() if p.is_dir()}
+    if "transformer" in names:
+        return "flow"
+    return "latent" if {"vae", "text_encoder"} & names else "pixel"
+
+
+def config_kind(config: dict[str, Any]) -> str:
+    """Which diffusers family a converted checkpoint's model.json (``"architecture": "diffusers"``) holds."""
+    section = config.get("diffusers")
+    if isinstance(section, dict) and "transformer_class" in section:
+        return "flow"
+    return "latent" if isinstance(section, dict) and (section.get("vae") or section.get("text_encoder")) else "pixel"
 
 
 def _read_json(path: Path) -> dict[str, Any]:

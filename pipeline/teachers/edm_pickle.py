@@ -332,6 +332,25 @@ def _unpickle(path: Path) -> Any:
             raise EDMPickleError(f"{path}: could not read it as an EDM snapshot pickle: {type(exc).__name__}: {exc}") from exc
 
 
+def _constructor_arguments(path: Path, precond: str, state: dict[str, Any]) -> dict[str, Any]:
+    """The preconditioner's constructor arguments: its ``_init_kwargs`` with the positional ``_init_args`` named,
+    EDM's defaults for label_dim, use_fp16 and model_type filled in."""
+    init_args = tuple(state.get("_init_args") or ())
+    init_kwargs = _plain(dict(state.get("_init_kwargs") or {}))
+    positional = PRECOND_POSITIONAL[precond]
+    if len(init_args) > len(positional):
+        raise EDMPickleError(f"{path}: {precond} was built with {len(init_args)} positional arguments")
+    for name, value in zip(positional, init_args):
+        init_kwargs[name] = _plain(value)
+    for name in ("img_resolution", "img_channels"):
+        if name not in init_kwargs:
+            raise EDMPickleError(f"{path}: {precond}'s _init_kwargs lack {name} (have: {', '.join(init_kwargs)})")
+    init_kwargs.setdefault("label_dim", 0)
+    init_kwargs.setdefault("use_fp16", False)
+    init_kwargs.setdefault("model_type", DEFAULT_MODEL_TYPE[precond])
+    return init_kwargs
+
+
 def read_edm_snapshot(path: str | Path) -> EDMSnapshot:
     """Read an EDM snapshot pickle without running any of its code."""
     path = Path(path)
@@ -354,20 +373,7 @@ def read_edm_snapshot(path: str | Path) -> EDMSnapshot:
             f"{path}: 'ema' is a {ema.class_name}; supported EDM preconditioners: {', '.join(PRECONDITIONERS)}"
         )
     state = _module_state(ema, "ema")
-    init_args = tuple(state.get("_init_args") or ())
-    init_kwargs = _plain(dict(state.get("_init_kwargs") or {}))
-    positional = PRECOND_POSITIONAL[precond]
-    if len(init_args) > len(positional):
-        raise EDMPickleError(f"{path}: {precond} was built with {len(init_args)} positional arguments")
-    for name, value in zip(positional, init_args):
-        init_kwargs[name] = _plain(value)
-    for name in ("img_resolution", "img_channels"):
-        if name not in init_kwargs:
-            raise EDMPickleError(f"{path}: {precond}'s _init_kwargs lack {name} (have: {', '.join(init_kwargs)})")
-    init_kwargs.setdefault("label_dim", 0)
-    init_kwargs.setdefault("use_fp16", False)
-    init_kwargs.setdefault("model_type", DEFAULT_MODEL_TYPE[precond])
-
+    init_kwargs = _constructor_arguments(path, precond, state)
     modules = state.get("_modules") or {}
     model = modules.get("model") if isinstance(modules, dict) else None
     if not isinstance(model, PersistentRecord):

@@ -31,24 +31,9 @@ teacher_app = typer.Typer(help="Bring your own teacher: convert EDM snapshot pic
 def import_edm_pickle(source: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Convert the EDM snapshot ``source`` into the checkpoint folder ``out_dir``; returns a summary
     (class, network, parameters, weights_hash, sample_shape, num_classes, source_hash, out)."""
-    from pipeline.networks.edm import count_parameters
-    from pipeline.teachers.loader import load_teacher
+    from pipeline.teachers.families import family_named
 
-    source = Path(source)
-    teacher = load_teacher(source)  # the pickle through the safe reader; config = the folder's model.json
-    model = teacher.model
-    save_checkpoint(out_dir, model.state_dict(), teacher.config)
-    edm = teacher.config["edm"]
-    return {
-        "class": edm["precond"],
-        "network": edm["init_kwargs"].get("model_type", type(model.model).__name__),
-        "parameters": count_parameters(model),
-        "weights_hash": teacher.weights_hash,
-        "sample_shape": list(teacher.sample_shape),
-        "num_classes": teacher.num_classes,
-        "source_hash": teacher.config["provenance"]["source_hash"],
-        "out": str(out_dir),
-    }
+    return family_named("edm").import_source(Path(source), Path(out_dir))
 
 
 @teacher_app.command("import")
@@ -61,26 +46,17 @@ def import_command(
 ) -> None:
     """Convert an EDM snapshot pickle (read safely, no pickled code runs) or a diffusers folder (safetensors
     only) into a checkpoint folder."""
-    from pipeline.teachers.diffusers_folder import convert_diffusers_folder, is_diffusers_folder
+    from pipeline.teachers.families import family_for_source
 
     try:
-        if is_diffusers_folder(source):
-            info = convert_diffusers_folder(source, out, prompts_file=prompts)
-            typer.echo(
-                f"teacher import: {source}: diffusers {info['class']} ({info['prediction_type']}), "
-                f"{info['parameters']:,} parameters, samples {'x'.join(map(str, info['sample_shape']))}"
-                f"{' (latents)' if info['latent'] else ''}, sigma {info['sigma_range'][0]:.4g} ... "
-                f"{info['sigma_range'][1]:.4g}, {info['prompts'] or 'no'} prompts, weights hash {info['weights_hash']} -> {out}"
-            )
-            return
-        if prompts is not None:
+        family = family_for_source(source)
+        if family is None:
+            raise PipelineError(f"{source}: not an EDM snapshot pickle (*.pkl) nor a diffusers folder "
+                                "(model_index.json, or unet/ + scheduler/)")
+        if prompts is not None and not family.takes_prompts:
             raise PipelineError(f"--prompts: {source} is not a diffusers text-to-image folder")
-        info = import_edm_pickle(source, out)
+        info = family.import_source(source, out, prompts_file=prompts)
     except PipelineError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(
-        f"teacher import: {source.name}: {info['class']}({info['network']}), {info['parameters']:,} parameters, "
-        f"samples {'x'.join(map(str, info['sample_shape']))}, "
-        f"{info['num_classes'] or 'no'} classes, weights hash {info['weights_hash']} -> {out}"
-    )
+    typer.echo(family.import_line(source, info, out))

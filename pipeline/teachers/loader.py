@@ -26,12 +26,11 @@
   sigma = inf, :attr:`Teacher.flow_shift`), and this project's U-Net trained as a rectified flow
   (model.json ``"precond": "flow"``) as a :class:`pipeline.networks.flow.PixelFlow`.
 
-Checkpoint formats (model.json): this project's U-Net has a ``"network"`` section (no
-``"architecture"`` key); an EDM network has ``"architecture": "edm"`` and an ``"edm"`` section
-``{"precond": EDM's class name, "init_kwargs": EDM's _init_kwargs}`` (:func:`edm_checkpoint_config`),
-with model.safetensors = the preconditioner's whole ``state_dict()`` (EDM's ``ema`` names). For an
-EDM network the teacher's ``denoiser``/``model`` is the preconditioner itself and its weights hash is
-``hash_state_dict`` of the whole preconditioner, the same for the pickle and its converted folder.
+Which network a checkpoint or a foreign file holds is the model-family registry's business
+(:mod:`pipeline.teachers.families`: this project's U-Net, its rectified-flow form, EDM networks, diffusers
+pixel / latent text-to-image UNets, diffusers flow transformers): the family that claims a model.json builds
+its network, says its sample shape and classes, and reads its side files; this module never asks which family
+it holds. Each family module's docstring describes its model.json.
 
 The old form ``load_teacher("checkpoint", path=...)`` still works. A directory literally named
 ``gmm`` is loaded as a checkpoint when given as a ``Path`` (or ``"./gmm"``).
@@ -48,26 +47,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.config.trajectories import GMM_OPTIONS, TEACHER_SOURCES  # "checkpoint": load_teacher("checkpoint", path=...)
 from pipeline.core.checkpoints import CheckpointError, load_checkpoint
-from pipeline.core.hashing import hash_description, hash_file, hash_state_dict
+from pipeline.core.hashing import hash_description
 from pipeline.core.param_checks import ParamError, check_keys
 from pipeline.diffusion.denoisers import Denoiser, bind_num_steps
 from pipeline.diffusion.gmm import GaussianMixture
-from pipeline.diffusion.preconditioners import EDM_ARCHITECTURE
 from pipeline.diffusion.sampling import SamplerSpec, make_denoiser, resolve_sampler
 from pipeline.diffusion.schedules import Schedule
-from pipeline.networks.edm import build_edm_model
-from pipeline.teachers.diffusers_folder import (
-    build_diffusers_model, is_diffusers_config, is_diffusers_folder, load_converted_diffusers,
-    load_diffusers_folder,
-)  # fmt: skip
-from pipeline.teachers.diffusers_folder import checkpoint_config as diffusers_checkpoint_config
 from pipeline.teachers.content import network_weights_hash, teacher_content_hash
-from pipeline.networks.unet import build_network
-from pipeline.networks.flow import precondition
+from pipeline.teachers.families import ModelFamily, family_for_config, family_for_source
 
-TEACHER_SOURCES = ("gmm", "checkpoint")  # "checkpoint": the old form load_teacher("checkpoint", path=...)
-GMM_OPTIONS = ("num_components", "sample_shape", "std", "seed", "conditional")
 SAMPLER_OPTIONS = ("solver", "max_order", "num_steps", "schedule", "afs", "guidance")  # resolve_sampler overrides
 CHECKPOINT_FILES = (
     ("model.safetensors", "the network weights"),
@@ -78,7 +68,6 @@ WHERE_CHECKPOINTS_COME_FROM = (
     "(a teacher), a distillation stage (a distilled student) or `sfd teacher import SRC.pkl --out DIR` "
     "(an EDM network)"
 )
-EDM_PICKLE_SUFFIX = ".pkl"
 
 
 @dataclass
@@ -235,18 +224,10 @@ def load_teacher(path_or_source: str | os.PathLike, device: str | torch.device =
             f"teacher: expected a checkpoint directory or one of {', '.join(map(repr, TEACHER_SOURCES))}, "
             f"got {path_or_source!r}"
         )
-    if is_edm_pickle_path(path_or_source):
-        return _edm_pickle_teacher(Path(path_or_source), device, **options)
-    if is_diffusers_folder(path_or_source):
-        return _diffusers_teacher(Path(path_or_source), device, **options)
+    family = family_for_source(path_or_source)
+    if family is not None:  # an EDM pickle, a diffusers folder (pipeline.teachers.families)
+        return _source_teacher(family, Path(path_or_source), device, **options)
     return _checkpoint_teacher(Path(path_or_source), device, **options)
-
-
-def is_edm_pickle_path(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names an EDM snapshot pickle (by its ``.pkl`` suffix; the file need not exist,
-    but a directory so named is a checkpoint directory)."""
-    path = Path(path)
-    return path.suffix.lower() == EDM_PICKLE_SUFFIX and not path.is_dir()
 
 
 def load_student(path: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any) -> Teacher:
@@ -269,71 +250,10 @@ def check_checkpoint_dir(path: Path) -> None:
             raise CheckpointError(f"{path / name} is missing ({what}); {WHERE_CHECKPOINTS_COME_FROM}")
 
 
-def is_edm_config(config: dict[str, Any] | None) -> bool:
-    """Whether a model.json describes an EDM network (``"architecture": "edm"``) rather than our U-Net."""
-    return config is not None and config.get("architecture") == EDM_ARCHITECTURE
-
-
-def edm_checkpoint_config(
-    model: nn.Module,
-    *,
-    provenance: dict[str, Any] | None = None,
-    sampler: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """model.json of an EDM network (a preconditioner from :func:`build_edm_model`, which carries
-    ``edm_class_name`` and ``edm_init_kwargs``): architecture, edm, data, sampler, provenance."""
-    if not hasattr(model, "edm_class_name") or not hasattr(model, "edm_init_kwargs"):
-        raise CheckpointError(
-            f"{type(model).__name__} has no edm_class_name / edm_init_kwargs: build it with "
-            "pipeline.networks.edm.build_edm_model"
-        )
-    resolution = int(model.img_resolution)
-    return {
-        **model.checkpoint_architecture(),
-        "data": {"sample_shape": [int(model.img_channels), resolution, resolution], "num_classes": int(model.label_dim)},
-        "sampler": sampler,
-        "provenance": dict(provenance or {}),
-    }
-
-
 def build_denoiser(config: dict[str, Any], tensors: dict[str, torch.Tensor], where: str = "checkpoint") -> nn.Module:
-    """The network of a model.json ``config`` with ``tensors`` loaded (not yet moved or put in eval mode).
-
-    Our U-Net (a ``"network"`` section): ``EDMPrecond(net)`` of pipeline.diffusion.denoisers, the tensors
-    being the bare network's. An EDM network (``"architecture": "edm"``): the preconditioner built by
-    :func:`build_edm_model`, the tensors being its whole state dict (loaded strictly).
-    """
-    if is_diffusers_config(config):  # the UNet alone (no VAE / text encoder): load_network adds them
-        model = build_diffusers_model(config, where=where.removesuffix("/model.safetensors") + "/model.json")
-        model.load_checkpoint_state(tensors, where)
-        return model
-    if is_edm_config(config):
-        edm = config.get("edm")
-        if not isinstance(edm, dict) or "precond" not in edm or "init_kwargs" not in edm:
-            raise CheckpointError(f"{where}: model.json has architecture 'edm' but no edm section with precond and init_kwargs")
-        model = build_edm_model(edm["precond"], dict(edm["init_kwargs"]))
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{where}: the weights do not match the EDM network {edm['precond']}: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
-        return model
-    if "architecture" in config:
-        raise CheckpointError(
-            f"{where}: unknown architecture {config['architecture']!r} in model.json (known: {EDM_ARCHITECTURE!r}, "
-            "or a 'network' section for this project's U-Net)"
-        )
-    if "network" not in config:
-        raise CheckpointError(f"{where.removesuffix('/model.safetensors')}/model.json has no 'network' section; it is not a network checkpoint")
-    net = build_network(**config["network"])
-    missing, unexpected = net.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{where} does not match its network config: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-    return precondition(net, config)  # EDMPrecond, or PixelFlow for "precond": "flow" (pipeline.networks.flow)
+    """The network of a model.json ``config`` with ``tensors`` loaded (not yet moved or put in eval mode),
+    built by the family that owns the config (pipeline.teachers.families)."""
+    return family_for_config(config, where).build(config, tensors, where)
 
 
 def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -349,33 +269,24 @@ def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         base = resolve_base(str(config["lora"].get("base")), path)
         base_model, _ = load_network(base, device)
         return load_lora_student(path, config, tensors, base_model, network_weights_hash(base_model)).to(device), config
-    if is_diffusers_config(config):  # with its VAE, text encoder and prompt set (pipeline.teachers.diffusers_folder)
-        return load_converted_diffusers(path, config, tensors, device), config
-    model = build_denoiser(config, tensors, where=f"{path}/model.safetensors")
-    return model.to(device).eval().requires_grad_(False), config
+    family = family_for_config(config, f"{path}/model.safetensors")
+    return family.load_checkpoint(path, config, tensors, device), config
 
 
-def edm_pickle_config(path: Path, model: nn.Module) -> dict[str, Any]:
-    """The model.json that ``sfd teacher import`` writes for the EDM snapshot at ``path`` (loaded as ``model``)."""
-    return edm_checkpoint_config(
-        model,
-        provenance={"kind": "teacher", "source_file": path.name, "source_hash": hash_file(str(path)),
-                    "importer": "pipeline.teachers.edm_pickle (safe reader; no pickled code run)"},
-    )
-
-
-def _edm_pickle_teacher(path: Path, device: str | torch.device, **options: Any) -> Teacher:
-    from pipeline.teachers.edm_pickle import load_edm_pickle
+def _source_teacher(family: ModelFamily, path: Path, device: str | torch.device, *, prompts: Any = None,
+                    **options: Any) -> Teacher:
+    """A foreign file or folder (an EDM pickle, a diffusers folder) read by its family; ``prompts``: a prompt file
+    or list (text-to-image)."""
+    from pipeline.teachers.prompts import read_prompts
 
     check_keys(f"teacher ({path})", options, SAMPLER_OPTIONS)
     if any(v is not None for v in options.values()):
-        raise ParamError(
-            f"{path} is an EDM teacher pickle (no sampler section); the options "
-            f"{', '.join(sorted(options))} set a distilled student's sampler"
-        )
-    model = load_edm_pickle(path, device)
-    config = edm_pickle_config(path, model)
-    return _teacher_from(model, config, path, sampler=None, source="edm-pickle")
+        raise ParamError(f"{path} is {family.source_what} (no sampler section); the options "
+                         f"{', '.join(sorted(options))} set a distilled student's sampler")
+    if isinstance(prompts, (str, os.PathLike)):
+        prompts = read_prompts(prompts)
+    model, config = family.load_source(path, device, **({} if prompts is None else {"prompts": prompts}))
+    return _teacher_from(model, config, path, sampler=None, source=family.source_name)
 
 
 def _teacher_from(model: nn.Module, config: dict[str, Any], path: Path, *, sampler: SamplerSpec | None,
@@ -386,23 +297,14 @@ def _teacher_from(model: nn.Module, config: dict[str, Any], path: Path, *, sampl
     network_hash = network_weights_hash(model)
     data = config.get("data", {})
     content_hash = teacher_content_hash(model, network_hash)
-    if is_diffusers_config(config):  # a UNet or a flow transformer: its class names
-        classes = {k: v for k, v in model.checkpoint_architecture()["diffusers"].items() if k.endswith("_class")}
-        default_shape, arch = list(model.sample_shape), {"diffusers": classes}
-        default_classes = model.num_classes
-        data = {**data, "num_classes": model.num_classes}  # the bound prompt set decides, not model.json
-    elif is_edm_config(config):
-        default_shape = [model.img_channels, model.img_resolution, model.img_resolution]
-        default_classes, arch = model.label_dim, {"edm": config["edm"]}
-    else:
-        default_shape = [model.net.in_channels, *model.net.img_resolution]
-        default_classes, arch = model.net.label_dim, {"network": config["network"]}
+    facts = family_for_config(config, f"{path}/model.json").facts(model, config)
+    data = {**data, **facts.data_overrides}
     return Teacher(
         denoiser=bind_num_steps(model, num_steps),
-        sample_shape=tuple(data.get("sample_shape", default_shape)),
-        num_classes=int(data.get("num_classes", default_classes)),
+        sample_shape=tuple(data.get("sample_shape", facts.sample_shape)),
+        num_classes=int(data.get("num_classes", facts.num_classes)),
         weights_hash=bound_teacher_hash(content_hash, num_steps),
-        description={"source": source, "path": str(path), **arch,
+        description={"source": source, "path": str(path), **facts.architecture,
                      "distilled": sampler is not None, "num_steps": num_steps,
                      "provenance": config.get("provenance", {})},
         model=model,
@@ -411,21 +313,6 @@ def _teacher_from(model: nn.Module, config: dict[str, Any], path: Path, *, sampl
         network_hash=network_hash,
         path=path,
     )
-
-
-def _diffusers_teacher(path: Path, device: str | torch.device, *, prompts: Any = None, **options: Any) -> Teacher:
-    """A diffusers folder (pipeline.teachers.diffusers_folder); ``prompts``: a prompt file or list (text-to-image)."""
-    from pipeline.teachers.prompts import read_prompts
-
-    check_keys(f"teacher ({path})", options, SAMPLER_OPTIONS)
-    if any(v is not None for v in options.values()):
-        raise ParamError(f"{path} is a diffusers teacher folder (no sampler section); the options "
-                         f"{', '.join(sorted(options))} set a distilled student's sampler")
-    if isinstance(prompts, (str, os.PathLike)):
-        prompts = read_prompts(prompts)
-    model = load_diffusers_folder(path, device, prompts=prompts)
-    config = diffusers_checkpoint_config(model, provenance={"kind": "teacher", "source_folder": str(path)})
-    return _teacher_from(model, config, path, sampler=None, source="diffusers")
 
 
 def _checkpoint_teacher(path: Path, device: str | torch.device, **options: Any) -> Teacher:

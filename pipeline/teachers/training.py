@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from pipeline.core.checkpoints import save_checkpoint
 from pipeline.core.cost import CostMeter
@@ -106,12 +107,7 @@ def train_teacher(
     conditional = params.conditional and labels is not None and num_classes > 0
     label_dim = num_classes if conditional else 0
     sample_shape = list(images.shape[1:])
-    arch = network_config(
-        **params.network,
-        img_resolution=sample_shape[1] if sample_shape[1] == sample_shape[2] else sample_shape[1:],
-        in_channels=sample_shape[0],
-        label_dim=label_dim,
-    )
+    arch = _teacher_architecture(params, sample_shape, label_dim)
     data_description = data_description or {"sample_shape": sample_shape, "num_classes": label_dim, "count": len(images)}
     key = params.training_key(data_description)
 
@@ -130,52 +126,79 @@ def train_teacher(
     if state_dir is not None:
         state = TrainingState(state_dir, key, modules={"net": net, "ema": ema}, optimizers={"optimizer": optimizer},
                               generators={"batches": generator})
-
-    images_dev = images.to(device)
-    labels_dev = labels.to(device) if conditional else None
-    beta = 0.5 ** (params.batch_size / (params.ema_halflife_kimg * 1000))
-    n = len(images)
-    rows = share(params.batch_size, "teacher.batch_size") if world_size() > 1 else None  # torchrun: this rank's rows
-    lo, hi = rows if rows is not None else (0, params.batch_size)
-    parts = micro_batches(hi - lo, params.batch_gpu, "teacher.batch_gpu")
-    scaler = grad_scaler(params.precision, device)
-
-    def step(_: int) -> list[tuple[str, float]]:
-        idx = torch.randint(n, (params.batch_size,), generator=generator).to(device)
-        y = images_dev[idx]
-        lab = None
-        if conditional:
-            lab = drop_labels(labels_dev[idx], label_dim, params.label_dropout, generator=generator)
-        kwargs = dict(P_mean=params.P_mean, P_std=params.P_std, generator=generator, precision=params.precision,
-                      forward=trainable.forward)
-        if len(parts) == 1:
-            loss = edm_loss(model, y, lab, rows=rows, **kwargs)
-        else:  # batch_gpu: every micro-batch replays the global batch's noise draws and keeps its rows
-            start = generator.get_state()
-
-            def micro(a: int, b: int) -> torch.Tensor:
-                generator.set_state(start)
-                return edm_loss(model, y, lab, rows=(lo + a, lo + b), **kwargs) * ((b - a) / (hi - lo))
-
-            loss = [functools.partial(micro, a, b) for a, b in parts]
-        value = optimizer_step(optimizer, loss, scaler=scaler, model=trainable)
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1 - beta)
-        cost.add_student_forward(params.batch_size)
-        cost.add_student_backward(params.batch_size)
-        return [("loss", value)]
-
+    step = _TeacherStep(params, model, trainable, net, ema, optimizer, generator, cost, images.to(device),
+                        labels.to(device) if conditional else None, label_dim, device)
     live = LiveLog(live_dir) if live_dir is not None else None
     loop = TrainingLoop(
         "teacher", params.steps, unit="step", optimizers=[optimizer], keys=["loss"], state=state,
-        checkpoint_every=params.checkpoint_every, cost=cost, live=live, progress=progress, scaler=scaler,
+        checkpoint_every=params.checkpoint_every, cost=cost, live=live, progress=progress, scaler=step.scaler,
         lr=lambda b: params.lr * min(1.0, (b + 1) / max(1, params.lr_rampup_steps)),
     )  # fmt: skip
     loop.run(step)
-    step_count = loop.batch
+    config = _teacher_config(params, arch, sample_shape, label_dim, key, data_description, ema)
+    save_checkpoint(out_dir, ema.state_dict(), config)
+    return _teacher_summary(loop, cost, config, live)
 
-    config = {
+
+def _teacher_architecture(params: TeacherParams, sample_shape: list[int], label_dim: int) -> dict[str, Any]:
+    """The U-Net config: params' network with the data's resolution, channels and label dimension."""
+    return network_config(
+        **params.network,
+        img_resolution=sample_shape[1] if sample_shape[1] == sample_shape[2] else sample_shape[1:],
+        in_channels=sample_shape[0],
+        label_dim=label_dim,
+    )
+
+
+class _TeacherStep:
+    """One optimizer step of the teacher: a batch drawn from the data (with label dropout), the EDM or flow loss
+    (micro-batched when ``batch_gpu`` is set), the EMA update."""
+
+    def __init__(self, params: TeacherParams, model: nn.Module, trainable: Any, net: nn.Module, ema: nn.Module,
+                 optimizer: torch.optim.Optimizer, generator: torch.Generator, cost: CostMeter, images: torch.Tensor,
+                 labels: torch.Tensor | None, label_dim: int, device: torch.device) -> None:
+        self.params, self.model, self.trainable, self.net, self.ema = params, model, trainable, net, ema
+        self.optimizer, self.generator, self.cost = optimizer, generator, cost
+        self.images, self.labels, self.label_dim = images, labels, label_dim
+        self.beta = 0.5 ** (params.batch_size / (params.ema_halflife_kimg * 1000))
+        self.rows = share(params.batch_size, "teacher.batch_size") if world_size() > 1 else None  # torchrun: this rank's
+        self.lo, self.hi = self.rows if self.rows is not None else (0, params.batch_size)
+        self.parts = micro_batches(self.hi - self.lo, params.batch_gpu, "teacher.batch_gpu")
+        self.scaler = grad_scaler(params.precision, device)
+        self.device = device
+
+    def __call__(self, _: int) -> list[tuple[str, float]]:
+        params, generator = self.params, self.generator
+        idx = torch.randint(len(self.images), (params.batch_size,), generator=generator).to(self.device)
+        y = self.images[idx]
+        lab = None
+        if self.labels is not None:
+            lab = drop_labels(self.labels[idx], self.label_dim, params.label_dropout, generator=generator)
+        kwargs = dict(P_mean=params.P_mean, P_std=params.P_std, generator=generator, precision=params.precision,
+                      forward=self.trainable.forward)
+        if len(self.parts) == 1:
+            loss = edm_loss(self.model, y, lab, rows=self.rows, **kwargs)
+        else:  # batch_gpu: every micro-batch replays the global batch's noise draws and keeps its rows
+            loss = [functools.partial(self._micro, y, lab, kwargs, generator.get_state(), a, b) for a, b in self.parts]
+        value = optimizer_step(self.optimizer, loss, scaler=self.scaler, model=self.trainable)
+        with torch.no_grad():
+            for p_ema, p in zip(self.ema.parameters(), self.net.parameters()):
+                p_ema.lerp_(p, 1 - self.beta)
+        self.cost.add_student_forward(params.batch_size)
+        self.cost.add_student_backward(params.batch_size)
+        return [("loss", value)]
+
+    def _micro(self, y: torch.Tensor, lab: Any, kwargs: dict[str, Any], start: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        self.generator.set_state(start)
+        rows = (self.lo + a, self.lo + b)
+        return edm_loss(self.model, y, lab, rows=rows, **kwargs) * ((b - a) / (self.hi - self.lo))
+
+
+def _teacher_config(params: TeacherParams, arch: dict[str, Any], sample_shape: list[int], label_dim: int, key: str,
+                    data_description: dict[str, Any], ema: nn.Module) -> dict[str, Any]:
+    """The trained teacher's model.json."""
+    flow = params.objective == "flow"
+    return {
         "network": arch,
         "sigma_data": params.sigma_data,
         **({"precond": FLOW_PRECOND} if flow else {}),
@@ -190,10 +213,12 @@ def train_teacher(
             "weights_hash": hash_state_dict(ema.state_dict()),
         },
     }
-    save_checkpoint(out_dir, ema.state_dict(), config)
+
+
+def _teacher_summary(loop: TrainingLoop, cost: CostMeter, config: dict[str, Any], live: Any) -> dict[str, Any]:
     window = max(1, min(100, loop.count["loss"] // 4))
     summary = {
-        "steps": step_count,
+        "steps": loop.batch,
         "final_loss": loop.mean_last("loss", window),
         "first_loss": loop.mean_first("loss", window),
         "wall_seconds": round(cost.wall_seconds, 2),
@@ -228,51 +253,38 @@ def import_pretrained_teacher(source: str | Path, out_dir: str | Path, data_desc
     import shutil
 
     from pipeline.core.checkpoints import CheckpointError
-    from pipeline.teachers.diffusers_folder import convert_diffusers_folder, is_diffusers_folder
-    from pipeline.teachers.loader import is_edm_pickle_path, load_teacher
+    from pipeline.teachers.families import family_for_config, family_for_source
+    from pipeline.teachers.families.base import check_data_shape
+    from pipeline.teachers.loader import load_teacher
 
     source = Path(source)
     if prompts is not None and not Path(prompts).is_file():
         raise CheckpointError(f"teacher.prompts: {prompts} does not exist (a local file: one prompt per line, or a JSON/CSV of captions)")
-    if is_diffusers_folder(source):
-        info = convert_diffusers_folder(source, out_dir, prompts_file=prompts, data_description=data_description)
-        return {"pretrained": str(source), "weights_hash": info["weights_hash"], "steps": 0, "architecture": "diffusers",
-                "unet_class": info["class"], "prediction_type": info["prediction_type"], "prompts": info["prompts"]}
+    family = family_for_source(source)
+    if family is not None:  # an EDM pickle, a diffusers folder: converted by its family
+        if prompts is not None and not family.takes_prompts:
+            raise CheckpointError(f"teacher.prompts: {source} is not a diffusers text-to-image folder; remove teacher.prompts")
+        info = family.import_source(source, Path(out_dir), prompts_file=prompts, data_description=data_description)
+        return {"pretrained": str(source), **family.pretrained_summary(info)}
     if prompts is not None:
         raise CheckpointError(f"teacher.prompts: {source} is not a diffusers text-to-image folder; remove teacher.prompts")
-    is_pickle = is_edm_pickle_path(source)
-    if not is_pickle:
-        for name, what in (("model.safetensors", "the weights"), ("model.json", "the network config")):
-            if not (source / name).is_file():
-                raise CheckpointError(
-                    f"teacher.pretrained: {source / name} is missing ({what}). teacher.pretrained is an EDM snapshot "
-                    f"pickle (*.pkl, e.g. edm-cifar10-32x32-uncond-vp.pkl), a diffusers folder (model_index.json, "
-                    f"or unet/ + scheduler/), a folder converted from either by "
-                    f"`sfd teacher import SRC.pkl --out DIR`, or a teacher checkpoint directory holding "
-                    f"model.safetensors and model.json as written by `dvc repro teacher` (pipeline/networks.py U-Net); "
-                    f"put the files in {source}/ or set teacher.pretrained: null to train the teacher"
-                )
-    teacher = load_teacher(source)  # a missing .pkl raises EDMPickleMissing naming it and where EDM's pickles come from
-    config = teacher.config
-    shape = list(config.get("data", {}).get("sample_shape", []))
-    want = list(data_description.get("sample_shape", []))
-    if shape and want and shape != want:
-        raise CheckpointError(
-            f"teacher.pretrained: {source} was trained on samples of shape {shape}, the data has {want}"
-            + (f" (dataset {data_description['name']})" if data_description.get("name") else "")
-        )
+    for name, what in (("model.safetensors", "the weights"), ("model.json", "the network config")):
+        if not (source / name).is_file():
+            raise CheckpointError(
+                f"teacher.pretrained: {source / name} is missing ({what}). teacher.pretrained is an EDM snapshot "
+                f"pickle (*.pkl, e.g. edm-cifar10-32x32-uncond-vp.pkl), a diffusers folder (model_index.json, "
+                f"or unet/ + scheduler/), a folder converted from either by "
+                f"`sfd teacher import SRC.pkl --out DIR`, or a teacher checkpoint directory holding "
+                f"model.safetensors and model.json as written by `dvc repro teacher` (pipeline/networks/unet.py U-Net); "
+                f"put the files in {source}/ or set teacher.pretrained: null to train the teacher"
+            )
+    teacher = load_teacher(source)
+    check_data_shape(source, list(teacher.config.get("data", {}).get("sample_shape", [])), data_description)
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    if is_pickle:
-        save_checkpoint(out_dir, teacher.model.state_dict(), config)
-    else:
-        out_dir.mkdir(parents=True)
-        for name in ("model.safetensors", "model.json"):
-            shutil.copyfile(source / name, out_dir / name)
+    out_dir.mkdir(parents=True)
+    for name in ("model.safetensors", "model.json"):
+        shutil.copyfile(source / name, out_dir / name)
     summary = {"pretrained": str(source), "weights_hash": teacher.weights_hash, "network_hash": teacher.network_hash, "steps": 0}
-    if "architecture" in config:
-        summary.update(architecture=config["architecture"], edm_class=config["edm"]["precond"])
-    if is_pickle:
-        summary["source_hash"] = config["provenance"]["source_hash"]
-    return summary
+    return {**summary, **family_for_config(teacher.config).summary_entries(teacher.config)}

@@ -104,29 +104,35 @@ def optimizer_step(
     assert total is not None
     value = mean_over_ranks(total)
     if nan_to_num:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                    torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5, out=g)
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(clip[0], clip[1])
-        optimizer.step()
-        return value
-    if not math.isfinite(value):
+        _sanitise_gradients(optimizer)
+    elif not math.isfinite(value):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"{what} is {value}")
+    _step(optimizer, clip, scaler)
+    return value
+
+
+def _sanitise_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """sfd-main's fp16 recipe: every gradient through nan_to_num(nan=0, posinf=1e5, neginf=-1e5)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5, out=g)
+
+
+def _step(optimizer: torch.optim.Optimizer, clip: tuple[Any, float] | None, scaler: Any) -> None:
+    """(Unscale and) clip, then step: through the GradScaler when there is one (it skips an overflowing step)."""
     if scaler is not None:
         if clip is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(clip[0], clip[1])
         scaler.step(optimizer)
         scaler.update()
-    else:
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(clip[0], clip[1])
-        optimizer.step()
-    return value
+        return
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip[0], clip[1])
+    optimizer.step()
 
 
 class TrainingLoop:

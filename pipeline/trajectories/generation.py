@@ -35,7 +35,7 @@ from pipeline.core.param_checks import ParamError, check_int
 from pipeline.diffusion.schedules import student_indices
 from pipeline.diffusion.seeds import seed_labels, seed_noise
 from pipeline.diffusion.solvers import CountingDenoiser, initial_state, solve
-from pipeline.teachers.loader import TEACHER_SOURCES, Teacher, load_teacher
+from pipeline.teachers.loader import Teacher, load_teacher
 from pipeline.config.trajectories import TrajectoryParams
 from pipeline.trajectories.spec import TrajectorySpec, trajectory_specs
 from pipeline.trajectories.store import (
@@ -150,21 +150,9 @@ def generate_trajectories(
     uncommitted and regenerated with a warning, never counted as reused. Every generated chunk is checked
     for NaN/inf before it is committed (:class:`pipeline.trajectories.store.NonFiniteTrajectoryError`).
     A read-only store is fine as long as nothing needs writing; otherwise one StoreError line says what."""
-    check_int("batch_size", batch_size, minimum=1)
-    check_int("chunk_size", chunk_size, minimum=1)
-    shard = check_shard(tuple(shard))  # type: ignore[arg-type]
-    seeds = list(seeds)
-    if not seeds:
-        raise ParamError("seeds: empty seed list")
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ParamError("seeds: expected non-negative integers")
-    make_compressors(compressor)  # validates the name before anything is written
-    check_store_location(store_path)
+    shard, seeds = _check_generation_args(batch_size, chunk_size, shard, seeds, compressor, store_path)
     denoiser = teacher.denoiser if isinstance(teacher, Teacher) else teacher
-    if spec.guidance != 1.0:
-        denoiser = guided(denoiser, spec.guidance)
-    counting = CountingDenoiser(denoiser)
-
+    counting = CountingDenoiser(guided(denoiser, spec.guidance) if spec.guidance != 1.0 else denoiser)
     read_only = store_write_problem(store_path)  # None: writable (or not a local path)
     with main_first():  # under torchrun rank 0 creates the key, the others then open it
         store = open_store(store_path, mode="a", storage_options=storage_options)
@@ -173,65 +161,39 @@ def generate_trajectories(
                              "writable, or write the trajectories to another store")  # fmt: skip
         key = store.create_key(spec, chunk_size=chunk_size, compressor=compressor)
     chunk_size = key.chunk_size
-    wanted = key.chunks_for_seeds(seeds)
-    owned = [c for c in wanted if c % shard[1] == shard[0]]
-    committed = set(key.committed_chunks())
-    bad = _verify_reused(key, [c for c in owned if c in committed], progress=progress)
-    todo = [c for c in owned if c not in committed or c in bad]
-    if todo and read_only is not None:
-        from pipeline.diffusion.seeds import format_seeds
-
-        missing = format_seeds([s for c in todo for s in key.chunk_seeds(c)])
-        raise StoreError(f"{read_only}; key {key.name} needs {len(todo)} chunk(s) written (seeds {missing}"
-                         f"{', ' + str(len(bad)) + ' of them failed verification' if bad else ''}): make the store "
-                         "writable, or write the trajectories to another store")  # fmt: skip
-    for c in bad:
-        key.delete_record(c)  # uncommitted until regenerated: no reader takes it meanwhile
-
+    wanted, owned, todo, bad = _plan_chunks(key, seeds, shard, read_only, progress=progress)
     start = time.perf_counter()
     solver_seconds = 0.0
-    device_name = describe_device(torch.device(device))
-    precision = str(getattr(spec, "precision", None) or spec.compute_dtype)  # the spec's compute setting
+    cost_base = {"device": describe_device(torch.device(device)),
+                 "precision": str(getattr(spec, "precision", None) or spec.compute_dtype)}  # the spec's compute setting
     chunks_per_group = max(1, batch_size // chunk_size)
     bar = tqdm(total=len(todo) * chunk_size, unit="traj", desc=f"trajectories {key.name[:8]}", disable=not progress)
     writer = _ChunkWriter(key)
     try:
         for g in range(0, len(todo), chunks_per_group):
-            group = todo[g : g + chunks_per_group]
-            group_seeds = [s for c in group for s in key.chunk_seeds(c)]
-            parts: list[dict[str, np.ndarray]] = []
-            images_before, group_start = counting.images, time.perf_counter()
-            for b in range(0, len(group_seeds), batch_size):
-                t0 = time.perf_counter()
-                parts.append(teacher_trajectories(counting, spec, group_seeds[b : b + batch_size], device=device))
-                solver_seconds += time.perf_counter() - t0
-                bar.update(len(parts[-1]["x_T"]))
-            data = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-            # the group's teacher work, shared by its chunks in proportion to their trajectories (all equal)
-            share = chunk_size / len(group_seeds)
-            cost = {
-                "teacher_forward_images": int(round((counting.images - images_before) * share)),
-                "wall_seconds": round((time.perf_counter() - group_start) * share, 4),
-                "device": device_name,
-                "precision": precision,
-            }
-            for j, c in enumerate(group):
-                chunk_data = {name: a[j * chunk_size : (j + 1) * chunk_size] for name, a in data.items()}
-                key.check_finite(c, chunk_data, teacher=teacher_source)  # never commit a NaN: nothing of it is written
-                writer.put(c, chunk_data, dict(cost))
+            solver_seconds += _generate_group(counting, spec, key, todo[g : g + chunks_per_group], writer, bar, cost_base,
+                                              batch_size=batch_size, device=device, teacher_source=teacher_source)
         writer.close()
     finally:
         bar.close()
         if writer.thread.is_alive():
             writer.queue.put(None)
             writer.thread.join()
-    seconds = time.perf_counter() - start
-    generated = len(todo) * chunk_size
+    return _generation_summary(key, seeds, shard, (wanted, owned, todo, bad), counting, writer,
+                               seconds=time.perf_counter() - start, solver_seconds=solver_seconds)
+
+
+def _generation_summary(key: TrajectoryKey, seeds: list[int], shard: tuple[int, int], plan: tuple[list, list, list, set],
+                        counting: CountingDenoiser, writer: "_ChunkWriter", *, seconds: float,
+                        solver_seconds: float) -> dict[str, Any]:
+    """What :func:`generate_trajectories` returns: the chunks reused and generated, times, teacher calls, stored cost."""
+    wanted, owned, todo, bad = plan
+    generated = len(todo) * key.chunk_size
     return {
         "key": key.name,
         "description": key.description,
         "shard": list(shard),
-        "chunk_size": chunk_size,
+        "chunk_size": key.chunk_size,
         "chunks_requested": len(wanted),
         "chunks_owned": len(owned),
         "chunks_reused": len(owned) - len(todo),
@@ -248,6 +210,70 @@ def generate_trajectories(
         # (whichever run generated it): the same after a re-run that generates nothing
         "stored_cost": key.stored_cost(seeds),
     }
+
+
+def _check_generation_args(batch_size: int, chunk_size: int, shard: tuple[int, int], seeds: Sequence[int],
+                           compressor: str, store_path: str | Path) -> tuple[tuple[int, int], list[int]]:
+    """(shard, seeds as a list) after checking every argument, before anything is written."""
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("chunk_size", chunk_size, minimum=1)
+    shard = check_shard(tuple(shard))  # type: ignore[arg-type]
+    seeds = list(seeds)
+    if not seeds:
+        raise ParamError("seeds: empty seed list")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ParamError("seeds: expected non-negative integers")
+    make_compressors(compressor)  # validates the name
+    check_store_location(store_path)
+    return shard, seeds
+
+
+def _plan_chunks(key: TrajectoryKey, seeds: list[int], shard: tuple[int, int], read_only: str | None, *,
+                 progress: bool) -> tuple[list[int], list[int], list[int], set[int]]:
+    """(chunks wanted, owned by this shard, to generate, committed but bad): reused chunks are verified first and a
+    bad one is uncommitted, so no reader takes it before it is regenerated."""
+    wanted = key.chunks_for_seeds(seeds)
+    owned = [c for c in wanted if c % shard[1] == shard[0]]
+    committed = set(key.committed_chunks())
+    bad = _verify_reused(key, [c for c in owned if c in committed], progress=progress)
+    todo = [c for c in owned if c not in committed or c in bad]
+    if todo and read_only is not None:
+        from pipeline.diffusion.seeds import format_seeds
+
+        missing = format_seeds([s for c in todo for s in key.chunk_seeds(c)])
+        raise StoreError(f"{read_only}; key {key.name} needs {len(todo)} chunk(s) written (seeds {missing}"
+                         f"{', ' + str(len(bad)) + ' of them failed verification' if bad else ''}): make the store "
+                         "writable, or write the trajectories to another store")  # fmt: skip
+    for c in bad:
+        key.delete_record(c)
+    return wanted, owned, todo, bad
+
+
+def _generate_group(counting: CountingDenoiser, spec: TrajectorySpec, key: TrajectoryKey, group: list[int],
+                    writer: "_ChunkWriter", bar: Any, cost_base: dict[str, Any], *, batch_size: int,
+                    device: torch.device | str, teacher_source: str | None) -> float:
+    """Generate the chunks ``group`` in batches of ``batch_size`` seeds and queue them for writing; the solver seconds."""
+    chunk_size = key.chunk_size
+    group_seeds = [s for c in group for s in key.chunk_seeds(c)]
+    parts: list[dict[str, np.ndarray]] = []
+    images_before, group_start, solver_seconds = counting.images, time.perf_counter(), 0.0
+    for b in range(0, len(group_seeds), batch_size):
+        t0 = time.perf_counter()
+        parts.append(teacher_trajectories(counting, spec, group_seeds[b : b + batch_size], device=device))
+        solver_seconds += time.perf_counter() - t0
+        bar.update(len(parts[-1]["x_T"]))
+    data = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    share = chunk_size / len(group_seeds)  # the group's teacher work, shared by its chunks (all equal)
+    cost = {
+        "teacher_forward_images": int(round((counting.images - images_before) * share)),
+        "wall_seconds": round((time.perf_counter() - group_start) * share, 4),
+        **cost_base,
+    }
+    for j, c in enumerate(group):
+        chunk_data = {name: a[j * chunk_size : (j + 1) * chunk_size] for name, a in data.items()}
+        key.check_finite(c, chunk_data, teacher=teacher_source)  # never commit a NaN: nothing of it is written
+        writer.put(c, chunk_data, dict(cost))
+    return solver_seconds
 
 
 def _verify_reused(key: TrajectoryKey, chunks: list[int], *, progress: bool) -> set[int]:
@@ -307,19 +333,8 @@ def load_trajectory_teacher(
             "teacher: no teacher given; pass --teacher-ckpt models/teacher, or set the section's "
             "`teacher: {source: gmm, ...}` for the exact mixture denoiser"
         )
-    options = dict(params_teacher)
-    source = options.pop("source", None)
-    if source is None:
-        raise ParamError("teacher.source: missing; allowed values: 'gmm', 'checkpoint'")
-    if source not in TEACHER_SOURCES:
-        raise ParamError(f"teacher.source: got {source!r}; allowed values: {', '.join(map(repr, TEACHER_SOURCES))}")
-    if source == "checkpoint":
-        path = options.pop("path", None)
-        if path is None:
-            raise ParamError("teacher.path: the 'checkpoint' teacher source needs the checkpoint directory path")
-        teacher = load_teacher(Path(path), device=device, **options)
-    else:
-        teacher = load_teacher(source, device=device, **options)
+    options = dict(params_teacher)  # validated by TrajectoryParams (pipeline.config.trajectories.check_teacher_source)
+    teacher = load_teacher(options.pop("source"), device=device, **options)
     return teacher, teacher.denoiser, teacher.weights_hash
 
 
@@ -342,8 +357,6 @@ def run_trajectories_stage(
     from pipeline.trajectories.store import StoreError
 
     section, p = name, params
-    if not isinstance(p, TrajectoryParams):
-        raise ParamError(f"{section}: expected a trajectories section (TrajectoryParams), got {type(p).__name__}")
     seed_list = parse_seeds(seeds if seeds is not None else p.seeds)
     shard = check_shard(shard) if shard is not None else shard_from_env()
     device = resolve_device(device)
@@ -352,14 +365,7 @@ def run_trajectories_stage(
     check_store_location(out)  # before the teacher is loaded; writes nothing
     teacher, denoiser, teacher_hash = load_trajectory_teacher(p.teacher, teacher_ckpt, device=device)
     teacher_source = str(teacher_ckpt) if teacher_ckpt is not None else f"teacher.source {p.teacher.get('source')!r}"
-    notes = []
-    if isinstance(getattr(teacher, "model", None), torch.nn.Module):
-        _, note = to_channels_last(teacher.model, channels_last, device)  # in place: the denoiser calls it
-        notes += [note] if note else []
-    denoiser, note = maybe_compile(denoiser, compile, device)
-    notes += [note] if note else []
-    if p.precision != "fp32":
-        enable_tf32(device)  # the matmuls autocast leaves in float32 (fp32 stays strict float32)
+    denoiser, notes = _run_settings(teacher, denoiser, p, device, compile=compile, channels_last=channels_last)
     specs = trajectory_specs(p, teacher_hash=teacher_hash, num_classes=teacher.num_classes, sample_shape=teacher.sample_shape,
                              **teacher.spec_options())
     results = []
@@ -378,25 +384,38 @@ def run_trajectories_stage(
     if len(gathered) > 1:
         results, teacher_images = merge_shard_results([g[0] for g in gathered]), sum(g[1] for g in gathered)
         shard = (0, len(gathered))  # the stage's summary covers every rank
+    summary = {"section": section, "store": str(out), "seeds": format_seeds(seed_list), "shard": list(shard),
+               "device": str(device), **_stage_totals(results)}
+    if p.precision != "fp32" or notes:
+        summary["precision"] = p.precision
+        summary["notes"] = notes
+    return summary, teacher_images
+
+
+def _run_settings(teacher: Teacher, denoiser: Denoiser, p: TrajectoryParams, device: torch.device, *, compile: bool,
+                  channels_last: bool) -> tuple[Denoiser, list[str]]:
+    """(the denoiser to run, notes): channels-last and torch.compile (GPU only), TF32 under autocast."""
+    notes = []
+    if isinstance(getattr(teacher, "model", None), torch.nn.Module):
+        _, note = to_channels_last(teacher.model, channels_last, device)  # in place: the denoiser calls it
+        notes += [note] if note else []
+    denoiser, note = maybe_compile(denoiser, compile, device)
+    notes += [note] if note else []
+    if p.precision != "fp32":
+        enable_tf32(device)  # the matmuls autocast leaves in float32 (fp32 stays strict float32)
+    return denoiser, notes
+
+
+def _stage_totals(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stage summary's totals over its keys."""
     generated = sum(r["trajectories_generated"] for r in results)
     seconds = sum(r["seconds"] for r in results)
-    stored = sum_stored_costs([r["stored_cost"] for r in results])
-    summary = {
-        "section": section,
-        "store": str(out),
-        "seeds": format_seeds(seed_list),
-        "shard": list(shard),
-        "device": str(device),
+    return {
         "keys": results,
         "chunks_generated": sum(r["chunks_generated"] for r in results),
         "chunks_reused": sum(r["chunks_reused"] for r in results),
         "chunks_regenerated": sum(r["chunks_regenerated"] for r in results),
         "trajectories_generated": generated,
         "traj_per_s": round(generated / seconds, 2) if generated and seconds > 0 else 0.0,
-        "stored_cost": stored,
+        "stored_cost": sum_stored_costs([r["stored_cost"] for r in results]),
     }
-    if p.precision != "fp32" or notes:
-        summary["precision"] = p.precision
-        summary["notes"] = notes
-    return summary, teacher_images
-

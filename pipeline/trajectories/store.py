@@ -267,21 +267,7 @@ class TrajectoryStore:
         other's chunking)."""
         key = spec.key
         if key not in self.keys():
-            info = {
-                "format_version": FORMAT_VERSION,
-                "key": key,
-                "description": spec.description(),
-                "chunk_size": chunk_size,
-                "capacity_seeds": CAPACITY_SEEDS,
-                "compressor": compressor,
-                "checksum": CHECKSUM,
-                "arrays": ["x_T", "states"] + (["labels"] if spec.labelled else []),
-            }
-            from zarr.core.group import GroupMetadata
-
-            document = GroupMetadata(attributes={KEY_ATTR: info}).to_buffer_dict(default_buffer_prototype())["zarr.json"]
-            with self.writing(f"{key}/zarr.json"):
-                sync(self.store.set_if_not_exists(f"{key}/zarr.json", document))
+            self._write_key_document(spec, chunk_size, compressor)
         self._keys.pop(key, None)
         handle = self.key(key)  # ours, or the one another writer created first
         if handle.chunk_size != chunk_size:
@@ -292,10 +278,37 @@ class TrajectoryStore:
         differences = diff(spec.description(), handle.description)
         if differences:
             raise KeyMismatchError(f"{self.location}/{key}: stored description differs: " + "; ".join(differences))
+        self._create_arrays(spec, handle, chunk_size, compressor)
+        self._keys.pop(key, None)
+        handle = self.key(key)
+        handle.check_arrays()
+        return handle
+
+    def _write_key_document(self, spec: TrajectorySpec, chunk_size: int, compressor: str) -> None:
+        """The key group's zarr.json with its description, written only if none exists (the first writer wins)."""
+        key = spec.key
+        info = {
+            "format_version": FORMAT_VERSION,
+            "key": key,
+            "description": spec.description(),
+            "chunk_size": chunk_size,
+            "capacity_seeds": CAPACITY_SEEDS,
+            "compressor": compressor,
+            "checksum": CHECKSUM,
+            "arrays": ["x_T", "states"] + (["labels"] if spec.labelled else []),
+        }
+        from zarr.core.group import GroupMetadata
+
+        document = GroupMetadata(attributes={KEY_ATTR: info}).to_buffer_dict(default_buffer_prototype())["zarr.json"]
+        with self.writing(f"{key}/zarr.json"):
+            sync(self.store.set_if_not_exists(f"{key}/zarr.json", document))
+
+    def _create_arrays(self, spec: TrajectorySpec, handle: "TrajectoryKey", chunk_size: int, compressor: str) -> None:
+        """The key's arrays and commits group, each unless it exists. They are (re)checked even for an existing
+        key: a writer killed right after creating the group leaves a key without arrays."""
+        key = spec.key
         group = handle.group
         compressor = handle.info.get("compressor", compressor)
-        # Arrays are (re)checked even for an existing key: a writer killed right after creating
-        # the group leaves a key without arrays.
         compressors = make_compressors(compressor)
         s = spec.sample_shape
         shapes = {
@@ -325,10 +338,6 @@ class TrajectoryStore:
                     group.create_group("commits", attributes={"about": "one JSON commit record per chunk, written last"})
             except zarr.errors.ContainsGroupError:
                 pass
-        self._keys.pop(key, None)
-        handle = self.key(key)
-        handle.check_arrays()
-        return handle
 
     @contextmanager
     def writing(self, path: str) -> Iterator[None]:

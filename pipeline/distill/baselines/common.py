@@ -140,45 +140,65 @@ def fit_student(
         state = TrainingState(state_dir, key, modules={"student": student}, optimizers={"optimizer": optimizer},
                               generators={"data": generator})
 
-    def step(u: int) -> list[tuple[str, float]]:
-        y, labels = data.draw(params.batch_size, generator, device)
-        teacher_images = 0
-        if len(parts) == 1:
-            with autocast_context(precision, device):
-                loss, teacher_images = loss_fn(trainable.forward, y, labels, rows)
-            loss = loss.float()
-        else:  # batch_gpu: every micro-batch replays the global batch's draws (same noise) and computes its rows
-            start = generator.get_state()
-
-            def micro(a: int, b: int) -> torch.Tensor:
-                nonlocal teacher_images
-                generator.set_state(start)
-                with autocast_context(precision, device):
-                    part, images = loss_fn(trainable.forward, y, labels, (lo + a, lo + b))
-                teacher_images += images
-                return part.float() * ((b - a) / (hi - lo))
-
-            loss = [functools.partial(micro, a, b) for a, b in parts]
-        value = optimizer_step(optimizer, loss, what=f"the loss of update {u}",
-                               clip=None if clip is None else (student.parameters(), clip), scaler=scaler, model=trainable)
-        if rows is not None:
-            teacher_images = int(all_reduce_sum(teacher_images))  # the whole global batch's
-        loop.counters["teacher_images"] += teacher_images
-        if cost is not None:
-            cost.add_teacher_forward(teacher_images)
-            cost.add_student_forward(params.batch_size)
-            cost.add_student_backward(params.batch_size)
-        return [("loss", value)]
-
+    step = _BaselineStep(params, data, generator, device, loss_fn, trainable, optimizer, student, clip, scaler, cost,
+                         rows, parts, precision)
     loop = TrainingLoop(
         label, updates, unit="upd", optimizers=[optimizer], lr=lr, state=state,
         checkpoint_every=checkpoint_every(updates), counters={"teacher_images": 0}, keys=["loss"], cost=cost,
         live=live, live_prefix=live_prefix, progress=progress, leave=leave, scaler=scaler,
     )  # fmt: skip
+    step.loop = loop
     loop.run(step)
     window = max(1, min(10, loop.count["loss"] // 4))
     return {"updates": loop.count["loss"], "loss_first": loop.mean_first("loss", window),
             "loss_last": loop.mean_last("loss", window), "teacher_images": loop.counters["teacher_images"]}
+
+
+class _BaselineStep:
+    """One update of :func:`fit_student`: a batch of clean data, the method's loss (micro-batched when ``batch_gpu``
+    is set: every micro-batch replays the global batch's draws, the same noise, and computes its rows), one step."""
+
+    def __init__(self, params: Any, data: TrainingData, generator: torch.Generator, device: torch.device | str,
+                 loss_fn: BaselineLoss, trainable: Any, optimizer: torch.optim.Optimizer, student: nn.Module,
+                 clip: float | None, scaler: Any, cost: CostMeter | None, rows: tuple[int, int] | None,
+                 parts: list[tuple[int, int]], precision: str) -> None:
+        self.params, self.data, self.generator, self.device, self.loss_fn = params, data, generator, device, loss_fn
+        self.trainable, self.optimizer, self.student, self.clip, self.scaler = trainable, optimizer, student, clip, scaler
+        self.cost, self.rows, self.parts, self.precision = cost, rows, parts, precision
+        self.lo = rows[0] if rows is not None else 0
+        self.hi = rows[1] if rows is not None else params.batch_size
+        self.loop: TrainingLoop | None = None
+        self.teacher_images = 0
+
+    def __call__(self, u: int) -> list[tuple[str, float]]:
+        y, labels = self.data.draw(self.params.batch_size, self.generator, self.device)
+        self.teacher_images = 0
+        if len(self.parts) == 1:
+            with autocast_context(self.precision, self.device):
+                loss, self.teacher_images = self.loss_fn(self.trainable.forward, y, labels, self.rows)
+            loss = loss.float()
+        else:
+            start = self.generator.get_state()
+            loss = [functools.partial(self._micro, start, y, labels, a, b) for a, b in self.parts]
+        clip = None if self.clip is None else (self.student.parameters(), self.clip)
+        value = optimizer_step(self.optimizer, loss, what=f"the loss of update {u}", clip=clip, scaler=self.scaler,
+                               model=self.trainable)
+        teacher_images = self.teacher_images
+        if self.rows is not None:
+            teacher_images = int(all_reduce_sum(teacher_images))  # the whole global batch's
+        self.loop.counters["teacher_images"] += teacher_images
+        if self.cost is not None:
+            self.cost.add_teacher_forward(teacher_images)
+            self.cost.add_student_forward(self.params.batch_size)
+            self.cost.add_student_backward(self.params.batch_size)
+        return [("loss", value)]
+
+    def _micro(self, start: torch.Tensor, y: torch.Tensor, labels: Any, a: int, b: int) -> torch.Tensor:
+        self.generator.set_state(start)
+        with autocast_context(self.precision, self.device):
+            part, images = self.loss_fn(self.trainable.forward, y, labels, (self.lo + a, self.lo + b))
+        self.teacher_images += images
+        return part.float() * ((b - a) / (self.hi - self.lo))
 
 
 def load_baseline_inputs(
