@@ -154,13 +154,13 @@ def test_every_model_is_an_artifact_at_a_stage_output():
 
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     outs = {}
-    for stage, s in spec["stages"].items():
+    for stage, s in DVC.items():  # foreach members resolved (distill@distill_v, ...)
         for out in s.get("outs", []):
             outs[out if isinstance(out, str) else next(iter(out))] = stage
     artifacts = spec["artifacts"]
     assert sorted(a["path"] for a in artifacts.values()) == sorted(p for p in outs if p.startswith("models/")
                                                                    and p not in NOT_ARTIFACTS)
-    produced = {o for s in spec["stages"].values() for o in s.get("outs", []) if isinstance(o, str)}
+    produced = {o for s in DVC.values() for o in s.get("outs", []) if isinstance(o, str)}
     for name, a in artifacts.items():
         assert_name_is_valid(name)
         assert a["type"] == "model" and a["desc"] and a["labels"], name

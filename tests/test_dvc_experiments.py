@@ -156,8 +156,10 @@ def test_queued_experiments_show_with_metrics_and_reuse_every_stored_chunk(produ
     # distillation stages and what reads them, never the teacher or its trajectories
     base_lock = lock_at(repo, baseline)
     ran = {name: {s for s, e in lock_at(repo, exps[name]["rev"]).items() if e != base_lock[s]} for name in exps}
-    assert ran["l2"] == {"distill", "distill_v", "trajectories_stage2", "distill_stage2", "evaluate", "report"}
-    assert {"trajectories", "distill", "evaluate", "report"} <= ran["more-seeds"] and "teacher" not in ran["more-seeds"]
+    assert ran["l2"] == {"distill@distill", "distill@distill_v", "trajectories_stage2", "distill@distill_stage2",
+                         "evaluate", "report"}
+    assert ({"trajectories@trajectories", "distill@distill", "evaluate", "report"} <= ran["more-seeds"]
+            and "teacher" not in ran["more-seeds"])
     cost_of = lambda name: read_at(repo, exps[name]["rev"], "metrics/cost/trajectories.json")  # noqa: E731
     assert cost_of("l2") == cost_of("baseline")  # the record of the baseline's run: the stage did not run
     spent = read_at(repo, exps["l2"]["rev"], "metrics/cost.json")  # per stage; stage 2's teacher is the SFD-v model
