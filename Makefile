@@ -11,13 +11,16 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -c constraints.txt -e '.[dev]'  # no .pyc for all of torch's 6 GB: Python compiles what it imports
+	$(PY) -m pip install -q --no-compile -c constraints.txt -e '.[dev]'  # no .pyc for all of the 6 GB: the runs below compile what they import, once
 	touch $(STAMP)
 
 install: $(STAMP)
 
-# The stages run `python -m stages.<name>`: the environment's bin comes first on PATH.
-RUN := PATH="$(abspath $(VENV))/bin:$$PATH" DVC_NO_ANALYTICS=1
+# The stages run `python -m stages.<name>`: the environment's bin comes first on PATH. Every stage (and every
+# test subprocess) is a new Python process: with PYTHONDONTWRITEBYTECODE set (as on these machines) each one
+# would compile torch's modules from source again (~2.5-4 s a process); cleared, the first one writes the .pyc
+# files of what is imported and the others reuse them.
+RUN := PATH="$(abspath $(VENV))/bin:$$PATH" DVC_NO_ANALYTICS=1 PYTHONDONTWRITEBYTECODE=
 
 repro: install
 	$(RUN) dvc repro
