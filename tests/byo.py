@@ -284,7 +284,8 @@ def make_repo(root: Path, params: dict[str, Any]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for name in ("pipeline", "stages", "presets", "teachers"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    for name in ("dvc.yaml", ".dvcignore"):  # .dvcignore: the stages' __pycache__ is not a change of their deps
+        shutil.copy(ROOT / name, root / name)
     (root / "bench").mkdir(exist_ok=True)
     shutil.copy(ROOT / "bench" / "pd_sweep.json", root / "bench" / "pd_sweep.json")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

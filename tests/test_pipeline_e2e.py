@@ -79,7 +79,8 @@ def repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("pipeline")
     for name in ("pipeline", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    for name in ("dvc.yaml", ".dvcignore"):  # .dvcignore: the stages' __pycache__ is not a change of their deps
+        shutil.copy(ROOT / name, repo / name)
     (repo / "bench").mkdir()
     shutil.copy(ROOT / "bench" / "pd_sweep.json", repo / "bench" / "pd_sweep.json")  # the report's PD budget sweep
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
