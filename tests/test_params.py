@@ -163,6 +163,8 @@ def test_threads_setting_is_applied():
         ({"baseline_vanilla": {"schedule": {"num_steps": 2}}}, "baseline_vanilla.schedule.num_steps: with afs the student needs N >= 3, got 2"),
         ({"teacher": {"device": "gpu"}}, "teacher.device: got 'gpu'; allowed values: 'auto', 'cpu', 'cuda', 'cuda:N'"),
         ({"seed": 1.5}, "seed: expected an integer, got 1.5"),
+        ({"evaluate": {"round_nfes": []}}, "evaluate.round_nfes: expected at least 1 item(s), got []"),
+        ({"evaluate": {"round_nfes": [2, 0]}}, "evaluate.round_nfes[1]: must be >= 1, got 0"),
     ],
 )
 def test_a_bad_nested_value_is_one_line_naming_the_full_path(raw, message):

@@ -76,26 +76,18 @@ def stages_run(output: str) -> set[str]:
 def repo(tmp_path_factory) -> Path:
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
-    repo = tmp_path_factory.mktemp("pipeline")
-    for name in ("pipeline", "stages"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):  # .dvcignore: the stages' __pycache__ is not a change of their deps
-        shutil.copy(ROOT / name, repo / name)
-    (repo / "bench").mkdir()
-    shutil.copy(ROOT / "bench" / "pd_sweep.json", repo / "bench" / "pd_sweep.json")  # the report's PD budget sweep
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    (repo / ".gitignore").write_text("__pycache__/\n.cache/\n")
-    run(["git", "init", "-q"], repo)
-    run(["dvc", "init", "-q"], repo)
-    run(["dvc", "config", "core.analytics", "false"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-q", "-m", "tiny pipeline"], repo)
-    return repo
+    from byo import make_repo
+
+    return make_repo(tmp_path_factory.mktemp("pipeline"), tiny_params())
 
 
 def test_repro_then_loss_experiment_reruns_only_what_the_loss_touches(repo):
     first = run(["dvc", "repro"], repo)
     assert stages_run(first) == ALL_STAGES
+    # the report stage ends the run by printing its headline: one line per headline comparison, a verdict in each
+    printed = first.split("Headline of this run (what its numbers resolve):", 1)[1].split("report: ", 1)[0]
+    claims = [line for line in printed.splitlines() if line.startswith("- SFD")]
+    assert claims and all(("is better than" in c) != ("unresolved" in c) for c in claims), printed
     evaluation = {}
     for name in ("eval_solvers", "eval_baselines", "eval"):
         evaluation.update(json.loads((repo / "metrics" / f"{name}.json").read_text()))

@@ -70,7 +70,7 @@ class EvalParams(Section):
                                  "append_zero": True}
     )  # the teacher's reference sampler (EDM: 35 NFE)
     guidance: PositiveFloat = 1.0  # classifier-free guidance for the teacher entries
-    round_nfes: list[PositiveInt] | None = None  # the nfe<k>/ checkpoints of a rounds directory (PD, SFDDM's T') that are evaluated; null: all
+    round_nfes: Annotated[list[PositiveInt], Field(min_length=1)] | None = None  # the nfe<k>/ checkpoints of a rounds directory (PD, SFDDM's T') that are evaluated; null: all
     student_guidance: list[PositiveFloat] = field(default_factory=list)  # extra guidance scales w for every distilled student (entries "<name>-w<w>/nfe<k>")
     clip_weights: str | None = None  # text-to-image: a local CLIP folder (transformers CLIPModel, safetensors) for the CLIP score
     features: Literal["classifier", "inception"] = "classifier"  # classifier (feature_net) or inception (local weights)
